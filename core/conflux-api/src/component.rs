@@ -1,0 +1,204 @@
+//! The three component traits and what the engine hands them.
+
+use std::fmt::Display;
+use std::path::{Path, PathBuf};
+
+use crate::error::PluginError;
+use crate::event::{Batch, Event};
+
+/// Index of an output port. `PortId::DEFAULT` is the unnamed main port;
+/// declared ports follow in declaration order (`PortId(1)` is the first).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct PortId(pub usize);
+
+impl PortId {
+    pub const DEFAULT: PortId = PortId(0);
+}
+
+/// Name of the port every input and stage has for events it could not process.
+pub const ERROR_PORT: &str = "error";
+
+/// Metadata key under which a component records why an event failed.
+pub const ERROR_META: &str = "error";
+
+/// Collects what a component emits during one call, per port.
+///
+/// The engine owns it and routes its contents after the call returns, so
+/// a component never waits on a channel itself.
+pub struct Emitter {
+    batches: Vec<Batch>,
+}
+
+impl Emitter {
+    /// An emitter for a component with `declared_ports` named ports
+    /// (the default port and the `error` port come on top).
+    pub fn new(declared_ports: usize) -> Self {
+        Emitter {
+            batches: (0..declared_ports + 2).map(|_| Vec::new()).collect(),
+        }
+    }
+
+    /// Emits on the default port.
+    pub fn emit(&mut self, event: Event) {
+        self.batches[0].push(event);
+    }
+
+    /// Emits a whole batch on the default port without copying it when it is the first.
+    pub fn emit_batch(&mut self, batch: Batch) {
+        let slot = &mut self.batches[0];
+        if slot.is_empty() {
+            *slot = batch;
+        } else {
+            slot.extend(batch);
+        }
+    }
+
+    /// Emits on a declared port.
+    pub fn emit_to(&mut self, port: PortId, event: Event) {
+        let last = self.batches.len() - 1;
+        self.batches[port.0.min(last)].push(event);
+    }
+
+    /// Sends an event to the `error` port with the reason in its metadata.
+    pub fn fail(&mut self, mut event: Event, reason: impl Display) {
+        event.meta.insert(ERROR_META, reason.to_string().as_str());
+        let last = self.batches.len() - 1;
+        self.batches[last].push(event);
+    }
+
+    /// Number of ports, default and `error` included.
+    pub fn port_count(&self) -> usize {
+        self.batches.len()
+    }
+
+    /// Whether nothing was emitted since the last drain.
+    pub fn is_empty(&self) -> bool {
+        self.batches.iter().all(Vec::is_empty)
+    }
+
+    /// Takes what was emitted, as `(port index, batch)` pairs with non-empty batches.
+    /// The `error` port is the last index.
+    pub fn drain(&mut self) -> impl Iterator<Item = (usize, Batch)> + '_ {
+        self.batches
+            .iter_mut()
+            .enumerate()
+            .filter(|(_, b)| !b.is_empty())
+            .map(|(i, b)| (i, std::mem::take(b)))
+    }
+}
+
+/// What a component is built with. Building opens no connections.
+#[derive(Debug, Clone)]
+pub struct BuildContext {
+    /// Pipeline name.
+    pub pipeline: String,
+    /// Component name (its key in the pipeline file).
+    pub component: String,
+    /// Folder of the pipeline file: relative paths in options are resolved from here.
+    pub base_dir: PathBuf,
+    /// Folder where components keep local state (checkpoints).
+    pub data_dir: PathBuf,
+}
+
+impl BuildContext {
+    /// Resolves a path option relative to the pipeline file.
+    pub fn resolve(&self, path: impl AsRef<Path>) -> PathBuf {
+        let path = path.as_ref();
+        if path.is_absolute() {
+            path.to_path_buf()
+        } else {
+            self.base_dir.join(path)
+        }
+    }
+}
+
+/// An input together with the named ports it declares besides the default one.
+pub struct BuiltInput {
+    pub input: Box<dyn Input>,
+    pub ports: Vec<String>,
+}
+
+impl BuiltInput {
+    pub fn new(input: impl Input + 'static) -> Self {
+        BuiltInput { input: Box::new(input), ports: Vec::new() }
+    }
+
+    pub fn with_ports(mut self, ports: &[&str]) -> Self {
+        self.ports = ports.iter().map(|p| p.to_string()).collect();
+        self
+    }
+}
+
+/// A stage together with the named ports it declares besides the default one.
+pub struct BuiltStage {
+    pub stage: Box<dyn Stage>,
+    pub ports: Vec<String>,
+}
+
+impl BuiltStage {
+    pub fn new(stage: impl Stage + 'static) -> Self {
+        BuiltStage { stage: Box::new(stage), ports: Vec::new() }
+    }
+
+    pub fn with_ports(mut self, ports: impl IntoIterator<Item = impl Into<String>>) -> Self {
+        self.ports = ports.into_iter().map(Into::into).collect();
+        self
+    }
+}
+
+/// A source of events.
+#[async_trait::async_trait]
+pub trait Input: Send {
+    /// Opens connections. The engine retries a failure with backoff until shutdown.
+    async fn connect(&mut self) -> Result<(), PluginError> {
+        Ok(())
+    }
+
+    /// Emits the next events. Returns `Ok(false)` at the end of a finite input.
+    ///
+    /// Must be cancel-safe: at shutdown the engine drops the future at an
+    /// await point, and fails whatever the emitter holds by then.
+    async fn read(&mut self, out: &mut Emitter) -> Result<bool, PluginError>;
+
+    /// Releases resources after the last read.
+    async fn close(&mut self) {}
+}
+
+/// A transform between inputs and outputs.
+///
+/// Per-event failures go to [`Emitter::fail`]; dropping an event (not
+/// emitting it) acknowledges it as done.
+#[async_trait::async_trait]
+pub trait Stage: Send {
+    /// Processes one batch.
+    async fn process(&mut self, batch: Batch, out: &mut Emitter);
+
+    /// How often the engine calls [`Stage::tick`] (windows closing on time); `None` = never.
+    fn tick_interval(&self) -> Option<std::time::Duration> {
+        None
+    }
+
+    /// Periodic call while the pipeline runs.
+    async fn tick(&mut self, _out: &mut Emitter) {}
+
+    /// All upstreams have ended: emit whatever is held (open windows).
+    async fn finish(&mut self, _out: &mut Emitter) {}
+}
+
+/// A destination for events.
+#[async_trait::async_trait]
+pub trait Output: Send {
+    /// Opens connections. The engine retries a failure with backoff.
+    async fn connect(&mut self) -> Result<(), PluginError> {
+        Ok(())
+    }
+
+    /// Writes one batch, all or nothing. Retryable errors are retried with
+    /// backoff by the engine; `NotConnected` triggers a reconnect first.
+    async fn write(&mut self, batch: &Batch) -> Result<(), PluginError>;
+
+    /// Flushes and closes at the end of the pipeline.
+    async fn close(&mut self) -> Result<(), PluginError> {
+        Ok(())
+    }
+}

@@ -1,0 +1,106 @@
+//! Errors plugins return: at build time ([`BuildError`]) and at run time ([`PluginError`]).
+
+type Source = Box<dyn std::error::Error + Send + Sync>;
+
+/// A run-time failure of a component. The engine decides what follows:
+/// retry with backoff, reconnect, or stop the pipeline.
+#[derive(Debug, thiserror::Error)]
+pub enum PluginError {
+    /// The connection is gone; the engine reconnects with backoff.
+    #[error("not connected: {message}")]
+    NotConnected {
+        message: String,
+        #[source]
+        source: Option<Source>,
+    },
+    /// A transient failure; the same call may succeed later.
+    #[error("{message}")]
+    Retryable {
+        message: String,
+        #[source]
+        source: Option<Source>,
+    },
+    /// Will not succeed by retrying; the engine fails the batch.
+    #[error("{message}")]
+    Fatal {
+        message: String,
+        #[source]
+        source: Option<Source>,
+    },
+}
+
+impl PluginError {
+    pub fn retryable(message: impl Into<String>) -> Self {
+        PluginError::Retryable { message: message.into(), source: None }
+    }
+
+    pub fn fatal(message: impl Into<String>) -> Self {
+        PluginError::Fatal { message: message.into(), source: None }
+    }
+
+    pub fn not_connected(message: impl Into<String>) -> Self {
+        PluginError::NotConnected { message: message.into(), source: None }
+    }
+
+    /// Wraps a source error as retryable, with context.
+    pub fn retryable_from(message: impl Into<String>, source: impl Into<Source>) -> Self {
+        PluginError::Retryable { message: message.into(), source: Some(source.into()) }
+    }
+
+    /// Wraps a source error as fatal, with context.
+    pub fn fatal_from(message: impl Into<String>, source: impl Into<Source>) -> Self {
+        PluginError::Fatal { message: message.into(), source: Some(source.into()) }
+    }
+
+    /// Whether retrying the same operation can help.
+    pub fn is_retryable(&self) -> bool {
+        !matches!(self, PluginError::Fatal { .. })
+    }
+
+    /// The message with every source in the chain, for logs and metadata.
+    pub fn chain(&self) -> String {
+        let mut text = self.to_string();
+        let mut source = std::error::Error::source(self);
+        while let Some(s) = source {
+            text.push_str(": ");
+            text.push_str(&s.to_string());
+            source = s.source();
+        }
+        text
+    }
+}
+
+/// A configuration problem found while building a component, before any I/O.
+///
+/// `path` locates the offending option inside the component's config
+/// (`["window", "tumbling"]`); `offset` optionally points inside a string
+/// option (a line and column within an inline script), both 1-based.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{message}")]
+pub struct BuildError {
+    pub path: Vec<String>,
+    pub message: String,
+    pub offset: Option<(usize, usize)>,
+}
+
+impl BuildError {
+    /// An error about the component as a whole.
+    pub fn new(message: impl Into<String>) -> Self {
+        BuildError { path: Vec::new(), message: message.into(), offset: None }
+    }
+
+    /// An error about one option, given by its path.
+    pub fn at<S: Into<String>>(path: impl IntoIterator<Item = S>, message: impl Into<String>) -> Self {
+        BuildError {
+            path: path.into_iter().map(Into::into).collect(),
+            message: message.into(),
+            offset: None,
+        }
+    }
+
+    /// Points inside a string option (1-based line and column within it).
+    pub fn with_offset(mut self, line: usize, column: usize) -> Self {
+        self.offset = Some((line, column));
+        self
+    }
+}

@@ -1,0 +1,26 @@
+//! The contract between the Conflux engine and its plugins.
+//!
+//! Plugins depend on this crate only, never on the runtime: it defines the
+//! event model ([`Event`], [`Batch`]), end-to-end acknowledgement
+//! ([`AckToken`]), the three component traits ([`Input`], [`Stage`],
+//! [`Output`]), self-registration ([`Registration`]) and the small config
+//! value types every plugin shares ([`config`]).
+
+pub mod ack;
+pub mod component;
+pub mod config;
+pub mod error;
+pub mod event;
+pub mod path;
+pub mod registry;
+
+pub use ack::{AckStatus, AckToken};
+pub use async_trait::async_trait;
+pub use component::{BuildContext, BuiltInput, BuiltStage, Emitter, Input, Output, PortId, Stage};
+pub use error::{BuildError, PluginError};
+pub use event::{Batch, Event, Metadata, Timestamp};
+pub use registry::{InputConfig, Kind, OutputConfig, Registration, StageConfig};
+pub use sonic_rs::{self, Value};
+
+/// Re-exported so plugins register without naming `inventory` themselves.
+pub use inventory;

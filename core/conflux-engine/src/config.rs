@@ -1,0 +1,722 @@
+//! Pipeline files: YAML → interpolated, typed specs with a position for everything.
+//!
+//! Loading never stops at the first problem: every mistake in a file becomes a
+//! [`Diagnostic`] with file, line and column. Loading opens no connections.
+
+use std::borrow::Cow;
+use std::collections::HashMap;
+use std::fmt;
+use std::path::{Path, PathBuf};
+
+use conflux_api::config::Duration;
+use conflux_api::registry::deserialize_options;
+use conflux_api::{BuildError, Kind};
+use schemars::JsonSchema;
+use serde::de::DeserializeOwned;
+use serde::Deserialize;
+
+use crate::yaml::{self, Node, Pos, Style, Yaml};
+
+/// One problem in a pipeline file.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Diagnostic {
+    pub file: String,
+    pub pos: Pos,
+    pub message: String,
+}
+
+impl fmt::Display for Diagnostic {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}:{}:{}: {}", self.file, self.pos.line, self.pos.column, self.message)
+    }
+}
+
+/// Reads environment variables for `${VAR}` interpolation.
+pub type Env<'a> = &'a dyn Fn(&str) -> Option<String>;
+
+/// The process environment.
+pub fn process_env(name: &str) -> Option<String> {
+    std::env::var(name).ok()
+}
+
+/// The admin HTTP server (`/health`, `/ready`, `/metrics`).
+#[derive(Debug, Clone, Deserialize, JsonSchema, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct AdminConfig {
+    /// Address to listen on, e.g. `127.0.0.1:9464`.
+    pub address: String,
+}
+
+/// Engine settings of one pipeline.
+#[derive(Debug, Clone, Deserialize, JsonSchema, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct RuntimeConfig {
+    /// Batches that may wait between two components. Memory in flight is
+    /// bounded by this times the batch size times the number of hops.
+    pub channel_capacity: usize,
+    /// On SIGINT/SIGTERM, how long in-flight events may take to drain to the
+    /// outputs before the rest is failed back to the sources.
+    pub shutdown_timeout: Duration,
+    /// Folder for local state such as checkpoints, relative to the pipeline file.
+    pub data_dir: String,
+}
+
+impl Default for RuntimeConfig {
+    fn default() -> Self {
+        RuntimeConfig {
+            channel_capacity: 8,
+            shutdown_timeout: Duration::from_secs(10),
+            data_dir: ".conflux".into(),
+        }
+    }
+}
+
+/// How an output retries a failed write: exponential backoff.
+#[derive(Debug, Clone, Deserialize, JsonSchema, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct RetryConfig {
+    /// Wait before the first retry.
+    pub initial_backoff: Duration,
+    /// Longest wait between two retries.
+    pub max_backoff: Duration,
+    /// Attempts before the batch is failed back to its sources; 0 = retry until shutdown.
+    pub max_attempts: u32,
+}
+
+impl Default for RetryConfig {
+    fn default() -> Self {
+        RetryConfig {
+            initial_backoff: Duration::from_millis(100),
+            max_backoff: Duration::from_secs(30),
+            max_attempts: 0,
+        }
+    }
+}
+
+impl RetryConfig {
+    /// Backoff before retry number `attempt` (1-based), doubling up to the maximum.
+    pub fn backoff(&self, attempt: u32) -> std::time::Duration {
+        let factor = 2u32.saturating_pow(attempt.saturating_sub(1).min(20));
+        self.initial_backoff.0.saturating_mul(factor).min(self.max_backoff.0)
+    }
+}
+
+/// A pipeline unit test declared beside the pipeline.
+#[derive(Debug, Clone, Deserialize, JsonSchema, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct TestSpec {
+    /// What the test checks.
+    pub name: String,
+    /// Events to inject. `at` names an input (its events replace what it would
+    /// read) or a stage (fed directly).
+    pub input: Vec<TestFeed>,
+    /// What must come out, and where.
+    pub expect: Vec<TestExpectation>,
+}
+
+/// Events injected at one component.
+#[derive(Debug, Clone, Deserialize, JsonSchema, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct TestFeed {
+    /// An input or stage name.
+    pub at: String,
+    /// Event payloads, in order.
+    pub events: Vec<serde_json::Value>,
+}
+
+/// Events expected out of a component, a port (`stage.port`) or into an output.
+#[derive(Debug, Clone, Deserialize, JsonSchema, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct TestExpectation {
+    /// A component, `stage.port`, or an output (what it would receive).
+    pub at: String,
+    /// Exactly these payloads, in this order.
+    #[serde(default)]
+    pub events: Option<Vec<serde_json::Value>>,
+    /// Each of these must match some payload; a match may have more fields.
+    #[serde(default)]
+    pub contains: Option<Vec<serde_json::Value>>,
+    /// Exactly this many events.
+    #[serde(default)]
+    pub count: Option<usize>,
+}
+
+/// A reference in `from:`: a component, optionally one of its ports.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Ref {
+    pub component: String,
+    pub port: Option<String>,
+    pub pos: Pos,
+}
+
+impl Ref {
+    pub fn parse(text: &str, pos: Pos) -> Self {
+        match text.split_once('.') {
+            Some((component, port)) => Ref { component: component.into(), port: Some(port.into()), pos },
+            None => Ref { component: text.into(), port: None, pos },
+        }
+    }
+}
+
+impl fmt::Display for Ref {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match &self.port {
+            Some(port) => write!(f, "{}.{port}", self.component),
+            None => f.write_str(&self.component),
+        }
+    }
+}
+
+/// Where an option stands: its key, its value, and how a string value was written.
+#[derive(Debug, Clone, Copy)]
+pub struct Span {
+    pub key: Pos,
+    pub value: Pos,
+    pub style: Option<Style>,
+}
+
+/// Positions of every option of one component, by path.
+#[derive(Debug, Clone, Default)]
+pub struct Spans(HashMap<Vec<String>, Span>);
+
+/// One component as declared.
+#[derive(Debug, Clone)]
+pub struct ComponentSpec {
+    pub name: String,
+    pub kind: Kind,
+    pub type_name: String,
+    pub from: Vec<Ref>,
+    /// Plugin options: everything but `type`, `from` and engine options.
+    pub options: serde_json::Value,
+    pub retry: RetryConfig,
+    pub spans: Spans,
+}
+
+impl ComponentSpec {
+    /// Position of the component's name.
+    pub fn pos(&self) -> Pos {
+        self.spans.0.get(&Vec::new()).map(|s| s.key).unwrap_or_default()
+    }
+}
+
+/// A pipeline file, loaded and interpolated, not yet built.
+#[derive(Debug, Clone)]
+pub struct PipelineSpec {
+    pub name: String,
+    pub file: PathBuf,
+    pub source: String,
+    pub admin: Option<AdminConfig>,
+    pub runtime: RuntimeConfig,
+    pub components: Vec<ComponentSpec>,
+    pub tests: Vec<TestSpec>,
+    pub test_spans: Spans,
+}
+
+impl PipelineSpec {
+    /// A diagnostic at a position of this file.
+    pub fn diag(&self, pos: Pos, message: impl Into<String>) -> Diagnostic {
+        Diagnostic { file: self.file.display().to_string(), pos, message: message.into() }
+    }
+
+    /// Folder of the file, for relative paths.
+    pub fn base_dir(&self) -> PathBuf {
+        self.file.parent().map(Path::to_path_buf).unwrap_or_default()
+    }
+
+    /// The position a build error points to, inside strings when it can.
+    pub fn locate(&self, spans: &Spans, err: &BuildError) -> Pos {
+        let mut path = err.path.clone();
+        if let Some(field) = err
+            .message
+            .strip_prefix("unknown field `")
+            .and_then(|rest| rest.split('`').next())
+        {
+            path.push(field.to_string());
+            if let Some(span) = spans.0.get(&path) {
+                return span.key;
+            }
+            path.pop();
+        }
+        let missing = err.message.starts_with("missing field");
+        while !path.is_empty() && !spans.0.contains_key(&path) {
+            path.pop();
+        }
+        let Some(span) = spans.0.get(&path) else { return Pos::default() };
+        if missing {
+            return span.key;
+        }
+        match (err.offset, span.style) {
+            (Some((line, column)), Some(Style::Block)) => {
+                // Block scalar: content starts on the next line, indented.
+                let first = span.value.line + 1;
+                let indent = self
+                    .source
+                    .lines()
+                    .skip(first - 1)
+                    .find(|l| !l.trim().is_empty())
+                    .map(|l| l.len() - l.trim_start().len())
+                    .unwrap_or(0);
+                Pos { line: first + line - 1, column: indent + column }
+            }
+            (Some((line, column)), Some(style)) => {
+                let quote = usize::from(style == Style::Quoted);
+                if line == 1 {
+                    Pos { line: span.value.line, column: span.value.column + quote + column - 1 }
+                } else {
+                    Pos { line: span.value.line + line - 1, column }
+                }
+            }
+            _ => span.value,
+        }
+    }
+}
+
+/// Replaces `${VAR}` and `${VAR:-default}`; `$${` stays a literal `${`.
+pub fn interpolate<'t>(text: &'t str, env: Env) -> Result<Cow<'t, str>, String> {
+    if !text.contains("${") {
+        return Ok(Cow::Borrowed(text));
+    }
+    let mut out = String::with_capacity(text.len());
+    let mut rest = text;
+    while let Some(start) = rest.find("${") {
+        if rest[..start].ends_with('$') {
+            out.push_str(&rest[..start - 1]);
+            out.push_str("${");
+            rest = &rest[start + 2..];
+            continue;
+        }
+        out.push_str(&rest[..start]);
+        let body_start = start + 2;
+        let end = rest[body_start..]
+            .find('}')
+            .ok_or_else(|| format!("unclosed `${{` in `{text}`"))?;
+        let body = &rest[body_start..body_start + end];
+        let (name, default) = match body.split_once(":-") {
+            Some((name, default)) => (name, Some(default)),
+            None => (body, None),
+        };
+        let valid = name.chars().next().is_some_and(|c| c.is_ascii_alphabetic() || c == '_')
+            && name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_');
+        if !valid {
+            return Err(format!("`${{{body}}}` is not a valid variable reference; write ${{NAME}} or ${{NAME:-default}}"));
+        }
+        match (env(name).filter(|v| !v.is_empty() || default.is_none()), default) {
+            (Some(value), _) => out.push_str(&value),
+            (None, Some(default)) => out.push_str(default),
+            (None, None) => {
+                return Err(format!(
+                    "environment variable `{name}` is not set and has no default (write ${{{name}:-default}})"
+                ))
+            }
+        }
+        rest = &rest[body_start + end + 1..];
+    }
+    out.push_str(rest);
+    Ok(Cow::Owned(out))
+}
+
+/// Suggests the closest candidate to a misspelt name.
+pub fn did_you_mean<'a>(name: &str, candidates: impl IntoIterator<Item = &'a str>) -> String {
+    let best = candidates
+        .into_iter()
+        .map(|c| (edit_distance(name, c), c))
+        .filter(|(d, c)| *d <= 2.max(c.len() / 3))
+        .min();
+    match best {
+        Some((_, c)) => format!(" (did you mean `{c}`?)"),
+        None => String::new(),
+    }
+}
+
+fn edit_distance(a: &str, b: &str) -> usize {
+    let b: Vec<char> = b.chars().collect();
+    let mut prev: Vec<usize> = (0..=b.len()).collect();
+    for (i, ca) in a.chars().enumerate() {
+        let mut cur = vec![i + 1];
+        for (j, cb) in b.iter().enumerate() {
+            cur.push((prev[j] + usize::from(ca != *cb)).min(prev[j + 1] + 1).min(cur[j] + 1));
+        }
+        prev = cur;
+    }
+    prev[b.len()]
+}
+
+struct Loader<'a> {
+    file: String,
+    env: Env<'a>,
+    diags: Vec<Diagnostic>,
+}
+
+impl Loader<'_> {
+    fn error(&mut self, pos: Pos, message: impl Into<String>) {
+        self.diags.push(Diagnostic { file: self.file.clone(), pos, message: message.into() });
+    }
+
+    /// Converts a node to JSON, interpolating strings and recording positions.
+    fn to_json(&mut self, node: &Node, key: Pos, path: &mut Vec<String>, spans: &mut Spans) -> serde_json::Value {
+        let style = match &node.value {
+            Yaml::Str(_, style) => Some(*style),
+            _ => None,
+        };
+        spans.0.insert(path.clone(), Span { key, value: node.pos, style });
+        match &node.value {
+            Yaml::Null => serde_json::Value::Null,
+            Yaml::Bool(b) => serde_json::Value::Bool(*b),
+            Yaml::Int(i) => serde_json::Value::from(*i),
+            Yaml::Float(f) => serde_json::Number::from_f64(*f).map(serde_json::Value::Number).unwrap_or(serde_json::Value::Null),
+            Yaml::Str(text, style) => match interpolate(text, self.env) {
+                Ok(Cow::Borrowed(s)) => serde_json::Value::String(s.to_string()),
+                Ok(Cow::Owned(s)) if *style == Style::Plain => {
+                    // A plain scalar written as `${PORT:-8080}` takes the type of what it became.
+                    match yaml::resolve_plain(&s) {
+                        Yaml::Int(i) => serde_json::Value::from(i),
+                        Yaml::Bool(b) => serde_json::Value::Bool(b),
+                        Yaml::Float(f) => serde_json::Number::from_f64(f)
+                            .map(serde_json::Value::Number)
+                            .unwrap_or(serde_json::Value::String(s)),
+                        _ => serde_json::Value::String(s),
+                    }
+                }
+                Ok(Cow::Owned(s)) => serde_json::Value::String(s),
+                Err(message) => {
+                    self.error(node.pos, message);
+                    serde_json::Value::Null
+                }
+            },
+            Yaml::Seq(items) => serde_json::Value::Array(
+                items
+                    .iter()
+                    .enumerate()
+                    .map(|(i, item)| {
+                        path.push(i.to_string());
+                        let v = self.to_json(item, item.pos, path, spans);
+                        path.pop();
+                        v
+                    })
+                    .collect(),
+            ),
+            Yaml::Map(entries) => {
+                let mut map = serde_json::Map::new();
+                for (k, v) in entries {
+                    let Some(name) = k.as_key() else {
+                        self.error(k.pos, "mapping keys must be plain strings");
+                        continue;
+                    };
+                    path.push(name.clone());
+                    let value = self.to_json(v, k.pos, path, spans);
+                    path.pop();
+                    map.insert(name, value);
+                }
+                serde_json::Value::Object(map)
+            }
+        }
+    }
+
+    /// Deserializes a section into a typed value, reporting errors at their position.
+    fn typed<T: DeserializeOwned>(&mut self, node: &Node, key: Pos) -> Option<(T, Spans)> {
+        let mut spans = Spans::default();
+        let json = self.to_json(node, key, &mut Vec::new(), &mut spans);
+        match deserialize_options::<T>(json) {
+            Ok(v) => Some((v, spans)),
+            Err(err) => {
+                let pos = locate_simple(&spans, &err);
+                self.error(pos, err.message);
+                None
+            }
+        }
+    }
+
+    fn component(&mut self, kind: Kind, name: &Node, body: &Node) -> Option<ComponentSpec> {
+        let name_text = name.as_key().unwrap_or_default();
+        let valid_name = !name_text.is_empty()
+            && name_text.chars().all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-');
+        if !valid_name {
+            self.error(name.pos, format!("component name `{name_text}` may only contain letters, digits, `_` and `-`"));
+        }
+        let Yaml::Map(entries) = &body.value else {
+            self.error(body.pos, format!("{} `{name_text}` must be a mapping with at least `type`, found {}", kind.as_str(), body.type_name()));
+            return None;
+        };
+        let mut spans = Spans::default();
+        spans.0.insert(Vec::new(), Span { key: name.pos, value: body.pos, style: None });
+        let mut type_name = None;
+        let mut from = Vec::new();
+        let mut saw_from = false;
+        let mut retry = RetryConfig::default();
+        let mut options = serde_json::Map::new();
+        for (k, v) in entries {
+            let key = k.as_key().unwrap_or_default();
+            match key.as_str() {
+                "type" => match v.as_str() {
+                    Some(t) => {
+                        type_name = Some(t.to_string());
+                        spans.0.insert(vec!["type".into()], Span { key: k.pos, value: v.pos, style: None });
+                    }
+                    None => self.error(v.pos, format!("`type` must be a string, found {}", v.type_name())),
+                },
+                "from" if kind != Kind::Input => {
+                    saw_from = true;
+                    match &v.value {
+                        Yaml::Str(s, _) => from.push(Ref::parse(s, v.pos)),
+                        Yaml::Seq(items) => {
+                            for item in items {
+                                match item.as_str() {
+                                    Some(s) => from.push(Ref::parse(s, item.pos)),
+                                    None => self.error(item.pos, format!("`from` entries must be component names, found {}", item.type_name())),
+                                }
+                            }
+                            if items.is_empty() {
+                                self.error(v.pos, format!("`from` of `{name_text}` is empty: name at least one input or stage"));
+                            }
+                        }
+                        _ => self.error(v.pos, format!("`from` must be a name or a list of names, found {}", v.type_name())),
+                    }
+                }
+                "from" => self.error(k.pos, format!("input `{name_text}` cannot have `from`: inputs are where events enter")),
+                "retry" if kind == Kind::Output => {
+                    if let Some((r, _)) = self.typed::<RetryConfig>(v, k.pos) {
+                        retry = r;
+                    }
+                }
+                _ => {
+                    let mut path = vec![key.clone()];
+                    let value = self.to_json(v, k.pos, &mut path, &mut spans);
+                    options.insert(key, value);
+                }
+            }
+        }
+        let Some(type_name) = type_name else {
+            self.error(name.pos, format!("{} `{name_text}` has no `type`", kind.as_str()));
+            return None;
+        };
+        if kind != Kind::Input && !saw_from {
+            self.error(name.pos, format!("{} `{name_text}` has no `from`: say which inputs or stages feed it", kind.as_str()));
+        }
+        Some(ComponentSpec {
+            name: name_text,
+            kind,
+            type_name,
+            from,
+            options: serde_json::Value::Object(options),
+            retry,
+            spans,
+        })
+    }
+}
+
+/// Position of an error in a typed section (no string offsets there).
+fn locate_simple(spans: &Spans, err: &BuildError) -> Pos {
+    let mut path = err.path.clone();
+    if let Some(field) = err.message.strip_prefix("unknown field `").and_then(|r| r.split('`').next()) {
+        path.push(field.into());
+        if let Some(s) = spans.0.get(&path) {
+            return s.key;
+        }
+        path.pop();
+    }
+    while !path.is_empty() && !spans.0.contains_key(&path) {
+        path.pop();
+    }
+    spans
+        .0
+        .get(&path)
+        .map(|s| if err.message.starts_with("missing field") { s.key } else { s.value })
+        .unwrap_or_default()
+}
+
+const TOP_LEVEL: &[&str] = &["name", "admin", "runtime", "inputs", "stages", "outputs", "tests"];
+
+/// Loads a pipeline file from disk.
+pub fn load_file(path: &Path, env: Env) -> Result<PipelineSpec, Vec<Diagnostic>> {
+    match std::fs::read_to_string(path) {
+        Ok(text) => load_str(path, &text, env),
+        Err(e) => Err(vec![Diagnostic {
+            file: path.display().to_string(),
+            pos: Pos::default(),
+            message: format!("cannot read the pipeline file: {e}"),
+        }]),
+    }
+}
+
+/// Loads a pipeline from text; `path` names it in messages and anchors relative paths.
+pub fn load_str(path: &Path, text: &str, env: Env) -> Result<PipelineSpec, Vec<Diagnostic>> {
+    let file = path.display().to_string();
+    let mut loader = Loader { file: file.clone(), env, diags: Vec::new() };
+    let root = match yaml::parse(text) {
+        Ok(root) => root,
+        Err(e) => {
+            loader.error(e.pos, format!("YAML syntax error: {}", e.message));
+            return Err(loader.diags);
+        }
+    };
+    let Yaml::Map(entries) = &root.value else {
+        loader.error(root.pos, format!("a pipeline file is a mapping with `inputs`, `stages` and `outputs`; found {}", root.type_name()));
+        return Err(loader.diags);
+    };
+    let mut spec = PipelineSpec {
+        name: path.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default(),
+        file: path.to_path_buf(),
+        source: text.to_string(),
+        admin: None,
+        runtime: RuntimeConfig::default(),
+        components: Vec::new(),
+        tests: Vec::new(),
+        test_spans: Spans::default(),
+    };
+    let mut seen: HashMap<String, Pos> = HashMap::new();
+    for (k, v) in entries {
+        let key = k.as_key().unwrap_or_default();
+        match key.as_str() {
+            "name" => match v.as_str() {
+                Some(name) => spec.name = name.to_string(),
+                None => loader.error(v.pos, format!("`name` must be a string, found {}", v.type_name())),
+            },
+            "admin" => spec.admin = loader.typed::<AdminConfig>(v, k.pos).map(|(a, _)| a),
+            "runtime" => {
+                if let Some((r, _)) = loader.typed::<RuntimeConfig>(v, k.pos) {
+                    spec.runtime = r;
+                }
+            }
+            "tests" => {
+                if let Some((tests, spans)) = loader.typed::<Vec<TestSpec>>(v, k.pos) {
+                    spec.tests = tests;
+                    spec.test_spans = spans;
+                }
+            }
+            "inputs" | "stages" | "outputs" => {
+                let kind = match key.as_str() {
+                    "inputs" => Kind::Input,
+                    "stages" => Kind::Stage,
+                    _ => Kind::Output,
+                };
+                match &v.value {
+                    Yaml::Map(components) => {
+                        for (name, body) in components {
+                            let Some(component) = loader.component(kind, name, body) else { continue };
+                            if let Some(first) = seen.get(&component.name) {
+                                loader.error(
+                                    name.pos,
+                                    format!("component name `{}` is already used at line {}; names are unique across inputs, stages and outputs", component.name, first.line),
+                                );
+                                continue;
+                            }
+                            seen.insert(component.name.clone(), name.pos);
+                            spec.components.push(component);
+                        }
+                    }
+                    Yaml::Null => {}
+                    _ => loader.error(v.pos, format!("`{key}` must be a mapping of names to components, found {}", v.type_name())),
+                }
+            }
+            other => {
+                let hint = did_you_mean(other, TOP_LEVEL.iter().copied());
+                loader.error(k.pos, format!("unknown top-level key `{other}`{hint}; expected one of: {}", TOP_LEVEL.join(", ")));
+            }
+        }
+    }
+    if !spec.components.iter().any(|c| c.kind == Kind::Input) && loader.diags.is_empty() {
+        loader.error(root.pos, "the pipeline has no inputs");
+    }
+    if loader.diags.is_empty() {
+        Ok(spec)
+    } else {
+        Err(loader.diags)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn env(name: &str) -> Option<String> {
+        match name {
+            "HOST" => Some("db.local".into()),
+            "PORT" => Some("5433".into()),
+            "EMPTY" => Some(String::new()),
+            _ => None,
+        }
+    }
+
+    #[test]
+    fn interpolation_forms() {
+        assert_eq!(interpolate("pg://${HOST}:${PORT}", &env).unwrap(), "pg://db.local:5433");
+        assert_eq!(interpolate("${MISSING:-fallback}", &env).unwrap(), "fallback");
+        assert_eq!(interpolate("${EMPTY:-fallback}", &env).unwrap(), "fallback");
+        assert_eq!(interpolate("${EMPTY}", &env).unwrap(), "");
+        assert_eq!(interpolate("cost $${HOST}", &env).unwrap(), "cost ${HOST}");
+        assert_eq!(interpolate("no vars", &env).unwrap(), "no vars");
+        let err = interpolate("${MISSING}", &env).unwrap_err();
+        assert!(err.contains("`MISSING` is not set"), "{err}");
+        assert!(interpolate("${UNCLOSED", &env).is_err());
+        assert!(interpolate("${1BAD}", &env).is_err());
+    }
+
+    #[test]
+    fn plain_interpolated_scalars_take_their_type() {
+        let spec = load_str(
+            Path::new("p.yaml"),
+            "inputs:\n  a:\n    type: generate\n    count: ${PORT}\n    label: \"${PORT}\"\n",
+            &env,
+        )
+        .unwrap();
+        let opts = &spec.components[0].options;
+        assert_eq!(opts["count"], serde_json::json!(5433));
+        assert_eq!(opts["label"], serde_json::json!("5433"));
+    }
+
+    #[test]
+    fn reports_every_structural_problem_with_positions() {
+        let text = "\
+name: demo
+inputs:
+  a: { type: generate }
+  b: 7
+stages:
+  s: { type: x }
+outputs:
+  o: { type: stdout, from: [a, 3] }
+  a: { type: drop, from: s }
+bogus: 1
+";
+        let diags = load_str(Path::new("p.yaml"), text, &env).unwrap_err();
+        let lines: Vec<String> = diags.iter().map(|d| d.to_string()).collect();
+        assert!(lines.iter().any(|l| l.starts_with("p.yaml:4:6: input `b` must be a mapping")), "{lines:#?}");
+        assert!(lines.iter().any(|l| l.starts_with("p.yaml:6:3: stage `s` has no `from`")), "{lines:#?}");
+        assert!(lines.iter().any(|l| l.starts_with("p.yaml:8:32: `from` entries must be")), "{lines:#?}");
+        assert!(lines.iter().any(|l| l.starts_with("p.yaml:9:3: component name `a` is already used")), "{lines:#?}");
+        assert!(lines.iter().any(|l| l.starts_with("p.yaml:10:1: unknown top-level key `bogus`")), "{lines:#?}");
+    }
+
+    #[test]
+    fn unset_variable_points_at_the_value() {
+        let diags = load_str(Path::new("p.yaml"), "inputs:\n  a:\n    type: generate\n    url: ${NOPE}\n", &env).unwrap_err();
+        assert_eq!(diags[0].pos, Pos { line: 4, column: 10 });
+        assert!(diags[0].message.contains("`NOPE` is not set"));
+    }
+
+    #[test]
+    fn typed_sections_report_positions() {
+        let diags = load_str(
+            Path::new("p.yaml"),
+            "runtime:\n  channel_capacity: lots\n  speed: 3\ninputs:\n  a: { type: generate }\n",
+            &env,
+        )
+        .unwrap_err();
+        assert_eq!(diags[0].pos, Pos { line: 2, column: 21 }, "{diags:?}");
+        assert!(diags[0].message.contains("invalid type"), "{diags:?}");
+    }
+
+    #[test]
+    fn suggestions() {
+        assert_eq!(did_you_mean("stdot", ["stdout", "file"]), " (did you mean `stdout`?)");
+        assert_eq!(did_you_mean("zzzzzz", ["stdout", "file"]), "");
+    }
+
+    #[test]
+    fn backoff_doubles_to_the_cap() {
+        let r = RetryConfig { initial_backoff: Duration::from_millis(100), max_backoff: Duration::from_secs(1), max_attempts: 0 };
+        assert_eq!(r.backoff(1).as_millis(), 100);
+        assert_eq!(r.backoff(3).as_millis(), 400);
+        assert_eq!(r.backoff(10).as_millis(), 1000);
+    }
+}
