@@ -47,6 +47,8 @@ type Callback = Box<dyn FnOnce(AckStatus) + Send>;
 struct Shared {
     status: AtomicU8,
     on_done: Mutex<Option<Callback>>,
+    /// A token this one reports into once done (engine bookkeeping wraps the source's token).
+    parent: Option<AckToken>,
 }
 
 impl Drop for Shared {
@@ -61,6 +63,9 @@ impl Drop for Shared {
         };
         if let Some(callback) = callback {
             callback(status);
+        }
+        if let Some(parent) = self.parent.take() {
+            parent.mark(status);
         }
     }
 }
@@ -92,7 +97,27 @@ impl AckToken {
         AckToken(Some(Arc::new(Shared {
             status: AtomicU8::new(AckStatus::Delivered as u8),
             on_done: Mutex::new(Some(Box::new(callback))),
+            parent: None,
         })))
+    }
+
+    /// A token that runs `callback` when done and then passes its status on
+    /// to `parent`, which is released with it.
+    pub fn chain(parent: AckToken, callback: impl FnOnce(AckStatus) + Send + 'static) -> Self {
+        AckToken(Some(Arc::new(Shared {
+            status: AtomicU8::new(AckStatus::Delivered as u8),
+            on_done: Mutex::new(Some(Box::new(callback))),
+            parent: Some(parent),
+        })))
+    }
+
+    /// Whether two tokens are clones of one another (both untracked counts as the same).
+    pub fn same(&self, other: &AckToken) -> bool {
+        match (&self.0, &other.0) {
+            (Some(a), Some(b)) => Arc::ptr_eq(a, b),
+            (None, None) => true,
+            _ => false,
+        }
     }
 
     /// A token and a receiver that resolves with its final status.
@@ -173,6 +198,20 @@ mod tests {
         }));
         assert!(result.is_err());
         assert_eq!(*seen.lock().unwrap(), vec![AckStatus::Errored]);
+    }
+
+    #[test]
+    fn chained_tokens_report_to_their_parent() {
+        let (parent, seen) = recorder();
+        let (inner_seen_tx, inner_seen) = std::sync::mpsc::channel();
+        let child = AckToken::chain(parent, move |s| inner_seen_tx.send(s).unwrap());
+        let clone = child.clone();
+        clone.mark(AckStatus::Rejected);
+        drop(child);
+        assert!(seen.lock().unwrap().is_empty());
+        drop(clone);
+        assert_eq!(inner_seen.recv().unwrap(), AckStatus::Rejected);
+        assert_eq!(*seen.lock().unwrap(), vec![AckStatus::Rejected]);
     }
 
     #[test]

@@ -193,6 +193,11 @@ pub struct ComponentSpec {
 }
 
 impl ComponentSpec {
+    /// Position of the `type` value (or of the name when missing).
+    pub fn spans_type_pos(&self) -> Pos {
+        self.spans.0.get(&vec!["type".to_string()]).map(|s| s.value).unwrap_or_else(|| self.pos())
+    }
+
     /// Position of the component's name.
     pub fn pos(&self) -> Pos {
         self.spans.0.get(&Vec::new()).map(|s| s.key).unwrap_or_default()

@@ -1,2 +1,5 @@
 pub mod config;
 pub mod yaml;
+pub mod graph;
+pub mod metrics;
+pub mod runtime;

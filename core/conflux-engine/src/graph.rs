@@ -1,0 +1,280 @@
+//! From a loaded spec to a built, checked graph of components.
+//!
+//! Building runs every plugin's `build` (compiling scripts, reading schema
+//! files) but opens no connections; then the graph is checked: dangling
+//! `from`, unknown ports, outputs used as sources, cycles, unused components.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+
+use conflux_api::component::ERROR_PORT;
+use conflux_api::registry::Factory;
+use conflux_api::{BuildContext, Input, Kind, Output, Registration, Stage};
+
+use crate::config::{did_you_mean, AdminConfig, Diagnostic, PipelineSpec, Ref, RetryConfig, RuntimeConfig, TestSpec};
+
+/// A built component.
+pub enum Body {
+    Input(Box<dyn Input>),
+    Stage(Box<dyn Stage>),
+    Output(Box<dyn Output>),
+}
+
+/// One component in the graph.
+pub struct GraphNode {
+    pub name: String,
+    pub kind: Kind,
+    pub type_name: String,
+    /// Ports it emits on: `""` (default) first, declared ports, `error` last. Empty for outputs.
+    pub ports: Vec<String>,
+    /// Upstream (node index, port index) pairs.
+    pub from: Vec<(usize, usize)>,
+    pub retry: RetryConfig,
+    pub body: Body,
+}
+
+impl GraphNode {
+    /// The declared port names (without the default and `error`).
+    pub fn declared_ports(&self) -> usize {
+        self.ports.len().saturating_sub(2)
+    }
+
+    /// `name` or `name.port` for a port index.
+    pub fn port_label(&self, port: usize) -> String {
+        match self.ports.get(port).map(String::as_str) {
+            None | Some("") => self.name.clone(),
+            Some(p) => format!("{}.{p}", self.name),
+        }
+    }
+}
+
+/// A pipeline ready to run.
+pub struct Pipeline {
+    pub name: String,
+    pub file: PathBuf,
+    pub admin: Option<AdminConfig>,
+    pub runtime: RuntimeConfig,
+    pub nodes: Vec<GraphNode>,
+    pub tests: Vec<TestSpec>,
+    pub spec: PipelineSpec,
+}
+
+impl Pipeline {
+    pub fn index_of(&self, name: &str) -> Option<usize> {
+        self.nodes.iter().position(|n| n.name == name)
+    }
+
+    /// Resolves `name` or `name.port` to (node, port).
+    pub fn resolve(&self, text: &str) -> Result<(usize, usize), String> {
+        let r = Ref::parse(text, Default::default());
+        let names: Vec<&str> = self.nodes.iter().map(|n| n.name.as_str()).collect();
+        let node = self
+            .index_of(&r.component)
+            .ok_or_else(|| format!("`{}` is not a component of this pipeline{}", r.component, did_you_mean(&r.component, names)))?;
+        resolve_port(&self.nodes[node], &r).map(|port| (node, port))
+    }
+}
+
+fn resolve_port(node: &GraphNode, r: &Ref) -> Result<usize, String> {
+    match &r.port {
+        None => Ok(0),
+        Some(port) => node.ports.iter().skip(1).position(|p| p == port).map(|i| i + 1).ok_or_else(|| {
+            let list: Vec<&str> = node.ports.iter().skip(1).map(String::as_str).collect();
+            format!(
+                "`{}` has no port `{port}`{}; its ports are: {}",
+                node.name,
+                did_you_mean(port, list.iter().copied()),
+                list.join(", ")
+            )
+        }),
+    }
+}
+
+/// Builds every component and checks the graph, reporting every problem.
+pub fn compile(spec: PipelineSpec) -> Result<Pipeline, Vec<Diagnostic>> {
+    let mut diags = Vec::new();
+    let base_dir = spec.base_dir();
+    let data_dir = base_dir.join(&spec.runtime.data_dir);
+    let mut nodes = Vec::new();
+    let mut refs: Vec<Vec<Ref>> = Vec::new();
+    let mut ok = true;
+
+    for component in &spec.components {
+        let Some(registration) = Registration::find(component.kind, &component.type_name) else {
+            let known: Vec<&str> = Registration::all()
+                .into_iter()
+                .filter(|r| r.kind == component.kind)
+                .map(|r| r.name)
+                .collect();
+            let pos = component.spans_type_pos();
+            diags.push(spec.diag(
+                pos,
+                format!(
+                    "unknown {} type `{}`{}; known {} types: {}",
+                    component.kind.as_str(),
+                    component.type_name,
+                    did_you_mean(&component.type_name, known.iter().copied()),
+                    component.kind.as_str(),
+                    known.join(", ")
+                ),
+            ));
+            ok = false;
+            continue;
+        };
+        let cx = BuildContext {
+            pipeline: spec.name.clone(),
+            component: component.name.clone(),
+            base_dir: base_dir.clone(),
+            data_dir: data_dir.clone(),
+        };
+        let options = component.options.clone();
+        let built = match &registration.factory {
+            Factory::Input(build) => build(options, &cx).map(|b| {
+                (Body::Input(b.input), ports_with_defaults(b.ports))
+            }),
+            Factory::Stage(build) => build(options, &cx).map(|b| {
+                (Body::Stage(b.stage), ports_with_defaults(b.ports))
+            }),
+            Factory::Output(build) => build(options, &cx).map(|o| (Body::Output(o), Vec::new())),
+        };
+        match built {
+            Ok((body, ports)) => {
+                nodes.push(GraphNode {
+                    name: component.name.clone(),
+                    kind: component.kind,
+                    type_name: component.type_name.clone(),
+                    ports,
+                    from: Vec::new(),
+                    retry: component.retry.clone(),
+                    body,
+                });
+                refs.push(component.from.clone());
+            }
+            Err(err) => {
+                let pos = spec.locate(&component.spans, &err);
+                diags.push(spec.diag(pos, format!("{} `{}`: {}", component.kind.as_str(), component.name, err.message)));
+                ok = false;
+            }
+        }
+    }
+
+    // Wiring is checked against every declared name, built or not, so one
+    // broken component does not hide graph errors elsewhere.
+    let declared: HashMap<&str, Kind> = spec.components.iter().map(|c| (c.name.as_str(), c.kind)).collect();
+    for (i, node_refs) in refs.iter().enumerate() {
+        for r in node_refs {
+            match declared.get(r.component.as_str()) {
+                None => {
+                    let hint = did_you_mean(&r.component, declared.keys().copied());
+                    diags.push(spec.diag(r.pos, format!("`{}` reads from `{}`, which is not a component of this pipeline{hint}", nodes[i].name, r.component)));
+                    ok = false;
+                }
+                Some(Kind::Output) => {
+                    diags.push(spec.diag(r.pos, format!("`{}` reads from output `{}`; outputs emit nothing, read from an input or stage", nodes[i].name, r.component)));
+                    ok = false;
+                }
+                Some(_) => {
+                    let Some(src) = nodes.iter().position(|n| n.name == r.component) else { continue };
+                    match resolve_port(&nodes[src], r) {
+                        Ok(port) => nodes[i].from.push((src, port)),
+                        Err(message) => {
+                            diags.push(spec.diag(r.pos, message));
+                            ok = false;
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    if ok {
+        if let Some((node, edge)) = find_cycle(&nodes) {
+            let r = &refs[node][edge];
+            diags.push(spec.diag(r.pos, format!("cycle: `{}` reads from `{}`, which depends on `{}`", nodes[node].name, r.component, nodes[node].name)));
+        }
+        for (i, node) in nodes.iter().enumerate() {
+            if node.kind == Kind::Output {
+                continue;
+            }
+            let error_port = node.ports.len() - 1;
+            let used = nodes.iter().any(|n| n.from.iter().any(|&(src, port)| src == i && port != error_port));
+            if !used {
+                let pos = spec.components.iter().find(|c| c.name == node.name).map(|c| c.pos()).unwrap_or_default();
+                diags.push(spec.diag(pos, format!("{} `{}` is not used: no stage or output reads from it", node.kind.as_str(), node.name)));
+            }
+        }
+    }
+
+    diags.sort_by_key(|d| d.pos);
+    if !diags.is_empty() {
+        return Err(diags);
+    }
+    Ok(Pipeline {
+        name: spec.name.clone(),
+        file: spec.file.clone(),
+        admin: spec.admin.clone(),
+        runtime: spec.runtime.clone(),
+        nodes,
+        tests: spec.tests.clone(),
+        spec,
+    })
+}
+
+fn ports_with_defaults(declared: Vec<String>) -> Vec<String> {
+    let mut ports = vec![String::new()];
+    ports.extend(declared.into_iter().filter(|p| p != ERROR_PORT));
+    ports.push(ERROR_PORT.to_string());
+    ports
+}
+
+/// Finds one edge (node, index into its `from`) that closes a cycle.
+fn find_cycle(nodes: &[GraphNode]) -> Option<(usize, usize)> {
+    #[derive(Clone, Copy, PartialEq)]
+    enum Mark {
+        New,
+        Active,
+        Done,
+    }
+    fn visit(n: usize, nodes: &[GraphNode], marks: &mut [Mark]) -> Option<(usize, usize)> {
+        marks[n] = Mark::Active;
+        for (edge, &(src, _)) in nodes[n].from.iter().enumerate() {
+            match marks[src] {
+                Mark::Active => return Some((n, edge)),
+                Mark::New => {
+                    if let Some(found) = visit(src, nodes, marks) {
+                        return Some(found);
+                    }
+                }
+                Mark::Done => {}
+            }
+        }
+        marks[n] = Mark::Done;
+        None
+    }
+    let mut marks = vec![Mark::New; nodes.len()];
+    (0..nodes.len()).find_map(|n| if marks[n] == Mark::New { visit(n, nodes, &mut marks) } else { None })
+}
+
+/// The graph as a Mermaid flowchart.
+pub fn mermaid(pipeline: &Pipeline) -> String {
+    let mut out = String::from("flowchart LR\n");
+    for node in &pipeline.nodes {
+        let label = format!("{}<br/><i>{}</i>", node.name, node.type_name);
+        let shape = match node.kind {
+            Kind::Input => format!("{}[/\"{label}\"/]", node.name),
+            Kind::Stage => format!("{}[\"{label}\"]", node.name),
+            Kind::Output => format!("{}[(\"{label}\")]", node.name),
+        };
+        out.push_str(&format!("    {shape}\n"));
+    }
+    for node in &pipeline.nodes {
+        for &(src, port) in &node.from {
+            let src_node = &pipeline.nodes[src];
+            match src_node.ports.get(port).map(String::as_str) {
+                None | Some("") => out.push_str(&format!("    {} --> {}\n", src_node.name, node.name)),
+                Some(p) => out.push_str(&format!("    {} -->|{p}| {}\n", src_node.name, node.name)),
+            }
+        }
+    }
+    out
+}

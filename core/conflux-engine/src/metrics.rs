@@ -1,0 +1,143 @@
+//! Prometheus metrics and readiness, shared by every pipeline of a process.
+//!
+//! Handles are looked up once per component at start, so the hot path only
+//! increments atomics. Labels carry pipeline and component names, never
+//! option values (which may hold secrets).
+
+use std::collections::BTreeMap;
+use std::sync::Mutex;
+
+use prometheus_client::encoding::text::encode;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
+use prometheus_client::registry::Registry;
+
+type Labels = Vec<(String, String)>;
+
+fn batch_histogram() -> Histogram {
+    // 10 µs .. ~40 s
+    Histogram::new(exponential_buckets(0.000_01, 4.0, 12))
+}
+
+/// Every metric family of the process.
+pub struct Metrics {
+    registry: Registry,
+    received: Family<Labels, Counter>,
+    sent: Family<Labels, Counter>,
+    errors: Family<Labels, Counter>,
+    discarded: Family<Labels, Counter>,
+    retries: Family<Labels, Counter>,
+    acks: Family<Labels, Counter>,
+    unacked: Family<Labels, Gauge>,
+    queued: Family<Labels, Gauge>,
+    batch_seconds: Family<Labels, Histogram, fn() -> Histogram>,
+}
+
+/// One component's handles.
+#[derive(Clone)]
+pub struct ComponentMetrics {
+    pub received: Counter,
+    /// Events emitted per port (inputs, stages) or delivered (outputs, port 0).
+    pub sent: Vec<Counter>,
+    pub errors: Counter,
+    /// Events sent to an unwired `error`/named port, per port.
+    pub discarded: Vec<Counter>,
+    pub retries: Counter,
+    /// Acknowledgements heard by an input, by status (delivered, rejected, errored).
+    pub acks: [Counter; 3],
+    pub unacked: Gauge,
+    pub queued: Gauge,
+    pub batch_seconds: Histogram,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Metrics {
+    pub fn new() -> Self {
+        let mut registry = Registry::with_prefix("conflux");
+        let received = Family::<Labels, Counter>::default();
+        let sent = Family::<Labels, Counter>::default();
+        let errors = Family::<Labels, Counter>::default();
+        let discarded = Family::<Labels, Counter>::default();
+        let retries = Family::<Labels, Counter>::default();
+        let acks = Family::<Labels, Counter>::default();
+        let unacked = Family::<Labels, Gauge>::default();
+        let queued = Family::<Labels, Gauge>::default();
+        let batch_seconds = Family::<Labels, Histogram, fn() -> Histogram>::new_with_constructor(batch_histogram as fn() -> Histogram);
+        registry.register("events_received", "Events received by a stage or output", received.clone());
+        registry.register("events_sent", "Events emitted by an input or stage (per port), or delivered by an output", sent.clone());
+        registry.register("errors", "Events failed by a component, and failed output writes", errors.clone());
+        registry.register("events_discarded", "Events emitted on a port nothing reads (counted, logged, failed back as rejected)", discarded.clone());
+        registry.register("output_retries", "Output write retries", retries.clone());
+        registry.register("input_acks", "Acknowledgements heard by an input, by status", acks.clone());
+        registry.register("input_unacked_events", "Events an input emitted that are not yet acknowledged", unacked.clone());
+        registry.register("queued_batches", "Batches waiting in a component's input channel", queued.clone());
+        registry.register("batch_duration_seconds", "Time to process (stage) or write (output) one batch", batch_seconds.clone());
+        Metrics { registry, received, sent, errors, discarded, retries, acks, unacked, queued, batch_seconds }
+    }
+
+    /// Handles for one component with the given port names (`""` = default).
+    pub fn component(&self, pipeline: &str, component: &str, kind: &str, ports: &[String]) -> ComponentMetrics {
+        let base: Labels = vec![
+            ("pipeline".into(), pipeline.into()),
+            ("component".into(), component.into()),
+            ("kind".into(), kind.into()),
+        ];
+        let with = |k: &str, v: &str| {
+            let mut l = base.clone();
+            l.push((k.into(), v.into()));
+            l
+        };
+        let port_names: Vec<&str> = if ports.is_empty() { vec![""] } else { ports.iter().map(String::as_str).collect() };
+        let port_label = |p: &str| if p.is_empty() { "default".to_string() } else { p.to_string() };
+        ComponentMetrics {
+            received: self.received.get_or_create(&base).clone(),
+            sent: port_names.iter().map(|p| self.sent.get_or_create(&with("port", &port_label(p))).clone()).collect(),
+            errors: self.errors.get_or_create(&base).clone(),
+            discarded: port_names.iter().map(|p| self.discarded.get_or_create(&with("port", &port_label(p))).clone()).collect(),
+            retries: self.retries.get_or_create(&base).clone(),
+            acks: ["delivered", "rejected", "errored"].map(|s| self.acks.get_or_create(&with("status", s)).clone()),
+            unacked: self.unacked.get_or_create(&base).clone(),
+            queued: self.queued.get_or_create(&base).clone(),
+            batch_seconds: self.batch_seconds.get_or_create(&base).clone(),
+        }
+    }
+
+    /// The Prometheus/OpenMetrics text exposition.
+    pub fn encode(&self) -> String {
+        let mut out = String::new();
+        encode(&mut out, &self.registry).expect("writing to a String cannot fail");
+        out
+    }
+}
+
+/// Which components have started; `/ready` answers 200 once all have.
+#[derive(Default)]
+pub struct Readiness {
+    components: Mutex<BTreeMap<String, bool>>,
+}
+
+impl Readiness {
+    pub fn register(&self, key: &str) {
+        self.components.lock().expect("readiness lock").insert(key.to_string(), false);
+    }
+
+    pub fn set_ready(&self, key: &str) {
+        self.components.lock().expect("readiness lock").insert(key.to_string(), true);
+    }
+
+    /// The components not ready yet; empty when all are (and at least one exists).
+    pub fn waiting_for(&self) -> Vec<String> {
+        let components = self.components.lock().expect("readiness lock");
+        if components.is_empty() {
+            return vec!["(no pipeline started yet)".into()];
+        }
+        components.iter().filter(|(_, ready)| !**ready).map(|(k, _)| k.clone()).collect()
+    }
+}

@@ -1,0 +1,150 @@
+//! Line framing shared by the `file` and `stdin` inputs and the line-writing outputs.
+
+use conflux_api::component::ERROR_META;
+use conflux_api::{Emitter, Event, PortId, Timestamp, Value};
+use schemars::JsonSchema;
+use serde::Deserialize;
+use tokio::io::{AsyncRead, AsyncReadExt};
+
+/// How lines become events.
+#[derive(Debug, Clone, Copy, Default, Deserialize, JsonSchema, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum Codec {
+    /// One JSON document per line (NDJSON); lines that are not JSON go to the `invalid` port.
+    #[default]
+    Json,
+    /// Each line is a string payload.
+    Lines,
+}
+
+/// The port malformed lines go to.
+pub const INVALID_PORT: PortId = PortId(1);
+
+/// Splits a byte stream into lines and turns them into events, a batch at a time.
+///
+/// Reading happens only before any event is emitted in a call, so a call
+/// cancelled at shutdown loses nothing it had already handed over.
+pub struct LineReader<R> {
+    reader: R,
+    buf: Vec<u8>,
+    start: usize,
+    eof: bool,
+    line_no: u64,
+    codec: Codec,
+    batch_size: usize,
+}
+
+const CHUNK: usize = 256 * 1024;
+/// Longest line accepted; a longer one is cut off and sent to `invalid`.
+pub const MAX_LINE: usize = 16 * 1024 * 1024;
+
+impl<R: AsyncRead + Unpin + Send> LineReader<R> {
+    pub fn new(reader: R, codec: Codec, batch_size: usize) -> Self {
+        LineReader { reader, buf: Vec::with_capacity(CHUNK), start: 0, eof: false, line_no: 0, codec, batch_size: batch_size.max(1) }
+    }
+
+    /// Whether the stream has ended and every line was emitted.
+    pub fn finished(&self) -> bool {
+        self.eof && self.start >= self.buf.len()
+    }
+
+    /// Clears the end-of-stream flag so a followed file is read again.
+    pub fn resume(&mut self) {
+        self.eof = false;
+    }
+
+    /// Reads until at least one full line is buffered (or the stream ends).
+    async fn fill(&mut self) -> std::io::Result<()> {
+        while !self.eof && memchr::memchr(b'\n', &self.buf[self.start..]).is_none() {
+            if self.start > 0 {
+                self.buf.drain(..self.start);
+                self.start = 0;
+            }
+            if self.buf.len() >= MAX_LINE {
+                // Force a break so one giant line cannot grow memory without bound.
+                self.buf.push(b'\n');
+                break;
+            }
+            let len = self.buf.len();
+            self.buf.resize(len + CHUNK, 0);
+            let n = self.reader.read(&mut self.buf[len..]).await?;
+            self.buf.truncate(len + n);
+            if n == 0 {
+                self.eof = true;
+            }
+        }
+        Ok(())
+    }
+
+    /// Emits up to one batch of events. Returns how many lines were consumed.
+    pub async fn read_batch(&mut self, out: &mut Emitter, source: &str) -> std::io::Result<usize> {
+        self.fill().await?;
+        let now = Timestamp::now();
+        let mut consumed = 0;
+        let mut batch = Vec::with_capacity(self.batch_size.min(4096));
+        while consumed < self.batch_size && self.start < self.buf.len() {
+            let rest = &self.buf[self.start..];
+            let (line, advance) = match memchr::memchr(b'\n', rest) {
+                Some(i) => (&rest[..i], i + 1),
+                None if self.eof => (rest, rest.len()),
+                None => break,
+            };
+            self.start += advance;
+            self.line_no += 1;
+            consumed += 1;
+            let line = line.strip_suffix(b"\r").unwrap_or(line);
+            if line.iter().all(u8::is_ascii_whitespace) {
+                continue;
+            }
+            match self.codec {
+                Codec::Json => match sonic_rs_from_slice(line) {
+                    Ok(data) => batch.push(Event::with_time(data, now)),
+                    Err(reason) => {
+                        let mut e = Event::with_time(Value::from(String::from_utf8_lossy(line).as_ref()), now);
+                        e.meta.insert(ERROR_META, format!("{source} line {}: invalid JSON: {reason}", self.line_no).as_str());
+                        out.emit_to(INVALID_PORT, e);
+                    }
+                },
+                Codec::Lines => batch.push(Event::with_time(Value::from(String::from_utf8_lossy(line).as_ref()), now)),
+            }
+        }
+        out.emit_batch(batch);
+        Ok(consumed)
+    }
+}
+
+fn sonic_rs_from_slice(line: &[u8]) -> Result<Value, String> {
+    conflux_api::sonic_rs::from_slice(line).map_err(|e| e.to_string())
+}
+
+/// Appends an event payload as one JSON line.
+pub fn write_json_line(buf: &mut Vec<u8>, data: &Value) {
+    // Serializing a parsed value into a Vec cannot fail.
+    let _ = conflux_api::sonic_rs::to_writer(&mut *buf, data);
+    buf.push(b'\n');
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn splits_batches_and_routes_bad_lines() {
+        let text = b"{\"a\":1}\n\n{bad\n{\"a\":2}\r\n{\"a\":3}".to_vec();
+        let mut reader = LineReader::new(&text[..], Codec::Json, 2);
+        let mut out = Emitter::new(1);
+        reader.read_batch(&mut out, "t").await.unwrap();
+        let got: Vec<(usize, usize)> = out.drain().map(|(p, b)| (p, b.len())).collect();
+        assert_eq!(got, vec![(0, 1)], "first batch: one good line and a blank one");
+        reader.read_batch(&mut out, "t").await.unwrap();
+        let got: Vec<(usize, Vec<Event>)> = out.drain().collect();
+        assert_eq!(got.len(), 2);
+        assert_eq!(got[1].0, 1, "bad line goes to the invalid port");
+        let reason = got[1].1[0].meta.get(ERROR_META).unwrap().to_string();
+        assert!(reason.contains("line 3: invalid JSON"), "{reason}");
+        reader.read_batch(&mut out, "t").await.unwrap();
+        let last: Vec<(usize, Vec<Event>)> = out.drain().collect();
+        assert_eq!(last[0].1.len(), 1, "unterminated last line still counts");
+        assert!(reader.finished());
+    }
+}
