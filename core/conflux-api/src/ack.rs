@@ -148,10 +148,7 @@ impl AckToken {
 
     /// The worst outcome recorded so far.
     pub fn status(&self) -> AckStatus {
-        self.0
-            .as_ref()
-            .map(|s| AckStatus::from_u8(s.status.load(Ordering::Acquire)))
-            .unwrap_or(AckStatus::Delivered)
+        self.0.as_ref().map(|s| AckStatus::from_u8(s.status.load(Ordering::Acquire))).unwrap_or(AckStatus::Delivered)
     }
 }
 

@@ -33,9 +33,7 @@ impl Emitter {
     /// An emitter for a component with `declared_ports` named ports
     /// (the default port and the `error` port come on top).
     pub fn new(declared_ports: usize) -> Self {
-        Emitter {
-            batches: (0..declared_ports + 2).map(|_| Vec::new()).collect(),
-        }
+        Emitter { batches: (0..declared_ports + 2).map(|_| Vec::new()).collect() }
     }
 
     /// Emits on the default port.
@@ -79,11 +77,7 @@ impl Emitter {
     /// Takes what was emitted, as `(port index, batch)` pairs with non-empty batches.
     /// The `error` port is the last index.
     pub fn drain(&mut self) -> impl Iterator<Item = (usize, Batch)> + '_ {
-        self.batches
-            .iter_mut()
-            .enumerate()
-            .filter(|(_, b)| !b.is_empty())
-            .map(|(i, b)| (i, std::mem::take(b)))
+        self.batches.iter_mut().enumerate().filter(|(_, b)| !b.is_empty()).map(|(i, b)| (i, std::mem::take(b)))
     }
 }
 

@@ -95,9 +95,7 @@ impl FromStr for ByteSize {
         let s = s.trim();
         let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
         let (digits, unit) = s.split_at(split);
-        let n: u64 = digits
-            .parse()
-            .map_err(|_| format!("invalid size `{s}`; write e.g. 512, 16KiB, 1MiB"))?;
+        let n: u64 = digits.parse().map_err(|_| format!("invalid size `{s}`; write e.g. 512, 16KiB, 1MiB"))?;
         let mult: u64 = match unit.trim() {
             "" | "B" => 1,
             "KiB" => 1 << 10,
@@ -108,20 +106,18 @@ impl FromStr for ByteSize {
             "GB" => 1_000_000_000,
             other => return Err(format!("unknown size unit `{other}` in `{s}`; use B, KiB, MiB, GiB, KB, MB or GB")),
         };
-        n.checked_mul(mult)
-            .map(ByteSize)
-            .ok_or_else(|| format!("size `{s}` is too large"))
+        n.checked_mul(mult).map(ByteSize).ok_or_else(|| format!("size `{s}` is too large"))
     }
 }
 
 impl fmt::Display for ByteSize {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let n = self.0;
-        if n >= 1 << 30 && n % (1 << 30) == 0 {
+        if n >= 1 << 30 && n.is_multiple_of(1 << 30) {
             write!(f, "{}GiB", n >> 30)
-        } else if n >= 1 << 20 && n % (1 << 20) == 0 {
+        } else if n >= 1 << 20 && n.is_multiple_of(1 << 20) {
             write!(f, "{}MiB", n >> 20)
-        } else if n >= 1 << 10 && n % (1 << 10) == 0 {
+        } else if n >= 1 << 10 && n.is_multiple_of(1 << 10) {
             write!(f, "{}KiB", n >> 10)
         } else {
             write!(f, "{n}")
@@ -176,12 +172,7 @@ impl fmt::Display for Rate {
     }
 }
 
-string_config_type!(
-    Rate,
-    "Rate",
-    "^[0-9]+\\s*/\\s*[0-9a-z]+$",
-    "a rate such as 100/min, 1000/s or 10/5s"
-);
+string_config_type!(Rate, "Rate", "^[0-9]+\\s*/\\s*[0-9a-z]+$", "a rate such as 100/min, 1000/s or 10/5s");
 
 #[cfg(test)]
 mod tests {

@@ -91,11 +91,7 @@ impl BuildError {
 
     /// An error about one option, given by its path.
     pub fn at<S: Into<String>>(path: impl IntoIterator<Item = S>, message: impl Into<String>) -> Self {
-        BuildError {
-            path: path.into_iter().map(Into::into).collect(),
-            message: message.into(),
-            offset: None,
-        }
+        BuildError { path: path.into_iter().map(Into::into).collect(), message: message.into(), offset: None }
     }
 
     /// Points inside a string option (1-based line and column within it).

@@ -36,13 +36,7 @@ impl Event {
     /// An untracked event with a given ingest time (inputs share one clock
     /// reading per batch instead of reading the clock per event).
     pub fn with_time(data: Value, ingest_time: Timestamp) -> Self {
-        Event {
-            data,
-            meta: Metadata::default(),
-            event_time: None,
-            ingest_time,
-            ack: AckToken::untracked(),
-        }
+        Event { data, meta: Metadata::default(), event_time: None, ingest_time, ack: AckToken::untracked() }
     }
 
     /// Attach an acknowledgement token.
@@ -100,9 +94,7 @@ pub struct Timestamp(pub i64);
 
 impl Timestamp {
     pub fn now() -> Self {
-        let now = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .unwrap_or_default();
+        let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
         Timestamp(now.as_nanos() as i64)
     }
 
@@ -116,10 +108,7 @@ impl Timestamp {
 
     /// Parses RFC 3339 (`2026-11-22T10:00:00Z`, with offset or fraction).
     pub fn parse_rfc3339(text: &str) -> Option<Self> {
-        chrono::DateTime::parse_from_rfc3339(text)
-            .ok()
-            .and_then(|t| t.timestamp_nanos_opt())
-            .map(Timestamp)
+        chrono::DateTime::parse_from_rfc3339(text).ok().and_then(|t| t.timestamp_nanos_opt()).map(Timestamp)
     }
 
     /// Reads a timestamp from a payload value: an RFC 3339 string, or a
@@ -150,8 +139,7 @@ impl Timestamp {
 
     /// RFC 3339 with millisecond precision, UTC (`2026-11-22T10:00:00.000Z`).
     pub fn to_rfc3339(self) -> String {
-        chrono::DateTime::from_timestamp_nanos(self.0)
-            .to_rfc3339_opts(chrono::SecondsFormat::Millis, true)
+        chrono::DateTime::from_timestamp_nanos(self.0).to_rfc3339_opts(chrono::SecondsFormat::Millis, true)
     }
 }
 

@@ -19,10 +19,7 @@ impl FieldPath {
         if segments.iter().any(String::is_empty) {
             return Err(format!("field path `{text}` has an empty segment"));
         }
-        Ok(FieldPath {
-            text: text.to_owned(),
-            segments,
-        })
+        Ok(FieldPath { text: text.to_owned(), segments })
     }
 
     pub fn as_str(&self) -> &str {
@@ -62,9 +59,8 @@ impl FieldPath {
         if current.is_null() {
             *current = Value::new_object();
         }
-        let object = current
-            .as_object_mut()
-            .ok_or_else(|| format!("`{}`: parent of `{last}` is not an object", self.text))?;
+        let object =
+            current.as_object_mut().ok_or_else(|| format!("`{}`: parent of `{last}` is not an object", self.text))?;
         object.insert(last, value);
         Ok(())
     }
@@ -84,10 +80,7 @@ mod tests {
     fn get_and_set() {
         let mut v: Value = sonic_rs::from_str(r#"{"data":{"id":"r1","items":[{"sku":"a"}]}}"#).unwrap();
         assert_eq!(FieldPath::parse("data.id").unwrap().get(&v).and_then(|v| v.as_str()), Some("r1"));
-        assert_eq!(
-            FieldPath::parse("data.items.0.sku").unwrap().get(&v).and_then(|v| v.as_str()),
-            Some("a")
-        );
+        assert_eq!(FieldPath::parse("data.items.0.sku").unwrap().get(&v).and_then(|v| v.as_str()), Some("a"));
         assert!(FieldPath::parse("data.nope").unwrap().get(&v).is_none());
         FieldPath::parse("data.extra.deep").unwrap().set(&mut v, Value::from(3)).unwrap();
         assert_eq!(FieldPath::parse("data.extra.deep").unwrap().get(&v).and_then(|v| v.as_i64()), Some(3));

@@ -63,11 +63,14 @@ pub trait OutputConfig: DeserializeOwned + JsonSchema + 'static {
     fn build(self, cx: &BuildContext) -> Result<Box<dyn Output>, BuildError>;
 }
 
-/// Builds a component from its raw options (everything but `type` and `from`).
+/// A build function: raw options (everything but `type` and `from`) to a component.
+pub type BuildFn<T> = fn(serde_json::Value, &BuildContext) -> Result<T, BuildError>;
+
+/// Builds a component of one kind.
 pub enum Factory {
-    Input(fn(serde_json::Value, &BuildContext) -> Result<BuiltInput, BuildError>),
-    Stage(fn(serde_json::Value, &BuildContext) -> Result<BuiltStage, BuildError>),
-    Output(fn(serde_json::Value, &BuildContext) -> Result<Box<dyn Output>, BuildError>),
+    Input(BuildFn<BuiltInput>),
+    Stage(BuildFn<BuiltStage>),
+    Output(BuildFn<Box<dyn Output>>),
 }
 
 /// One registered component type.
@@ -110,24 +113,36 @@ fn build_stage<C: StageConfig>(raw: serde_json::Value, cx: &BuildContext) -> Res
     deserialize_options::<C>(raw)?.build(cx)
 }
 
-fn build_output<C: OutputConfig>(
-    raw: serde_json::Value,
-    cx: &BuildContext,
-) -> Result<Box<dyn Output>, BuildError> {
+fn build_output<C: OutputConfig>(raw: serde_json::Value, cx: &BuildContext) -> Result<Box<dyn Output>, BuildError> {
     deserialize_options::<C>(raw)?.build(cx)
 }
 
 impl Registration {
     pub const fn input<C: InputConfig>() -> Self {
-        Registration { kind: Kind::Input, name: C::TYPE, schema: schema_of::<C>, factory: Factory::Input(build_input::<C>) }
+        Registration {
+            kind: Kind::Input,
+            name: C::TYPE,
+            schema: schema_of::<C>,
+            factory: Factory::Input(build_input::<C>),
+        }
     }
 
     pub const fn stage<C: StageConfig>() -> Self {
-        Registration { kind: Kind::Stage, name: C::TYPE, schema: schema_of::<C>, factory: Factory::Stage(build_stage::<C>) }
+        Registration {
+            kind: Kind::Stage,
+            name: C::TYPE,
+            schema: schema_of::<C>,
+            factory: Factory::Stage(build_stage::<C>),
+        }
     }
 
     pub const fn output<C: OutputConfig>() -> Self {
-        Registration { kind: Kind::Output, name: C::TYPE, schema: schema_of::<C>, factory: Factory::Output(build_output::<C>) }
+        Registration {
+            kind: Kind::Output,
+            name: C::TYPE,
+            schema: schema_of::<C>,
+            factory: Factory::Output(build_output::<C>),
+        }
     }
 
     /// Every registered type, sorted by kind then name.

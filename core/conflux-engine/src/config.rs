@@ -63,11 +63,7 @@ pub struct RuntimeConfig {
 
 impl Default for RuntimeConfig {
     fn default() -> Self {
-        RuntimeConfig {
-            channel_capacity: 8,
-            shutdown_timeout: Duration::from_secs(10),
-            data_dir: ".conflux".into(),
-        }
+        RuntimeConfig { channel_capacity: 8, shutdown_timeout: Duration::from_secs(10), data_dir: ".conflux".into() }
     }
 }
 
@@ -173,16 +169,57 @@ pub struct Span {
     pub key: Pos,
     pub value: Pos,
     pub style: Option<Style>,
+    /// The value came out of `${...}` interpolation.
+    pub interpolated: bool,
 }
 
 /// Positions of every option of one component, by path.
 #[derive(Debug, Clone, Default)]
 pub struct Spans(HashMap<Vec<String>, Span>);
 
+impl Spans {
+    /// A quoted `"${COUNT:-5}"` stays a string; when an option needs a number
+    /// or boolean there, this retypes the interpolated value in `options`.
+    /// Returns whether it changed anything.
+    pub fn retype_interpolated(&self, path: &[String], options: &mut serde_json::Value) -> bool {
+        if !self.0.get(path).is_some_and(|s| s.interpolated) {
+            return false;
+        }
+        let mut target = options;
+        for segment in path {
+            target = match target {
+                serde_json::Value::Object(map) => match map.get_mut(segment) {
+                    Some(v) => v,
+                    None => return false,
+                },
+                serde_json::Value::Array(items) => match segment.parse::<usize>().ok().and_then(|i| items.get_mut(i)) {
+                    Some(v) => v,
+                    None => return false,
+                },
+                _ => return false,
+            };
+        }
+        let Some(text) = target.as_str() else { return false };
+        let typed = match yaml::resolve_plain(text) {
+            Yaml::Int(i) => serde_json::Value::from(i),
+            Yaml::Bool(b) => serde_json::Value::Bool(b),
+            Yaml::Float(f) => match serde_json::Number::from_f64(f) {
+                Some(n) => serde_json::Value::Number(n),
+                None => return false,
+            },
+            _ => return false,
+        };
+        *target = typed;
+        true
+    }
+}
+
 /// One component as declared.
 #[derive(Debug, Clone)]
 pub struct ComponentSpec {
     pub name: String,
+    /// False when loading already reported a problem inside it (it is not built).
+    pub valid: bool,
     pub kind: Kind,
     pub type_name: String,
     pub from: Vec<Ref>,
@@ -215,6 +252,8 @@ pub struct PipelineSpec {
     pub components: Vec<ComponentSpec>,
     pub tests: Vec<TestSpec>,
     pub test_spans: Spans,
+    /// Problems found while loading; building adds its own and reports all.
+    pub problems: Vec<Diagnostic>,
 }
 
 impl PipelineSpec {
@@ -230,49 +269,51 @@ impl PipelineSpec {
 
     /// The position a build error points to, inside strings when it can.
     pub fn locate(&self, spans: &Spans, err: &BuildError) -> Pos {
-        let mut path = err.path.clone();
-        if let Some(field) = err
-            .message
-            .strip_prefix("unknown field `")
-            .and_then(|rest| rest.split('`').next())
-        {
+        locate(spans, err, &self.source)
+    }
+}
+
+/// Where a build error points: the key of an unknown or missing option, the
+/// value of a bad one, or a line and column inside a string value.
+fn locate(spans: &Spans, err: &BuildError, source: &str) -> Pos {
+    let mut path = err.path.clone();
+    if let Some(field) = err.message.strip_prefix("unknown field `").and_then(|rest| rest.split('`').next()) {
+        if path.last().map(String::as_str) != Some(field) {
             path.push(field.to_string());
-            if let Some(span) = spans.0.get(&path) {
-                return span.key;
-            }
-            path.pop();
         }
-        let missing = err.message.starts_with("missing field");
-        while !path.is_empty() && !spans.0.contains_key(&path) {
-            path.pop();
-        }
-        let Some(span) = spans.0.get(&path) else { return Pos::default() };
-        if missing {
+        if let Some(span) = spans.0.get(&path) {
             return span.key;
         }
-        match (err.offset, span.style) {
-            (Some((line, column)), Some(Style::Block)) => {
-                // Block scalar: content starts on the next line, indented.
-                let first = span.value.line + 1;
-                let indent = self
-                    .source
-                    .lines()
-                    .skip(first - 1)
-                    .find(|l| !l.trim().is_empty())
-                    .map(|l| l.len() - l.trim_start().len())
-                    .unwrap_or(0);
-                Pos { line: first + line - 1, column: indent + column }
-            }
-            (Some((line, column)), Some(style)) => {
-                let quote = usize::from(style == Style::Quoted);
-                if line == 1 {
-                    Pos { line: span.value.line, column: span.value.column + quote + column - 1 }
-                } else {
-                    Pos { line: span.value.line + line - 1, column }
-                }
-            }
-            _ => span.value,
+        path.pop();
+    }
+    while !path.is_empty() && !spans.0.contains_key(&path) {
+        path.pop();
+    }
+    let Some(span) = spans.0.get(&path) else { return Pos::default() };
+    if err.message.starts_with("missing field") {
+        return span.key;
+    }
+    match (err.offset, span.style) {
+        (Some((line, column)), Some(Style::Block)) => {
+            // Block scalar: content starts on the next line, indented.
+            let first = span.value.line + 1;
+            let indent = source
+                .lines()
+                .skip(first - 1)
+                .find(|l| !l.trim().is_empty())
+                .map(|l| l.len() - l.trim_start().len())
+                .unwrap_or(0);
+            Pos { line: first + line - 1, column: indent + column }
         }
+        (Some((line, column)), Some(style)) => {
+            let quote = usize::from(style == Style::Quoted);
+            if line == 1 {
+                Pos { line: span.value.line, column: span.value.column + quote + column - 1 }
+            } else {
+                Pos { line: span.value.line + line - 1, column }
+            }
+        }
+        _ => span.value,
     }
 }
 
@@ -292,9 +333,7 @@ pub fn interpolate<'t>(text: &'t str, env: Env) -> Result<Cow<'t, str>, String> 
         }
         out.push_str(&rest[..start]);
         let body_start = start + 2;
-        let end = rest[body_start..]
-            .find('}')
-            .ok_or_else(|| format!("unclosed `${{` in `{text}`"))?;
+        let end = rest[body_start..].find('}').ok_or_else(|| format!("unclosed `${{` in `{text}`"))?;
         let body = &rest[body_start..body_start + end];
         let (name, default) = match body.split_once(":-") {
             Some((name, default)) => (name, Some(default)),
@@ -303,7 +342,9 @@ pub fn interpolate<'t>(text: &'t str, env: Env) -> Result<Cow<'t, str>, String> 
         let valid = name.chars().next().is_some_and(|c| c.is_ascii_alphabetic() || c == '_')
             && name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_');
         if !valid {
-            return Err(format!("`${{{body}}}` is not a valid variable reference; write ${{NAME}} or ${{NAME:-default}}"));
+            return Err(format!(
+                "`${{{body}}}` is not a valid variable reference; write ${{NAME}} or ${{NAME:-default}}"
+            ));
         }
         match (env(name).filter(|v| !v.is_empty() || default.is_none()), default) {
             (Some(value), _) => out.push_str(&value),
@@ -322,11 +363,8 @@ pub fn interpolate<'t>(text: &'t str, env: Env) -> Result<Cow<'t, str>, String> 
 
 /// Suggests the closest candidate to a misspelt name.
 pub fn did_you_mean<'a>(name: &str, candidates: impl IntoIterator<Item = &'a str>) -> String {
-    let best = candidates
-        .into_iter()
-        .map(|c| (edit_distance(name, c), c))
-        .filter(|(d, c)| *d <= 2.max(c.len() / 3))
-        .min();
+    let best =
+        candidates.into_iter().map(|c| (edit_distance(name, c), c)).filter(|(d, c)| *d <= 2.max(c.len() / 3)).min();
     match best {
         Some((_, c)) => format!(" (did you mean `{c}`?)"),
         None => String::new(),
@@ -358,31 +396,27 @@ impl Loader<'_> {
     }
 
     /// Converts a node to JSON, interpolating strings and recording positions.
-    fn to_json(&mut self, node: &Node, key: Pos, path: &mut Vec<String>, spans: &mut Spans) -> serde_json::Value {
+    fn convert(&mut self, node: &Node, key: Pos, path: &mut Vec<String>, spans: &mut Spans) -> serde_json::Value {
         let style = match &node.value {
             Yaml::Str(_, style) => Some(*style),
             _ => None,
         };
-        spans.0.insert(path.clone(), Span { key, value: node.pos, style });
+        spans.0.insert(path.clone(), Span { key, value: node.pos, style, interpolated: false });
         match &node.value {
             Yaml::Null => serde_json::Value::Null,
             Yaml::Bool(b) => serde_json::Value::Bool(*b),
             Yaml::Int(i) => serde_json::Value::from(*i),
-            Yaml::Float(f) => serde_json::Number::from_f64(*f).map(serde_json::Value::Number).unwrap_or(serde_json::Value::Null),
+            Yaml::Float(f) => {
+                serde_json::Number::from_f64(*f).map(serde_json::Value::Number).unwrap_or(serde_json::Value::Null)
+            }
             Yaml::Str(text, style) => match interpolate(text, self.env) {
                 Ok(Cow::Borrowed(s)) => serde_json::Value::String(s.to_string()),
-                Ok(Cow::Owned(s)) if *style == Style::Plain => {
-                    // A plain scalar written as `${PORT:-8080}` takes the type of what it became.
-                    match yaml::resolve_plain(&s) {
-                        Yaml::Int(i) => serde_json::Value::from(i),
-                        Yaml::Bool(b) => serde_json::Value::Bool(b),
-                        Yaml::Float(f) => serde_json::Number::from_f64(f)
-                            .map(serde_json::Value::Number)
-                            .unwrap_or(serde_json::Value::String(s)),
-                        _ => serde_json::Value::String(s),
+                Ok(Cow::Owned(s)) => {
+                    if let Some(span) = spans.0.get_mut(path.as_slice()) {
+                        span.interpolated = true;
                     }
+                    self.interpolated(s, *style)
                 }
-                Ok(Cow::Owned(s)) => serde_json::Value::String(s),
                 Err(message) => {
                     self.error(node.pos, message);
                     serde_json::Value::Null
@@ -394,7 +428,7 @@ impl Loader<'_> {
                     .enumerate()
                     .map(|(i, item)| {
                         path.push(i.to_string());
-                        let v = self.to_json(item, item.pos, path, spans);
+                        let v = self.convert(item, item.pos, path, spans);
                         path.pop();
                         v
                     })
@@ -408,7 +442,7 @@ impl Loader<'_> {
                         continue;
                     };
                     path.push(name.clone());
-                    let value = self.to_json(v, k.pos, path, spans);
+                    let value = self.convert(v, k.pos, path, spans);
                     path.pop();
                     map.insert(name, value);
                 }
@@ -417,14 +451,29 @@ impl Loader<'_> {
         }
     }
 
+    /// A plain scalar written as `${PORT:-8080}` takes the type of what it became.
+    fn interpolated(&self, s: String, style: Style) -> serde_json::Value {
+        if style != Style::Plain {
+            return serde_json::Value::String(s);
+        }
+        match yaml::resolve_plain(&s) {
+            Yaml::Int(i) => serde_json::Value::from(i),
+            Yaml::Bool(b) => serde_json::Value::Bool(b),
+            Yaml::Float(f) => {
+                serde_json::Number::from_f64(f).map(serde_json::Value::Number).unwrap_or(serde_json::Value::String(s))
+            }
+            _ => serde_json::Value::String(s),
+        }
+    }
+
     /// Deserializes a section into a typed value, reporting errors at their position.
     fn typed<T: DeserializeOwned>(&mut self, node: &Node, key: Pos) -> Option<(T, Spans)> {
         let mut spans = Spans::default();
-        let json = self.to_json(node, key, &mut Vec::new(), &mut spans);
+        let json = self.convert(node, key, &mut Vec::new(), &mut spans);
         match deserialize_options::<T>(json) {
             Ok(v) => Some((v, spans)),
             Err(err) => {
-                let pos = locate_simple(&spans, &err);
+                let pos = locate(&spans, &err, "");
                 self.error(pos, err.message);
                 None
             }
@@ -433,17 +482,25 @@ impl Loader<'_> {
 
     fn component(&mut self, kind: Kind, name: &Node, body: &Node) -> Option<ComponentSpec> {
         let name_text = name.as_key().unwrap_or_default();
-        let valid_name = !name_text.is_empty()
-            && name_text.chars().all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-');
+        let valid_name =
+            !name_text.is_empty() && name_text.chars().all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-');
         if !valid_name {
             self.error(name.pos, format!("component name `{name_text}` may only contain letters, digits, `_` and `-`"));
         }
         let Yaml::Map(entries) = &body.value else {
-            self.error(body.pos, format!("{} `{name_text}` must be a mapping with at least `type`, found {}", kind.as_str(), body.type_name()));
+            self.error(
+                body.pos,
+                format!(
+                    "{} `{name_text}` must be a mapping with at least `type`, found {}",
+                    kind.as_str(),
+                    body.type_name()
+                ),
+            );
             return None;
         };
+        let problems_before = self.diags.len();
         let mut spans = Spans::default();
-        spans.0.insert(Vec::new(), Span { key: name.pos, value: body.pos, style: None });
+        spans.0.insert(Vec::new(), Span { key: name.pos, value: body.pos, style: None, interpolated: false });
         let mut type_name = None;
         let mut from = Vec::new();
         let mut saw_from = false;
@@ -455,7 +512,10 @@ impl Loader<'_> {
                 "type" => match v.as_str() {
                     Some(t) => {
                         type_name = Some(t.to_string());
-                        spans.0.insert(vec!["type".into()], Span { key: k.pos, value: v.pos, style: None });
+                        spans.0.insert(
+                            vec!["type".into()],
+                            Span { key: k.pos, value: v.pos, style: None, interpolated: false },
+                        );
                     }
                     None => self.error(v.pos, format!("`type` must be a string, found {}", v.type_name())),
                 },
@@ -467,17 +527,26 @@ impl Loader<'_> {
                             for item in items {
                                 match item.as_str() {
                                     Some(s) => from.push(Ref::parse(s, item.pos)),
-                                    None => self.error(item.pos, format!("`from` entries must be component names, found {}", item.type_name())),
+                                    None => self.error(
+                                        item.pos,
+                                        format!("`from` entries must be component names, found {}", item.type_name()),
+                                    ),
                                 }
                             }
                             if items.is_empty() {
-                                self.error(v.pos, format!("`from` of `{name_text}` is empty: name at least one input or stage"));
+                                self.error(
+                                    v.pos,
+                                    format!("`from` of `{name_text}` is empty: name at least one input or stage"),
+                                );
                             }
                         }
-                        _ => self.error(v.pos, format!("`from` must be a name or a list of names, found {}", v.type_name())),
+                        _ => self
+                            .error(v.pos, format!("`from` must be a name or a list of names, found {}", v.type_name())),
                     }
                 }
-                "from" => self.error(k.pos, format!("input `{name_text}` cannot have `from`: inputs are where events enter")),
+                "from" => {
+                    self.error(k.pos, format!("input `{name_text}` cannot have `from`: inputs are where events enter"))
+                }
                 "retry" if kind == Kind::Output => {
                     if let Some((r, _)) = self.typed::<RetryConfig>(v, k.pos) {
                         retry = r;
@@ -485,7 +554,7 @@ impl Loader<'_> {
                 }
                 _ => {
                     let mut path = vec![key.clone()];
-                    let value = self.to_json(v, k.pos, &mut path, &mut spans);
+                    let value = self.convert(v, k.pos, &mut path, &mut spans);
                     options.insert(key, value);
                 }
             }
@@ -495,10 +564,14 @@ impl Loader<'_> {
             return None;
         };
         if kind != Kind::Input && !saw_from {
-            self.error(name.pos, format!("{} `{name_text}` has no `from`: say which inputs or stages feed it", kind.as_str()));
+            self.error(
+                name.pos,
+                format!("{} `{name_text}` has no `from`: say which inputs or stages feed it", kind.as_str()),
+            );
         }
         Some(ComponentSpec {
             name: name_text,
+            valid: self.diags.len() == problems_before,
             kind,
             type_name,
             from,
@@ -507,26 +580,6 @@ impl Loader<'_> {
             spans,
         })
     }
-}
-
-/// Position of an error in a typed section (no string offsets there).
-fn locate_simple(spans: &Spans, err: &BuildError) -> Pos {
-    let mut path = err.path.clone();
-    if let Some(field) = err.message.strip_prefix("unknown field `").and_then(|r| r.split('`').next()) {
-        path.push(field.into());
-        if let Some(s) = spans.0.get(&path) {
-            return s.key;
-        }
-        path.pop();
-    }
-    while !path.is_empty() && !spans.0.contains_key(&path) {
-        path.pop();
-    }
-    spans
-        .0
-        .get(&path)
-        .map(|s| if err.message.starts_with("missing field") { s.key } else { s.value })
-        .unwrap_or_default()
 }
 
 const TOP_LEVEL: &[&str] = &["name", "admin", "runtime", "inputs", "stages", "outputs", "tests"];
@@ -544,6 +597,9 @@ pub fn load_file(path: &Path, env: Env) -> Result<PipelineSpec, Vec<Diagnostic>>
 }
 
 /// Loads a pipeline from text; `path` names it in messages and anchors relative paths.
+///
+/// Fails only when the file is not a YAML mapping; other problems are kept
+/// in [`PipelineSpec::problems`] so building can report its own alongside.
 pub fn load_str(path: &Path, text: &str, env: Env) -> Result<PipelineSpec, Vec<Diagnostic>> {
     let file = path.display().to_string();
     let mut loader = Loader { file: file.clone(), env, diags: Vec::new() };
@@ -555,7 +611,10 @@ pub fn load_str(path: &Path, text: &str, env: Env) -> Result<PipelineSpec, Vec<D
         }
     };
     let Yaml::Map(entries) = &root.value else {
-        loader.error(root.pos, format!("a pipeline file is a mapping with `inputs`, `stages` and `outputs`; found {}", root.type_name()));
+        loader.error(
+            root.pos,
+            format!("a pipeline file is a mapping with `inputs`, `stages` and `outputs`; found {}", root.type_name()),
+        );
         return Err(loader.diags);
     };
     let mut spec = PipelineSpec {
@@ -567,6 +626,7 @@ pub fn load_str(path: &Path, text: &str, env: Env) -> Result<PipelineSpec, Vec<D
         components: Vec::new(),
         tests: Vec::new(),
         test_spans: Spans::default(),
+        problems: Vec::new(),
     };
     let mut seen: HashMap<String, Pos> = HashMap::new();
     for (k, v) in entries {
@@ -610,23 +670,26 @@ pub fn load_str(path: &Path, text: &str, env: Env) -> Result<PipelineSpec, Vec<D
                         }
                     }
                     Yaml::Null => {}
-                    _ => loader.error(v.pos, format!("`{key}` must be a mapping of names to components, found {}", v.type_name())),
+                    _ => loader.error(
+                        v.pos,
+                        format!("`{key}` must be a mapping of names to components, found {}", v.type_name()),
+                    ),
                 }
             }
             other => {
                 let hint = did_you_mean(other, TOP_LEVEL.iter().copied());
-                loader.error(k.pos, format!("unknown top-level key `{other}`{hint}; expected one of: {}", TOP_LEVEL.join(", ")));
+                loader.error(
+                    k.pos,
+                    format!("unknown top-level key `{other}`{hint}; expected one of: {}", TOP_LEVEL.join(", ")),
+                );
             }
         }
     }
     if !spec.components.iter().any(|c| c.kind == Kind::Input) && loader.diags.is_empty() {
         loader.error(root.pos, "the pipeline has no inputs");
     }
-    if loader.diags.is_empty() {
-        Ok(spec)
-    } else {
-        Err(loader.diags)
-    }
+    spec.problems = loader.diags;
+    Ok(spec)
 }
 
 #[cfg(test)]
@@ -683,7 +746,7 @@ outputs:
   a: { type: drop, from: s }
 bogus: 1
 ";
-        let diags = load_str(Path::new("p.yaml"), text, &env).unwrap_err();
+        let diags = load_str(Path::new("p.yaml"), text, &env).map(|s| s.problems).unwrap_or_else(|d| d);
         let lines: Vec<String> = diags.iter().map(|d| d.to_string()).collect();
         assert!(lines.iter().any(|l| l.starts_with("p.yaml:4:6: input `b` must be a mapping")), "{lines:#?}");
         assert!(lines.iter().any(|l| l.starts_with("p.yaml:6:3: stage `s` has no `from`")), "{lines:#?}");
@@ -694,7 +757,9 @@ bogus: 1
 
     #[test]
     fn unset_variable_points_at_the_value() {
-        let diags = load_str(Path::new("p.yaml"), "inputs:\n  a:\n    type: generate\n    url: ${NOPE}\n", &env).unwrap_err();
+        let diags = load_str(Path::new("p.yaml"), "inputs:\n  a:\n    type: generate\n    url: ${NOPE}\n", &env)
+            .map(|s| s.problems)
+            .unwrap_or_else(|d| d);
         assert_eq!(diags[0].pos, Pos { line: 4, column: 10 });
         assert!(diags[0].message.contains("`NOPE` is not set"));
     }
@@ -706,7 +771,8 @@ bogus: 1
             "runtime:\n  channel_capacity: lots\n  speed: 3\ninputs:\n  a: { type: generate }\n",
             &env,
         )
-        .unwrap_err();
+        .map(|s| s.problems)
+        .unwrap_or_else(|d| d);
         assert_eq!(diags[0].pos, Pos { line: 2, column: 21 }, "{diags:?}");
         assert!(diags[0].message.contains("invalid type"), "{diags:?}");
     }
@@ -719,7 +785,11 @@ bogus: 1
 
     #[test]
     fn backoff_doubles_to_the_cap() {
-        let r = RetryConfig { initial_backoff: Duration::from_millis(100), max_backoff: Duration::from_secs(1), max_attempts: 0 };
+        let r = RetryConfig {
+            initial_backoff: Duration::from_millis(100),
+            max_backoff: Duration::from_secs(1),
+            max_attempts: 0,
+        };
         assert_eq!(r.backoff(1).as_millis(), 100);
         assert_eq!(r.backoff(3).as_millis(), 400);
         assert_eq!(r.backoff(10).as_millis(), 1000);

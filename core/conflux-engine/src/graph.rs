@@ -68,9 +68,9 @@ impl Pipeline {
     pub fn resolve(&self, text: &str) -> Result<(usize, usize), String> {
         let r = Ref::parse(text, Default::default());
         let names: Vec<&str> = self.nodes.iter().map(|n| n.name.as_str()).collect();
-        let node = self
-            .index_of(&r.component)
-            .ok_or_else(|| format!("`{}` is not a component of this pipeline{}", r.component, did_you_mean(&r.component, names)))?;
+        let node = self.index_of(&r.component).ok_or_else(|| {
+            format!("`{}` is not a component of this pipeline{}", r.component, did_you_mean(&r.component, names))
+        })?;
         resolve_port(&self.nodes[node], &r).map(|port| (node, port))
     }
 }
@@ -92,20 +92,17 @@ fn resolve_port(node: &GraphNode, r: &Ref) -> Result<usize, String> {
 
 /// Builds every component and checks the graph, reporting every problem.
 pub fn compile(spec: PipelineSpec) -> Result<Pipeline, Vec<Diagnostic>> {
-    let mut diags = Vec::new();
+    let mut diags = spec.problems.clone();
     let base_dir = spec.base_dir();
     let data_dir = base_dir.join(&spec.runtime.data_dir);
     let mut nodes = Vec::new();
     let mut refs: Vec<Vec<Ref>> = Vec::new();
-    let mut ok = true;
+    let mut ok = diags.is_empty();
 
-    for component in &spec.components {
+    for component in spec.components.iter().filter(|c| c.valid) {
         let Some(registration) = Registration::find(component.kind, &component.type_name) else {
-            let known: Vec<&str> = Registration::all()
-                .into_iter()
-                .filter(|r| r.kind == component.kind)
-                .map(|r| r.name)
-                .collect();
+            let known: Vec<&str> =
+                Registration::all().into_iter().filter(|r| r.kind == component.kind).map(|r| r.name).collect();
             let pos = component.spans_type_pos();
             diags.push(spec.diag(
                 pos,
@@ -127,15 +124,18 @@ pub fn compile(spec: PipelineSpec) -> Result<Pipeline, Vec<Diagnostic>> {
             base_dir: base_dir.clone(),
             data_dir: data_dir.clone(),
         };
-        let options = component.options.clone();
-        let built = match &registration.factory {
-            Factory::Input(build) => build(options, &cx).map(|b| {
-                (Body::Input(b.input), ports_with_defaults(b.ports))
-            }),
-            Factory::Stage(build) => build(options, &cx).map(|b| {
-                (Body::Stage(b.stage), ports_with_defaults(b.ports))
-            }),
-            Factory::Output(build) => build(options, &cx).map(|o| (Body::Output(o), Vec::new())),
+        let mut options = component.options.clone();
+        let built = loop {
+            let built = build(registration, options.clone(), &cx);
+            match &built {
+                Err(err)
+                    if err.message.starts_with("invalid type: string")
+                        && component.spans.retype_interpolated(&err.path, &mut options) =>
+                {
+                    continue
+                }
+                _ => break built,
+            }
         };
         match built {
             Ok((body, ports)) => {
@@ -148,35 +148,54 @@ pub fn compile(spec: PipelineSpec) -> Result<Pipeline, Vec<Diagnostic>> {
                     retry: component.retry.clone(),
                     body,
                 });
-                refs.push(component.from.clone());
+                refs.push(Vec::new());
             }
             Err(err) => {
                 let pos = spec.locate(&component.spans, &err);
-                diags.push(spec.diag(pos, format!("{} `{}`: {}", component.kind.as_str(), component.name, err.message)));
+                diags
+                    .push(spec.diag(pos, format!("{} `{}`: {}", component.kind.as_str(), component.name, err.message)));
                 ok = false;
             }
         }
     }
 
-    // Wiring is checked against every declared name, built or not, so one
+    // Wiring is checked for every declared component, built or not, so one
     // broken component does not hide graph errors elsewhere.
     let declared: HashMap<&str, Kind> = spec.components.iter().map(|c| (c.name.as_str(), c.kind)).collect();
-    for (i, node_refs) in refs.iter().enumerate() {
-        for r in node_refs {
+    for component in spec.components.iter().filter(|c| c.valid) {
+        let reader = nodes.iter().position(|n| n.name == component.name);
+        for r in &component.from {
             match declared.get(r.component.as_str()) {
                 None => {
                     let hint = did_you_mean(&r.component, declared.keys().copied());
-                    diags.push(spec.diag(r.pos, format!("`{}` reads from `{}`, which is not a component of this pipeline{hint}", nodes[i].name, r.component)));
+                    diags.push(spec.diag(
+                        r.pos,
+                        format!(
+                            "`{}` reads from `{}`, which is not a component of this pipeline{hint}",
+                            component.name, r.component
+                        ),
+                    ));
                     ok = false;
                 }
                 Some(Kind::Output) => {
-                    diags.push(spec.diag(r.pos, format!("`{}` reads from output `{}`; outputs emit nothing, read from an input or stage", nodes[i].name, r.component)));
+                    diags.push(spec.diag(
+                        r.pos,
+                        format!(
+                            "`{}` reads from output `{}`; outputs emit nothing, read from an input or stage",
+                            component.name, r.component
+                        ),
+                    ));
                     ok = false;
                 }
                 Some(_) => {
                     let Some(src) = nodes.iter().position(|n| n.name == r.component) else { continue };
                     match resolve_port(&nodes[src], r) {
-                        Ok(port) => nodes[i].from.push((src, port)),
+                        Ok(port) => {
+                            if let Some(reader) = reader {
+                                nodes[reader].from.push((src, port));
+                                refs[reader].push(r.clone());
+                            }
+                        }
                         Err(message) => {
                             diags.push(spec.diag(r.pos, message));
                             ok = false;
@@ -190,7 +209,13 @@ pub fn compile(spec: PipelineSpec) -> Result<Pipeline, Vec<Diagnostic>> {
     if ok {
         if let Some((node, edge)) = find_cycle(&nodes) {
             let r = &refs[node][edge];
-            diags.push(spec.diag(r.pos, format!("cycle: `{}` reads from `{}`, which depends on `{}`", nodes[node].name, r.component, nodes[node].name)));
+            diags.push(spec.diag(
+                r.pos,
+                format!(
+                    "cycle: `{}` reads from `{}`, which depends on `{}`",
+                    nodes[node].name, r.component, nodes[node].name
+                ),
+            ));
         }
         for (i, node) in nodes.iter().enumerate() {
             if node.kind == Kind::Output {
@@ -200,7 +225,10 @@ pub fn compile(spec: PipelineSpec) -> Result<Pipeline, Vec<Diagnostic>> {
             let used = nodes.iter().any(|n| n.from.iter().any(|&(src, port)| src == i && port != error_port));
             if !used {
                 let pos = spec.components.iter().find(|c| c.name == node.name).map(|c| c.pos()).unwrap_or_default();
-                diags.push(spec.diag(pos, format!("{} `{}` is not used: no stage or output reads from it", node.kind.as_str(), node.name)));
+                diags.push(spec.diag(
+                    pos,
+                    format!("{} `{}` is not used: no stage or output reads from it", node.kind.as_str(), node.name),
+                ));
             }
         }
     }
@@ -218,6 +246,18 @@ pub fn compile(spec: PipelineSpec) -> Result<Pipeline, Vec<Diagnostic>> {
         tests: spec.tests.clone(),
         spec,
     })
+}
+
+fn build(
+    registration: &Registration,
+    options: serde_json::Value,
+    cx: &BuildContext,
+) -> Result<(Body, Vec<String>), conflux_api::BuildError> {
+    match &registration.factory {
+        Factory::Input(build) => build(options, cx).map(|b| (Body::Input(b.input), ports_with_defaults(b.ports))),
+        Factory::Stage(build) => build(options, cx).map(|b| (Body::Stage(b.stage), ports_with_defaults(b.ports))),
+        Factory::Output(build) => build(options, cx).map(|o| (Body::Output(o), Vec::new())),
+    }
 }
 
 fn ports_with_defaults(declared: Vec<String>) -> Vec<String> {

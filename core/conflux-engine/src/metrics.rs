@@ -69,16 +69,33 @@ impl Metrics {
         let acks = Family::<Labels, Counter>::default();
         let unacked = Family::<Labels, Gauge>::default();
         let queued = Family::<Labels, Gauge>::default();
-        let batch_seconds = Family::<Labels, Histogram, fn() -> Histogram>::new_with_constructor(batch_histogram as fn() -> Histogram);
+        let batch_seconds =
+            Family::<Labels, Histogram, fn() -> Histogram>::new_with_constructor(batch_histogram as fn() -> Histogram);
         registry.register("events_received", "Events received by a stage or output", received.clone());
-        registry.register("events_sent", "Events emitted by an input or stage (per port), or delivered by an output", sent.clone());
+        registry.register(
+            "events_sent",
+            "Events emitted by an input or stage (per port), or delivered by an output",
+            sent.clone(),
+        );
         registry.register("errors", "Events failed by a component, and failed output writes", errors.clone());
-        registry.register("events_discarded", "Events emitted on a port nothing reads (counted, logged, failed back as rejected)", discarded.clone());
+        registry.register(
+            "events_discarded",
+            "Events emitted on a port nothing reads (counted, logged, failed back as rejected)",
+            discarded.clone(),
+        );
         registry.register("output_retries", "Output write retries", retries.clone());
         registry.register("input_acks", "Acknowledgements heard by an input, by status", acks.clone());
-        registry.register("input_unacked_events", "Events an input emitted that are not yet acknowledged", unacked.clone());
+        registry.register(
+            "input_unacked_events",
+            "Events an input emitted that are not yet acknowledged",
+            unacked.clone(),
+        );
         registry.register("queued_batches", "Batches waiting in a component's input channel", queued.clone());
-        registry.register("batch_duration_seconds", "Time to process (stage) or write (output) one batch", batch_seconds.clone());
+        registry.register(
+            "batch_duration_seconds",
+            "Time to process (stage) or write (output) one batch",
+            batch_seconds.clone(),
+        );
         Metrics { registry, received, sent, errors, discarded, retries, acks, unacked, queued, batch_seconds }
     }
 
@@ -94,13 +111,17 @@ impl Metrics {
             l.push((k.into(), v.into()));
             l
         };
-        let port_names: Vec<&str> = if ports.is_empty() { vec![""] } else { ports.iter().map(String::as_str).collect() };
+        let port_names: Vec<&str> =
+            if ports.is_empty() { vec![""] } else { ports.iter().map(String::as_str).collect() };
         let port_label = |p: &str| if p.is_empty() { "default".to_string() } else { p.to_string() };
         ComponentMetrics {
             received: self.received.get_or_create(&base).clone(),
             sent: port_names.iter().map(|p| self.sent.get_or_create(&with("port", &port_label(p))).clone()).collect(),
             errors: self.errors.get_or_create(&base).clone(),
-            discarded: port_names.iter().map(|p| self.discarded.get_or_create(&with("port", &port_label(p))).clone()).collect(),
+            discarded: port_names
+                .iter()
+                .map(|p| self.discarded.get_or_create(&with("port", &port_label(p))).clone())
+                .collect(),
             retries: self.retries.get_or_create(&base).clone(),
             acks: ["delivered", "rejected", "errored"].map(|s| self.acks.get_or_create(&with("status", s)).clone()),
             unacked: self.unacked.get_or_create(&base).clone(),

@@ -114,6 +114,17 @@ fn fail_batch(batch: &Batch, status: AckStatus) {
     }
 }
 
+/// One clone of each acknowledgement unit in a batch (usually one).
+fn distinct_tokens(batch: &Batch) -> Vec<AckToken> {
+    let mut tokens: Vec<AckToken> = Vec::new();
+    for event in batch {
+        if event.ack.is_tracked() && !tokens.last().is_some_and(|t| t.same(&event.ack)) {
+            tokens.push(event.ack.clone());
+        }
+    }
+    tokens
+}
+
 /// Fails everything still queued in a channel (hard stop).
 fn fail_queue(rx: &mut mpsc::Receiver<Batch>) -> usize {
     rx.close();
@@ -145,7 +156,8 @@ pub async fn run(pipeline: Pipeline, cx: RunContext) -> RunReport {
             receivers.push(Some(rx));
         }
     }
-    let mut targets: Vec<Vec<Vec<mpsc::Sender<Batch>>>> = nodes.iter().map(|n| vec![Vec::new(); n.ports.len()]).collect();
+    let mut targets: Vec<Vec<Vec<mpsc::Sender<Batch>>>> =
+        nodes.iter().map(|n| vec![Vec::new(); n.ports.len()]).collect();
     for (i, node) in nodes.iter().enumerate() {
         for &(src, port) in &node.from {
             if let Some(tx) = &senders[i] {
@@ -174,7 +186,9 @@ pub async fn run(pipeline: Pipeline, cx: RunContext) -> RunReport {
         let declared = ports.len().saturating_sub(2);
         let handle = match (body, rx) {
             (Body::Input(input), _) => tasks.spawn(run_input(input, declared, router, stop, readiness, ready_key)),
-            (Body::Stage(stage), Some(rx)) => tasks.spawn(run_stage(stage, declared, rx, router, hard, readiness, ready_key)),
+            (Body::Stage(stage), Some(rx)) => {
+                tasks.spawn(run_stage(stage, declared, rx, router, hard, readiness, ready_key))
+            }
             (Body::Output(output), Some(rx)) => {
                 tasks.spawn(run_output(output, component.clone(), rx, retry, metrics, hard, readiness, ready_key))
             }
@@ -386,7 +400,23 @@ async fn run_stage(
                     metrics.queued.set(rx.len() as i64);
                     metrics.received.inc_by(batch.len() as u64);
                     let started = Instant::now();
-                    stage.process(batch, &mut out).await;
+                    // If the deadline interrupts the stage, its batch is failed, not acknowledged.
+                    let tokens = distinct_tokens(&batch);
+                    tokio::select! {
+                        biased;
+                        _ = stage.process(batch, &mut out) => {}
+                        _ = hard.cancelled() => {
+                            for token in &tokens {
+                                token.mark(AckStatus::Errored);
+                            }
+                            drop(tokens);
+                            for (_, emitted) in out.drain() {
+                                fail_batch(&emitted, AckStatus::Errored);
+                            }
+                            fail_queue(&mut rx);
+                            return Ok(());
+                        }
+                    }
                     metrics.batch_seconds.observe(started.elapsed().as_secs_f64());
                     router.route_all(&mut out).await;
                 }
@@ -455,7 +485,14 @@ async fn write_with_retry(
     let mut attempt = 0;
     loop {
         let started = Instant::now();
-        let result = output.write(&batch).await;
+        let result = tokio::select! {
+            biased;
+            result = output.write(&batch) => result,
+            _ = hard.cancelled() => {
+                fail_batch(&batch, AckStatus::Errored);
+                return;
+            }
+        };
         metrics.batch_seconds.observe(started.elapsed().as_secs_f64());
         let error = match result {
             Ok(()) => {
@@ -481,7 +518,9 @@ async fn write_with_retry(
                 return;
             }
         }
-        if matches!(error, PluginError::NotConnected { .. }) && !connect_with_backoff(component, hard, Connectable::Output(&mut *output)).await {
+        if matches!(error, PluginError::NotConnected { .. })
+            && !connect_with_backoff(component, hard, Connectable::Output(&mut *output)).await
+        {
             fail_batch(&batch, AckStatus::Errored);
             return;
         }

@@ -90,10 +90,9 @@ pub struct SyntaxError {
 pub fn parse(text: &str) -> Result<Node, SyntaxError> {
     let mut builder = Builder::default();
     let mut parser = Parser::new_from_str(text);
-    parser.load(&mut builder, false).map_err(|e| SyntaxError {
-        pos: Pos::from_marker(e.marker()),
-        message: e.info().to_string(),
-    })?;
+    parser
+        .load(&mut builder, false)
+        .map_err(|e| SyntaxError { pos: Pos::from_marker(e.marker()), message: e.info().to_string() })?;
     if let Some(message) = builder.error {
         return Err(SyntaxError { pos: builder.error_pos, message });
     }
@@ -168,11 +167,10 @@ impl Builder {
                 Some(key) => {
                     if let Yaml::Map(entries) = &mut map.value {
                         if let Some(name) = key.as_key() {
-                            if entries.iter().any(|(k, _)| k.as_key().as_deref() == Some(&name)) {
-                                if self.error.is_none() {
-                                    self.error = Some(format!("duplicate key `{name}`"));
-                                    self.error_pos = key.pos;
-                                }
+                            if entries.iter().any(|(k, _)| k.as_key().as_deref() == Some(&name)) && self.error.is_none()
+                            {
+                                self.error = Some(format!("duplicate key `{name}`"));
+                                self.error_pos = key.pos;
                             }
                         }
                         entries.push((key, node));

@@ -40,7 +40,15 @@ pub const MAX_LINE: usize = 16 * 1024 * 1024;
 
 impl<R: AsyncRead + Unpin + Send> LineReader<R> {
     pub fn new(reader: R, codec: Codec, batch_size: usize) -> Self {
-        LineReader { reader, buf: Vec::with_capacity(CHUNK), start: 0, eof: false, line_no: 0, codec, batch_size: batch_size.max(1) }
+        LineReader {
+            reader,
+            buf: Vec::with_capacity(CHUNK),
+            start: 0,
+            eof: false,
+            line_no: 0,
+            codec,
+            batch_size: batch_size.max(1),
+        }
     }
 
     /// Whether the stream has ended and every line was emitted.
@@ -101,7 +109,10 @@ impl<R: AsyncRead + Unpin + Send> LineReader<R> {
                     Ok(data) => batch.push(Event::with_time(data, now)),
                     Err(reason) => {
                         let mut e = Event::with_time(Value::from(String::from_utf8_lossy(line).as_ref()), now);
-                        e.meta.insert(ERROR_META, format!("{source} line {}: invalid JSON: {reason}", self.line_no).as_str());
+                        e.meta.insert(
+                            ERROR_META,
+                            format!("{source} line {}: invalid JSON: {reason}", self.line_no).as_str(),
+                        );
                         out.emit_to(INVALID_PORT, e);
                     }
                 },

@@ -1,7 +1,9 @@
 //! `drop` output: acknowledges and discards. Optionally slow, to rehearse backpressure.
 
 use conflux_api::config::Duration;
-use conflux_api::{async_trait, inventory, Batch, BuildContext, BuildError, Output, OutputConfig, PluginError, Registration};
+use conflux_api::{
+    async_trait, inventory, Batch, BuildContext, BuildError, Output, OutputConfig, PluginError, Registration,
+};
 use schemars::JsonSchema;
 use serde::Deserialize;
 

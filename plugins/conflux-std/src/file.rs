@@ -52,12 +52,8 @@ impl InputConfig for FileInputConfig {
         if self.batch_size == 0 {
             return Err(BuildError::at(["batch_size"], "batch_size must be at least 1"));
         }
-        Ok(BuiltInput::new(FileInput {
-            path: cx.resolve(&self.path),
-            config: self,
-            reader: None,
-        })
-        .with_ports(&["invalid"]))
+        Ok(BuiltInput::new(FileInput { path: cx.resolve(&self.path), config: self, reader: None })
+            .with_ports(&["invalid"]))
     }
 }
 

@@ -81,7 +81,14 @@ impl InputConfig for GenerateConfig {
             Some(seed) => fastrand::Rng::with_seed(seed),
             None => fastrand::Rng::new(),
         };
-        Ok(BuiltInput::new(Generator { payload, rng, emitted: 0, started: None, line: String::with_capacity(512), config: self }))
+        Ok(BuiltInput::new(Generator {
+            payload,
+            rng,
+            emitted: 0,
+            started: None,
+            line: String::with_capacity(512),
+            config: self,
+        }))
     }
 }
 
@@ -151,7 +158,13 @@ impl Generator {
                 let (kind, _) = pick(rng, CLICK_TYPES, |t| t.1);
                 let route = ROUTES[(rng.u64(0..keys) % ROUTES.len() as u64) as usize];
                 let user = rng.u32(1..20_000);
-                let status = if *kind == "error" { 500 } else if rng.u32(0..50) == 0 { 404 } else { 200 };
+                let status = if *kind == "error" {
+                    500
+                } else if rng.u32(0..50) == 0 {
+                    404
+                } else {
+                    200
+                };
                 let _ = write!(
                     line,
                     r#"{{"type":"{kind}","timestamp":"{timestamp}","clientId":"c-{}","sessionId":"s-{user}-{}","userId":"u-{user}","route":"{route}","durationMs":{},"status":{status}}}"#,
@@ -207,8 +220,23 @@ mod tests {
     use conflux_api::sonic_rs::JsonValueTrait;
 
     fn generator(profile: Profile, count: u64) -> Generator {
-        let config = GenerateConfig { profile, payload: None, count: Some(count), rate: None, batch_size: 100, keys: 5, seed: Some(7) };
-        Generator { payload: None, rng: fastrand::Rng::with_seed(7), emitted: 0, started: None, line: String::new(), config }
+        let config = GenerateConfig {
+            profile,
+            payload: None,
+            count: Some(count),
+            rate: None,
+            batch_size: 100,
+            keys: 5,
+            seed: Some(7),
+        };
+        Generator {
+            payload: None,
+            rng: fastrand::Rng::with_seed(7),
+            emitted: 0,
+            started: None,
+            line: String::new(),
+            config,
+        }
     }
 
     #[tokio::test]

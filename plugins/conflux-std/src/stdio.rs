@@ -43,10 +43,7 @@ struct StdinInput {
 #[async_trait]
 impl Input for StdinInput {
     async fn read(&mut self, out: &mut Emitter) -> Result<bool, PluginError> {
-        self.reader
-            .read_batch(out, "stdin")
-            .await
-            .map_err(|e| PluginError::fatal_from("cannot read stdin", e))?;
+        self.reader.read_batch(out, "stdin").await.map_err(|e| PluginError::fatal_from("cannot read stdin", e))?;
         Ok(!self.reader.finished())
     }
 }

@@ -1,0 +1,6 @@
+//! Links every plugin crate into the binary so their registrations are kept.
+//! This is the only list of plugin crates; types register themselves.
+
+pub fn link_all() {
+    conflux_std::link();
+}

@@ -1,0 +1,181 @@
+//! The `conflux` command as a user runs it.
+
+use std::io::Write;
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+fn conflux() -> Command {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_conflux"));
+    cmd.env("CONFLUX_LOG", "warn");
+    cmd
+}
+
+fn write(dir: &tempfile::TempDir, name: &str, text: &str) -> std::path::PathBuf {
+    let path = dir.path().join(name);
+    std::fs::write(&path, text).unwrap();
+    path
+}
+
+#[test]
+fn lint_prints_every_mistake_with_line_and_column() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = write(
+        &dir,
+        "broken.yaml",
+        "inputs:
+  gen: { type: generate, count: 10, speed: 3 }
+  other: { type: generat }
+outputs:
+  out: { type: stdot, from: gen }
+  out2: { type: file, from: [gen, nowhere] }
+",
+    );
+    let output = conflux().arg("lint").arg(&file).output().unwrap();
+    assert_eq!(output.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    let f = file.display();
+    for expected in [
+        format!("{f}:2:37: input `gen`: unknown field `speed`"),
+        format!("{f}:3:18: unknown input type `generat`"),
+        format!("{f}:5:16: unknown output type `stdot` (did you mean `stdout`?)"),
+        format!("{f}:6:3: output `out2`: missing field `path`"),
+        format!("{f}:6:35: `out2` reads from `nowhere`"),
+        "5 problems found".to_string(),
+    ] {
+        assert!(stderr.contains(&expected), "missing `{expected}` in:\n{stderr}");
+    }
+}
+
+#[test]
+fn lint_accepts_the_shipped_configs() {
+    let root = concat!(env!("CARGO_MANIFEST_DIR"), "/../../configs");
+    for entry in std::fs::read_dir(root).unwrap() {
+        let path = entry.unwrap().path();
+        if path.extension().is_some_and(|e| e == "yaml") {
+            let output = conflux().arg("lint").arg(&path).output().unwrap();
+            assert!(output.status.success(), "{}: {}", path.display(), String::from_utf8_lossy(&output.stderr));
+        }
+    }
+}
+
+#[test]
+fn quickstart_runs_on_embedded_defaults_and_ends() {
+    let quickstart = concat!(env!("CARGO_MANIFEST_DIR"), "/../../configs/quickstart.yaml");
+    let output = conflux()
+        .args(["run", quickstart])
+        .env("QUICKSTART_EVENTS", "3")
+        .env("CONFLUX_ADMIN", "127.0.0.1:0")
+        .output()
+        .unwrap();
+    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert_eq!(stdout.lines().count(), 3, "{stdout}");
+    for line in stdout.lines() {
+        let event: serde_json::Value = serde_json::from_str(line).unwrap();
+        assert!(event["type"].as_str().unwrap().starts_with("booking_"));
+    }
+}
+
+#[test]
+fn file_to_file_with_env_and_invalid_lines() {
+    let dir = tempfile::tempdir().unwrap();
+    write(&dir, "in.ndjson", "{\"n\":1}\nnot json\n{\"n\":2}\n");
+    let pipeline = write(
+        &dir,
+        "p.yaml",
+        "inputs:
+  src: { type: file, path: in.ndjson }
+outputs:
+  out: { type: file, path: \"${OUT_NAME}.ndjson\", from: src }
+  rejects: { type: file, path: rejects.ndjson, from: src.invalid }
+",
+    );
+    let output = conflux().arg("run").arg(&pipeline).env("OUT_NAME", "result").output().unwrap();
+    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+    let result = std::fs::read_to_string(dir.path().join("result.ndjson")).unwrap();
+    assert_eq!(result, "{\"n\":1}\n{\"n\":2}\n");
+    let rejects = std::fs::read_to_string(dir.path().join("rejects.ndjson")).unwrap();
+    assert_eq!(rejects, "\"not json\"\n");
+}
+
+#[test]
+fn stdin_to_stdout() {
+    let dir = tempfile::tempdir().unwrap();
+    let pipeline =
+        write(&dir, "p.yaml", "inputs:\n  in: { type: stdin }\noutputs:\n  out: { type: stdout, from: in }\n");
+    let mut child = conflux().arg("run").arg(&pipeline).stdin(Stdio::piped()).stdout(Stdio::piped()).spawn().unwrap();
+    child.stdin.take().unwrap().write_all(b"{\"a\":1}\n{\"a\":2}\n").unwrap();
+    let output = child.wait_with_output().unwrap();
+    assert!(output.status.success());
+    assert_eq!(String::from_utf8_lossy(&output.stdout), "{\"a\":1}\n{\"a\":2}\n");
+}
+
+#[test]
+fn sigterm_drains_in_flight_events_and_exits_zero() {
+    let dir = tempfile::tempdir().unwrap();
+    let pipeline = write(
+        &dir,
+        "p.yaml",
+        "inputs:
+  gen: { type: generate, profile: counter, rate: 2000/s }
+outputs:
+  out: { type: file, path: out.ndjson, from: gen }
+  slow: { type: drop, delay: 20ms, from: gen }
+",
+    );
+    let child = conflux().arg("run").arg(&pipeline).stderr(Stdio::piped()).spawn().unwrap();
+    std::thread::sleep(Duration::from_millis(1500));
+    let pid = child.id().to_string();
+    assert!(Command::new("kill").args(["-TERM", &pid]).status().unwrap().success());
+    let output = child.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(0), "{stderr}");
+    let written = std::fs::read_to_string(dir.path().join("out.ndjson")).unwrap();
+    let ns: Vec<u64> =
+        written.lines().map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()["n"].as_u64().unwrap()).collect();
+    assert!(ns.len() > 100, "only {} events written", ns.len());
+    assert_eq!(ns, (0..ns.len() as u64).collect::<Vec<_>>(), "events lost or reordered");
+}
+
+#[test]
+fn conflux_test_passes_and_fails_with_a_diff() {
+    let cases = concat!(env!("CARGO_MANIFEST_DIR"), "/../../tests/cases");
+    let output = conflux().args(["test", &format!("{cases}/passing.yaml")]).output().unwrap();
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(output.status.success(), "{stdout}\n{}", String::from_utf8_lossy(&output.stderr));
+    assert!(stdout.contains("3 passed, 0 failed"), "{stdout}");
+
+    let output = conflux().args(["test", &format!("{cases}/failing.yaml")]).output().unwrap();
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert_eq!(output.status.code(), Some(1), "{stdout}");
+    assert!(stdout.contains("FAIL"), "{stdout}");
+    assert!(stdout.contains("expected 5 events, got 3"), "{stdout}");
+    assert!(stdout.contains("-     \"n\": 9"), "{stdout}");
+    assert!(stdout.contains("no event contains {\"n\":42}"), "{stdout}");
+    assert!(stdout.contains("0 passed, 1 failed"), "{stdout}");
+}
+
+#[test]
+fn graph_plugins_and_schema_commands() {
+    let quickstart = concat!(env!("CARGO_MANIFEST_DIR"), "/../../configs/quickstart.yaml");
+    let graph = conflux().args(["graph", quickstart]).output().unwrap();
+    let text = String::from_utf8_lossy(&graph.stdout);
+    assert!(text.starts_with("flowchart LR") && text.contains("bookings --> console"), "{text}");
+    let dot = conflux().args(["graph", "--format", "dot", quickstart]).output().unwrap();
+    assert!(String::from_utf8_lossy(&dot.stdout).contains("\"bookings\" -> \"console\""));
+
+    let plugins = conflux().arg("plugins").output().unwrap();
+    let text = String::from_utf8_lossy(&plugins.stdout);
+    for name in ["generate", "stdin", "file", "stdout", "drop"] {
+        assert!(text.contains(name), "{name} missing from `conflux plugins`:\n{text}");
+    }
+    assert!(text.contains("rate") && text.contains("(required)"), "{text}");
+
+    let help = conflux().args(["run", "--help"]).output().unwrap();
+    assert!(String::from_utf8_lossy(&help.stdout).contains("--admin"));
+    let bad = conflux().args(["run"]).output().unwrap();
+    assert_eq!(bad.status.code(), Some(2), "usage errors exit 2");
+    let missing = conflux().args(["run", "/nonexistent/p.yaml"]).output().unwrap();
+    assert_eq!(missing.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&missing.stderr).contains("cannot read the pipeline file"));
+}
