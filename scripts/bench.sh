@@ -8,7 +8,7 @@ RUNS=${RUNS:-3}
 EVENTS=${EVENTS:-1000000}
 WORK=${BENCH_DIR:-/tmp/conflux-bench}
 mkdir -p "$WORK"
-cargo build --release -q -p conflux
+flock /tmp/conflux-cargo.lock cargo build --release -q -p conflux
 BIN=$PWD/target/release/conflux
 export CONFLUX_LOG=warn
 
@@ -67,6 +67,13 @@ outputs:
   out: { type: drop, from: gen }
 YAML
   throughput "generate → drop" "$n" "$WORK/generate-drop.yaml"
+  cat >"$WORK/generate-templates-drop.yaml" <<YAML
+inputs:
+  gen: { type: generate, profile: booking, count: $n, templates: 4096 }
+outputs:
+  out: { type: drop, from: gen }
+YAML
+  throughput "generate (templates) → drop" "$n" "$WORK/generate-templates-drop.yaml"
 }
 
 file_drop() {

@@ -51,6 +51,11 @@ pub struct GenerateConfig {
     /// Seed for a reproducible sequence.
     #[serde(default)]
     pub seed: Option<u64>,
+    /// Cycle through this many rendered events instead of rendering each one,
+    /// re-rendering them (new ids, values and timestamps) every second. Trades
+    /// uniqueness within a second for speed: for load tests. 0 renders every event.
+    #[serde(default)]
+    pub templates: usize,
 }
 
 fn default_batch_size() -> usize {
@@ -87,6 +92,8 @@ impl InputConfig for GenerateConfig {
             emitted: 0,
             started: None,
             line: String::with_capacity(512),
+            pool: Vec::new(),
+            pool_rendered_at: None,
             config: self,
         }))
     }
@@ -101,6 +108,9 @@ struct Generator {
     emitted: u64,
     started: Option<tokio::time::Instant>,
     line: String,
+    /// Rendered events cycled through when `templates` > 0 (cloning one is O(1)).
+    pool: Vec<Value>,
+    pool_rendered_at: Option<std::time::Instant>,
 }
 
 const ZONES: &[&str] = &["terrace", "main_hall", "bar", "garden", "private_room"];
@@ -177,6 +187,14 @@ impl Generator {
     }
 }
 
+impl Generator {
+    fn fresh(&mut self, n: u64, timestamp: &str) -> Result<Value, PluginError> {
+        self.render(n, timestamp);
+        conflux_api::sonic_rs::from_str(&self.line)
+            .map_err(|e| PluginError::fatal_from("generated an invalid event", e))
+    }
+}
+
 #[async_trait]
 impl Input for Generator {
     async fn read(&mut self, out: &mut Emitter) -> Result<bool, PluginError> {
@@ -195,16 +213,22 @@ impl Input for Generator {
         }
         let now = Timestamp::now();
         let timestamp = now.to_rfc3339();
+        let templates = self.config.templates;
+        if templates > 0 && self.pool_rendered_at.is_none_or(|t| t.elapsed() >= std::time::Duration::from_secs(1)) {
+            self.pool.clear();
+            for i in 0..templates as u64 {
+                let value = self.fresh(self.emitted + i, &timestamp)?;
+                self.pool.push(value);
+            }
+            self.pool_rendered_at = Some(std::time::Instant::now());
+        }
         let mut batch = Vec::with_capacity(size as usize);
         for i in 0..size {
             let n = self.emitted + i;
             let data = match &self.payload {
                 Some(p) => p.clone(),
-                None => {
-                    self.render(n, &timestamp);
-                    conflux_api::sonic_rs::from_str(&self.line)
-                        .map_err(|e| PluginError::fatal_from("generated an invalid event", e))?
-                }
+                None if templates > 0 => self.pool[(n % templates as u64) as usize].clone(),
+                None => self.fresh(n, &timestamp)?,
             };
             batch.push(Event::with_time(data, now));
         }
