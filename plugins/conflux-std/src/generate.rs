@@ -11,7 +11,7 @@ use schemars::JsonSchema;
 use serde::Deserialize;
 
 /// Which synthetic events to produce.
-#[derive(Debug, Clone, Copy, Default, Deserialize, JsonSchema, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, Default, Deserialize, serde::Serialize, JsonSchema, PartialEq, Eq)]
 #[serde(rename_all = "snake_case")]
 pub enum Profile {
     /// Restaurant booking events (`booking_created`, `_confirmed`, `_cancelled`, `_completed`).
@@ -243,34 +243,38 @@ mod tests {
     use super::*;
     use conflux_api::sonic_rs::JsonValueTrait;
 
-    fn generator(profile: Profile, count: u64) -> Generator {
-        let config = GenerateConfig {
-            profile,
-            payload: None,
-            count: Some(count),
-            rate: None,
-            batch_size: 100,
-            keys: 5,
-            seed: Some(7),
+    fn generator(options: serde_json::Value) -> Box<dyn Input> {
+        let config: GenerateConfig = serde_json::from_value(options).unwrap();
+        let cx = BuildContext {
+            pipeline: "p".into(),
+            component: "gen".into(),
+            base_dir: Default::default(),
+            data_dir: Default::default(),
         };
-        Generator {
-            payload: None,
-            rng: fastrand::Rng::with_seed(7),
-            emitted: 0,
-            started: None,
-            line: String::new(),
-            config,
-        }
+        config.build(&cx).map_err(|e| e.message).unwrap().input
+    }
+
+    async fn read_all(input: &mut Box<dyn Input>) -> Vec<Event> {
+        let mut out = Emitter::new(0);
+        while input.read(&mut out).await.unwrap() {}
+        out.drain().flat_map(|(_, b)| b).collect()
+    }
+
+    #[tokio::test]
+    async fn templates_cycle_through_rendered_events() {
+        let mut g = generator(serde_json::json!({ "count": 10, "templates": 4, "seed": 1 }));
+        let events = read_all(&mut g).await;
+        assert_eq!(events.len(), 10);
+        assert_eq!(events[0].data, events[4].data);
+        assert_ne!(events[0].data, events[1].data);
     }
 
     #[tokio::test]
     async fn profiles_produce_valid_events_and_stop_at_count() {
         for profile in [Profile::Booking, Profile::Clickstream, Profile::Counter] {
-            let mut g = generator(profile, 150);
-            let mut out = Emitter::new(0);
-            assert!(g.read(&mut out).await.unwrap());
-            assert!(!g.read(&mut out).await.unwrap());
-            let events: Vec<Event> = out.drain().flat_map(|(_, b)| b).collect();
+            let mut g =
+                generator(serde_json::json!({ "profile": profile, "count": 150, "batch_size": 100, "seed": 7 }));
+            let events = read_all(&mut g).await;
             assert_eq!(events.len(), 150);
             if profile == Profile::Booking {
                 let e = &events[0].data;
