@@ -1,0 +1,384 @@
+//! The `rhai`, `filter` and `switch` stages.
+
+use conflux_api::{
+    async_trait, inventory, Batch, BuildContext, BuildError, BuiltStage, Emitter, PortId, Registration, Stage,
+    StageConfig,
+};
+use rhai::{Array, Scope};
+use schemars::JsonSchema;
+use serde::Deserialize;
+
+use crate::script::{result_to_value, Condition, Limits, Script, ScriptError};
+
+fn script_error(option: &str, e: ScriptError) -> BuildError {
+    BuildError::at([option], format!("script does not compile: {}", e.message)).with_offset(e.line, e.column)
+}
+
+/// Runs a Rhai script on every event.
+///
+/// The payload is `event` (read and assign fields: `event.data.userId = hash(event.data.userId)`),
+/// the metadata `meta`. The script returns `event` (or a new map) to pass it on,
+/// an array of maps to split it into several events, or `()` to drop it. A
+/// script that throws or exceeds a limit sends the event to the `error` port
+/// with the reason in its metadata.
+#[derive(Debug, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct RhaiConfig {
+    /// The script, inline.
+    #[serde(default)]
+    pub script: Option<String>,
+    /// A script file, relative to the pipeline file (instead of `script`).
+    #[serde(default)]
+    pub file: Option<String>,
+    /// Sandbox limits.
+    #[serde(default)]
+    pub limits: Limits,
+}
+
+impl StageConfig for RhaiConfig {
+    const TYPE: &'static str = "rhai";
+    fn build(self, cx: &BuildContext) -> Result<BuiltStage, BuildError> {
+        let script = match (&self.script, &self.file) {
+            (Some(source), None) => Script::compile(source, &self.limits).map_err(|e| script_error("script", e))?,
+            (None, Some(file)) => {
+                let path = cx.resolve(file);
+                let source = std::fs::read_to_string(&path)
+                    .map_err(|e| BuildError::at(["file"], format!("cannot read {}: {e}", path.display())))?;
+                Script::compile(&source, &self.limits).map_err(|e| {
+                    BuildError::at(["file"], format!("{}:{}:{}: {}", path.display(), e.line, e.column, e.message))
+                })?
+            }
+            _ => return Err(BuildError::new("give exactly one of `script` (inline) or `file`")),
+        };
+        Ok(BuiltStage::new(RhaiStage { script, scope: Scope::new() }))
+    }
+}
+
+inventory::submit!(Registration::stage::<RhaiConfig>());
+
+struct RhaiStage {
+    script: Script,
+    scope: Scope<'static>,
+}
+
+#[async_trait]
+impl Stage for RhaiStage {
+    async fn process(&mut self, batch: Batch, out: &mut Emitter) {
+        for mut event in batch {
+            let run = match self.script.run(&mut self.scope, &mut event) {
+                Ok(run) => run,
+                Err(reason) => {
+                    out.fail(event, reason);
+                    continue;
+                }
+            };
+            if run.result.is_unit() {
+                // Dropped on purpose: the acknowledgement goes back as delivered.
+                continue;
+            }
+            if run.returned_event() {
+                event.data = run.take_payload();
+                out.emit(event);
+            } else if let Some(items) = run.result.read_lock::<Array>() {
+                for item in items.iter() {
+                    out.emit(event.derive(result_to_value(&run, item)));
+                }
+            } else if run.result.is_map() || run.result.is::<crate::handle::EventHandle>() {
+                event.data = result_to_value(&run, &run.result);
+                out.emit(event);
+            } else {
+                let kind = run.result.type_name();
+                event.data = run.take_payload();
+                out.fail(
+                    event,
+                    format!("script returned {kind}; return the event, a map, an array of them, or () to drop"),
+                );
+            }
+        }
+    }
+}
+
+/// Keeps the events for which a Rhai condition is true and drops the others.
+///
+/// A condition that fails or returns a non-boolean sends the event to `error`.
+#[derive(Debug, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct FilterConfig {
+    /// Rhai expression over `event` and `meta`, e.g. `event.type != "booking_cancelled"`.
+    pub condition: String,
+    /// Sandbox limits.
+    #[serde(default)]
+    pub limits: Limits,
+}
+
+impl StageConfig for FilterConfig {
+    const TYPE: &'static str = "filter";
+    fn build(self, _cx: &BuildContext) -> Result<BuiltStage, BuildError> {
+        let condition = Condition::compile(&self.condition, &self.limits).map_err(|e| script_error("condition", e))?;
+        Ok(BuiltStage::new(FilterStage { condition }))
+    }
+}
+
+inventory::submit!(Registration::stage::<FilterConfig>());
+
+struct FilterStage {
+    condition: Condition,
+}
+
+#[async_trait]
+impl Stage for FilterStage {
+    async fn process(&mut self, batch: Batch, out: &mut Emitter) {
+        for mut event in batch {
+            match self.condition.matches(&mut event) {
+                Ok(true) => out.emit(event),
+                Ok(false) => {}
+                Err(reason) => out.fail(event, reason),
+            }
+        }
+    }
+}
+
+/// Routes each event to the port of the first case whose condition is true,
+/// or to port `default` (read them as `stage.case_name`).
+#[derive(Debug, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct SwitchConfig {
+    /// Cases, tried in order.
+    pub cases: Vec<SwitchCase>,
+    /// Sandbox limits.
+    #[serde(default)]
+    pub limits: Limits,
+}
+
+/// One case of a `switch`.
+#[derive(Debug, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct SwitchCase {
+    /// Port name for matching events.
+    pub name: String,
+    /// Rhai condition.
+    pub when: String,
+}
+
+impl StageConfig for SwitchConfig {
+    const TYPE: &'static str = "switch";
+    fn build(self, _cx: &BuildContext) -> Result<BuiltStage, BuildError> {
+        if self.cases.is_empty() {
+            return Err(BuildError::at(["cases"], "a switch needs at least one case"));
+        }
+        let mut conditions = Vec::new();
+        let mut ports: Vec<String> = Vec::new();
+        for (i, case) in self.cases.iter().enumerate() {
+            let index = i.to_string();
+            if ["default", "error"].contains(&case.name.as_str())
+                || ports.contains(&case.name)
+                || case.name.contains('.')
+            {
+                return Err(BuildError::at(
+                    ["cases", index.as_str(), "name"],
+                    format!("case name `{}` is reserved, repeated or has a dot", case.name),
+                ));
+            }
+            let condition = Condition::compile(&case.when, &self.limits).map_err(|e| {
+                BuildError::at(["cases", index.as_str(), "when"], format!("script does not compile: {}", e.message))
+                    .with_offset(e.line, e.column)
+            })?;
+            conditions.push(condition);
+            ports.push(case.name.clone());
+        }
+        ports.push("default".into());
+        let default_port = PortId(ports.len());
+        Ok(BuiltStage::new(SwitchStage { conditions, default_port }).with_ports(ports))
+    }
+}
+
+inventory::submit!(Registration::stage::<SwitchConfig>());
+
+struct SwitchStage {
+    conditions: Vec<Condition>,
+    default_port: PortId,
+}
+
+#[async_trait]
+impl Stage for SwitchStage {
+    async fn process(&mut self, batch: Batch, out: &mut Emitter) {
+        'events: for mut event in batch {
+            for (i, condition) in self.conditions.iter_mut().enumerate() {
+                match condition.matches(&mut event) {
+                    Ok(true) => {
+                        out.emit_to(PortId(i + 1), event);
+                        continue 'events;
+                    }
+                    Ok(false) => {}
+                    Err(reason) => {
+                        out.fail(event, reason);
+                        continue 'events;
+                    }
+                }
+            }
+            out.emit_to(self.default_port, event);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use conflux_api::component::ERROR_META;
+    use conflux_api::{AckStatus, AckToken, Event};
+    use serde::de::DeserializeOwned;
+
+    fn build<C: StageConfig + DeserializeOwned>(options: serde_json::Value) -> Result<BuiltStage, BuildError> {
+        let config: C = serde_json::from_value(options).map_err(|e| BuildError::new(e.to_string()))?;
+        let cx =
+            BuildContext { pipeline: "p".into(), component: "s".into(), base_dir: ".".into(), data_dir: ".".into() };
+        config.build(&cx)
+    }
+
+    fn event(json: &str) -> Event {
+        Event::new(conflux_api::sonic_rs::from_str(json).unwrap())
+    }
+
+    /// Runs one batch; returns (port, payload JSON, error reason) per emitted event.
+    async fn run(stage: &mut BuiltStage, events: Vec<Event>) -> Vec<(usize, String, Option<String>)> {
+        let mut out = Emitter::new(stage.ports.len());
+        stage.stage.process(events, &mut out).await;
+        out.drain()
+            .flat_map(|(port, batch)| {
+                batch
+                    .into_iter()
+                    .map(move |e| (port, e.data.to_string(), e.meta.get(ERROR_META).map(|m| m.to_string())))
+            })
+            .collect()
+    }
+
+    #[tokio::test]
+    async fn map_script_reads_and_sets_fields() {
+        let mut stage = build::<RhaiConfig>(serde_json::json!({ "script":
+            "let g = event.data.guests; event.data.large = g > 4; event.data.userId = hash(event.data.userId); event" }))
+        .unwrap();
+        let got = run(&mut stage, vec![event(r#"{"type":"x","data":{"guests":6,"userId":"abc"}}"#)]).await;
+        assert_eq!(got.len(), 1);
+        let v: serde_json::Value = serde_json::from_str(&got[0].1).unwrap();
+        assert_eq!(v["data"]["large"], true);
+        assert_eq!(v["data"]["guests"], 6);
+        assert_eq!(v["data"]["userId"], "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad");
+        assert_eq!(v["type"], "x");
+    }
+
+    #[tokio::test]
+    async fn split_drop_and_new_maps() {
+        let mut split = build::<RhaiConfig>(
+            serde_json::json!({ "script": "let id = event.id; event.items.map(|i| #{ sku: i, order: id })" }),
+        )
+        .unwrap();
+        let got = run(&mut split, vec![event(r#"{"id":7,"items":["a","b","c"]}"#)]).await;
+        let payloads: Vec<&str> = got.iter().map(|g| g.1.as_str()).collect();
+        assert!(got.iter().all(|g| g.0 == 0), "{got:?}");
+        assert_eq!(payloads, vec![r#"{"order":7,"sku":"a"}"#, r#"{"order":7,"sku":"b"}"#, r#"{"order":7,"sku":"c"}"#]);
+
+        let mut dropper =
+            build::<RhaiConfig>(serde_json::json!({ "script": "if event.n > 1 { () } else { event }" })).unwrap();
+        let (token, status) = AckToken::channel();
+        let events = vec![event(r#"{"n":1}"#).with_ack(token.clone()), event(r#"{"n":2}"#).with_ack(token)];
+        let got = run(&mut dropper, events).await;
+        assert_eq!(got.len(), 1);
+        assert_eq!(status.await.unwrap(), AckStatus::Delivered, "a dropped event counts as done");
+    }
+
+    #[tokio::test]
+    async fn runaway_scripts_fail_their_event_only() {
+        let mut looping =
+            build::<RhaiConfig>(serde_json::json!({ "script": "loop { }", "limits": { "max_operations": 10000 } }))
+                .unwrap();
+        let got = run(&mut looping, vec![event(r#"{"n":1}"#)]).await;
+        assert_eq!(got[0].0, 1, "goes to the error port");
+        assert!(got[0].2.as_deref().unwrap().contains("Too many operations"), "{got:?}");
+        assert_eq!(got[0].1, r#"{"n":1}"#, "the payload is kept for the dead letter");
+
+        let mut bomb = build::<RhaiConfig>(serde_json::json!({
+            "script": "let s = \"xxxxxxxxxx\"; loop { s += s; }", "limits": { "max_string_size": 1000 } }))
+        .unwrap();
+        let got = run(&mut bomb, vec![event(r#"{"n":1}"#)]).await;
+        assert!(got[0].2.as_deref().unwrap().to_lowercase().contains("length of string"), "{got:?}");
+
+        let mut deep = build::<RhaiConfig>(serde_json::json!({ "script": "fn f(x) { f(x + 1) } f(0)" })).unwrap();
+        let got = run(&mut deep, vec![event("{}")]).await;
+        assert!(got[0].2.as_deref().unwrap().contains("Stack overflow"), "{got:?}");
+
+        let mut throws = build::<RhaiConfig>(serde_json::json!({ "script": "throw \"bad booking\"" })).unwrap();
+        let got = run(&mut throws, vec![event("{}"), event("{}")]).await;
+        assert_eq!(got.len(), 2);
+        assert!(got.iter().all(|g| g.0 == 1 && g.2.as_deref().unwrap().contains("bad booking")));
+
+        let mut wrong = build::<RhaiConfig>(serde_json::json!({ "script": "42" })).unwrap();
+        let got = run(&mut wrong, vec![event(r#"{"n":1}"#)]).await;
+        assert!(got[0].2.as_deref().unwrap().contains("script returned i64"), "{got:?}");
+    }
+
+    #[tokio::test]
+    async fn no_file_or_module_access() {
+        let err = build::<RhaiConfig>(serde_json::json!({ "script": "eval(\"1\")" })).err().unwrap();
+        assert!(err.message.contains("does not compile"), "{err:?}");
+        let mut import =
+            build::<RhaiConfig>(serde_json::json!({ "script": "import \"/etc/passwd\" as p; event" })).unwrap();
+        let got = run(&mut import, vec![event("{}")]).await;
+        assert_eq!(got[0].0, 1, "{got:?}");
+    }
+
+    #[test]
+    fn compile_errors_point_inside_the_script() {
+        let err = build::<RhaiConfig>(serde_json::json!({ "script": "let a = 1;\nlet b = ;\nevent" })).err().unwrap();
+        assert_eq!(err.path, vec!["script"]);
+        assert_eq!(err.offset, Some((2, 9)));
+        let err = build::<FilterConfig>(serde_json::json!({ "condition": "event.n >" })).err().unwrap();
+        assert_eq!(err.path, vec!["condition"]);
+        let err = build::<RhaiConfig>(serde_json::json!({})).err().unwrap();
+        assert!(err.message.contains("exactly one"));
+    }
+
+    #[tokio::test]
+    async fn filter_keeps_true_and_fails_non_boolean() {
+        let mut filter =
+            build::<FilterConfig>(serde_json::json!({ "condition": "event.type != \"booking_cancelled\"" })).unwrap();
+        let got = run(
+            &mut filter,
+            vec![event(r#"{"type":"booking_created"}"#), event(r#"{"type":"booking_cancelled"}"#), event("{}")],
+        )
+        .await;
+        assert_eq!(got.len(), 2, "cancelled dropped, missing field compares as () != string");
+        let mut bad = build::<FilterConfig>(serde_json::json!({ "condition": "event.n" })).unwrap();
+        let got = run(&mut bad, vec![event(r#"{"n":1}"#)]).await;
+        assert_eq!(got[0].0, 1);
+        assert!(got[0].2.as_deref().unwrap().contains("not a boolean"));
+    }
+
+    #[tokio::test]
+    async fn switch_routes_to_named_ports() {
+        let mut switch = build::<SwitchConfig>(serde_json::json!({ "cases": [
+            { "name": "vip", "when": "event.guests >= 8" },
+            { "name": "large", "when": "event.guests >= 4" },
+        ]}))
+        .unwrap();
+        assert_eq!(switch.ports, vec!["vip", "large", "default"]);
+        let got =
+            run(&mut switch, vec![event(r#"{"guests":10}"#), event(r#"{"guests":5}"#), event(r#"{"guests":2}"#)]).await;
+        let ports: Vec<usize> = got.iter().map(|g| g.0).collect();
+        assert_eq!(ports, vec![1, 2, 3]);
+        assert!(build::<SwitchConfig>(serde_json::json!({ "cases": [{ "name": "default", "when": "true" }] })).is_err());
+    }
+
+    #[tokio::test]
+    async fn meta_is_readable_and_writable() {
+        let mut stage =
+            build::<RhaiConfig>(serde_json::json!({ "script": "meta.seen = true; event.src = meta.source; event" }))
+                .unwrap();
+        let mut e = event("{}");
+        e.meta.insert("source", "kafka");
+        let mut out = Emitter::new(0);
+        stage.stage.process(vec![e], &mut out).await;
+        let emitted: Vec<Event> = out.drain().flat_map(|(_, b)| b).collect();
+        assert_eq!(emitted[0].data.to_string(), r#"{"src":"kafka"}"#);
+        assert_eq!(emitted[0].meta.get("seen").map(|v| v.to_string()).as_deref(), Some("true"));
+    }
+}
