@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Throughput and memory benchmarks on a release build. Prints events/s (median
 # of RUNS runs) and peak RSS per scenario. Usage: scripts/bench.sh [scenario…]
-# Scenarios: generate_drop file_drop idle slow_output (default: all).
+# Scenarios: generate_drop file_drop rhai idle slow_output (default: all).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 RUNS=${RUNS:-3}
@@ -89,6 +89,28 @@ YAML
   throughput "file (NDJSON) → drop" "$EVENTS" "$WORK/file-drop.yaml"
 }
 
+# Issue 3: a filter dropping cancelled bookings and a 3-line map script.
+rhai() {
+  local file
+  file=$(events_file)
+  cat >"$WORK/rhai.yaml" <<YAML
+inputs:
+  in: { type: file, path: $file }
+stages:
+  active: { type: filter, from: in, condition: 'event.type != "booking_cancelled"' }
+  enrich:
+    type: rhai
+    from: active
+    script: |
+      let guests = event.data.guests;
+      event.data.large = guests > 4 && event.data.zone == "terrace";
+      event
+outputs:
+  out: { type: drop, from: enrich }
+YAML
+  throughput "file → filter → rhai → drop" "$EVENTS" "$WORK/rhai.yaml"
+}
+
 # Peak RSS of a pipeline that sits idle: a slow generator into drop.
 idle() {
   cat >"$WORK/idle.yaml" <<YAML
@@ -119,6 +141,6 @@ YAML
 }
 
 echo "conflux bench: $(nproc) cores, RUNS=$RUNS, EVENTS=$EVENTS"
-for scenario in "${@:-generate_drop file_drop idle slow_output}"; do
+for scenario in "${@:-generate_drop file_drop rhai idle slow_output}"; do
   for s in $scenario; do "$s"; done
 done

@@ -295,8 +295,11 @@ fn locate(spans: &Spans, err: &BuildError, source: &str) -> Pos {
     }
     match (err.offset, span.style) {
         (Some((line, column)), Some(Style::Block)) => {
-            // Block scalar: content starts on the next line, indented.
-            let first = span.value.line + 1;
+            // Block scalar: content starts after the `|`/`>` indicator line.
+            let at = source.lines().nth(span.value.line.saturating_sub(1)).unwrap_or("");
+            let indicator = at.trim_end().trim_end_matches(['-', '+']).trim_end_matches(|c: char| c.is_ascii_digit());
+            let on_indicator = indicator.ends_with('|') || indicator.ends_with('>');
+            let first = span.value.line + usize::from(on_indicator);
             let indent = source
                 .lines()
                 .skip(first - 1)

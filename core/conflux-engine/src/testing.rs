@@ -28,6 +28,9 @@ impl TestOutcome {
     }
 }
 
+/// Type name of the nodes a test adds (feeds and taps).
+const TEST_NODE: &str = "test";
+
 /// Longest a single test may run.
 const TEST_TIMEOUT: Duration = Duration::from_secs(30);
 
@@ -65,7 +68,7 @@ async fn run_one(mut pipeline: Pipeline, test: &TestSpec) -> Result<Vec<String>,
                 pipeline.nodes.push(GraphNode {
                     name: format!("test feed for {}", feed.at),
                     kind: Kind::Input,
-                    type_name: "test".into(),
+                    type_name: TEST_NODE.into(),
                     ports: vec![String::new(), "error".into()],
                     from: Vec::new(),
                     retry: RetryConfig::default(),
@@ -81,7 +84,7 @@ async fn run_one(mut pipeline: Pipeline, test: &TestSpec) -> Result<Vec<String>,
     let mut collectors: Vec<(String, Collected)> = Vec::new();
     for node in pipeline.nodes.iter_mut() {
         match &mut node.body {
-            Body::Input(input) if !fed.contains(&node.name.as_str()) => {
+            Body::Input(input) if node.type_name != TEST_NODE && !fed.contains(&node.name.as_str()) => {
                 *input = Box::new(MemoryInput { events: Some(Vec::new()) })
             }
             Body::Output(output) => {
@@ -104,7 +107,7 @@ async fn run_one(mut pipeline: Pipeline, test: &TestSpec) -> Result<Vec<String>,
                 pipeline.nodes.push(GraphNode {
                     name: format!("test tap on {at}"),
                     kind: Kind::Output,
-                    type_name: "test".into(),
+                    type_name: TEST_NODE.into(),
                     ports: Vec::new(),
                     from: vec![(node, port)],
                     retry: RetryConfig::default(),

@@ -111,7 +111,7 @@ impl EventHandle {
     }
 
     /// A full copy as a script map (for `to_json`, iteration, debugging).
-    pub fn to_map(&mut self) -> Dynamic {
+    pub fn as_map(&mut self) -> Dynamic {
         to_dynamic(&self.value())
     }
 

@@ -76,7 +76,7 @@ fn sandboxed_engine(limits: &Limits) -> Engine {
         .register_fn("has", |h: &mut EventHandle, name: &str| h.has(name))
         .register_fn("remove", |h: &mut EventHandle, name: &str| h.remove(name))
         .register_fn("keys", |h: &mut EventHandle| h.keys())
-        .register_fn("to_map", |h: &mut EventHandle| h.to_map())
+        .register_fn("to_map", |h: &mut EventHandle| h.as_map())
         .register_fn("to_string", |h: &mut EventHandle| h.value().to_string())
         .register_fn("to_debug", |h: &mut EventHandle| h.value().to_string());
     crate::helpers::register(&mut engine);
@@ -87,6 +87,10 @@ fn sandboxed_engine(limits: &Limits) -> Engine {
 pub struct Script {
     engine: Arc<Engine>,
     ast: AST,
+    /// Whether the source mentions `meta`; if not, metadata is not converted.
+    uses_meta: bool,
+    /// The payload slot `event` points to, reused from event to event.
+    slot: Arc<Mutex<Value>>,
 }
 
 /// What one run produced; the payload stays reachable through `root`.
@@ -116,28 +120,36 @@ impl Script {
     pub fn compile(source: &str, limits: &Limits) -> Result<Self, ScriptError> {
         let engine = sandboxed_engine(limits);
         let ast = engine.compile(source).map_err(compile_error)?;
-        Ok(Script { engine: Arc::new(engine), ast })
+        Ok(Script::new(engine, ast, source))
+    }
+
+    fn new(engine: Engine, ast: AST, source: &str) -> Self {
+        Script { engine: Arc::new(engine), ast, uses_meta: source.contains("meta"), slot: Arc::default() }
     }
 
     /// Compiles a single expression (conditions: `event.type == "booking_created"`).
     pub fn compile_expression(source: &str, limits: &Limits) -> Result<Self, ScriptError> {
         let engine = sandboxed_engine(limits);
         let ast = engine.compile_expression(source).map_err(compile_error)?;
-        Ok(Script { engine: Arc::new(engine), ast })
+        Ok(Script::new(engine, ast, source))
     }
 
     /// Runs on one event, moving its payload behind the `event` handle.
     /// On error the payload is put back and the message returned.
     pub fn run(&self, scope: &mut Scope<'static>, event: &mut Event) -> Result<Run, String> {
-        let root = Arc::new(Mutex::new(std::mem::take(&mut event.data)));
+        let root = self.slot.clone();
+        *root.lock().unwrap_or_else(|p| p.into_inner()) = std::mem::take(&mut event.data);
         scope.clear();
         scope.push("event", EventHandle::new(root.clone()));
-        let had_meta = !event.meta.is_empty();
-        scope.push("meta", meta_to_map(&event.meta));
+        if self.uses_meta {
+            scope.push("meta", meta_to_map(&event.meta));
+        }
         let result = self.engine.eval_ast_with_scope::<Dynamic>(scope, &self.ast);
-        if let Some(meta) = scope.get_value::<Map>("meta") {
-            if had_meta || !meta.is_empty() {
-                event.meta = map_to_meta(&meta);
+        if self.uses_meta {
+            if let Some(meta) = scope.get_value::<Map>("meta") {
+                if !event.meta.is_empty() || !meta.is_empty() {
+                    event.meta = map_to_meta(&meta);
+                }
             }
         }
         scope.clear();

@@ -273,9 +273,11 @@ mod tests {
         )
         .unwrap();
         let got = run(&mut split, vec![event(r#"{"id":7,"items":["a","b","c"]}"#)]).await;
-        let payloads: Vec<&str> = got.iter().map(|g| g.1.as_str()).collect();
+        let payloads: Vec<serde_json::Value> = got.iter().map(|g| serde_json::from_str(&g.1).unwrap()).collect();
         assert!(got.iter().all(|g| g.0 == 0), "{got:?}");
-        assert_eq!(payloads, vec![r#"{"order":7,"sku":"a"}"#, r#"{"order":7,"sku":"b"}"#, r#"{"order":7,"sku":"c"}"#]);
+        let expected: Vec<serde_json::Value> =
+            ["a", "b", "c"].iter().map(|s| serde_json::json!({ "sku": s, "order": 7 })).collect();
+        assert_eq!(payloads, expected);
 
         let mut dropper =
             build::<RhaiConfig>(serde_json::json!({ "script": "if event.n > 1 { () } else { event }" })).unwrap();

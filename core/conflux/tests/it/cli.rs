@@ -156,6 +156,47 @@ fn conflux_test_passes_and_fails_with_a_diff() {
 }
 
 #[test]
+fn conflux_test_runs_the_rhai_cases() {
+    let cases = concat!(env!("CARGO_MANIFEST_DIR"), "/../../tests/cases/rhai.yaml");
+    let output = conflux().args(["test", cases]).output().unwrap();
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(output.status.success(), "{stdout}");
+    assert!(stdout.contains("4 passed, 0 failed"), "{stdout}");
+}
+
+#[test]
+fn lint_points_inside_scripts() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = write(
+        &dir,
+        "p.yaml",
+        "inputs:
+  gen: { type: generate }
+stages:
+  clean:
+    type: rhai
+    from: gen
+    script: |
+      let a = 1;
+      let b = ;
+      event
+  keep: { type: filter, from: clean, condition: \"event.n >\" }
+outputs:
+  out: { type: drop, from: keep }
+",
+    );
+    let output = conflux().arg("lint").arg(&file).output().unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(1), "{stderr}");
+    let f = file.display();
+    assert!(stderr.contains(&format!("{f}:9:15: stage `clean`: script does not compile")), "{stderr}");
+    assert!(
+        stderr.contains(&format!("{f}:11:")) && stderr.contains("stage `keep`: script does not compile"),
+        "{stderr}"
+    );
+}
+
+#[test]
 fn graph_plugins_and_schema_commands() {
     let quickstart = concat!(env!("CARGO_MANIFEST_DIR"), "/../../configs/quickstart.yaml");
     let graph = conflux().args(["graph", quickstart]).output().unwrap();
