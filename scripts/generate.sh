@@ -3,6 +3,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 cargo build -q -p conflux
-./target/debug/conflux schema -o schemas/pipeline.schema.json
-./target/debug/conflux plugins --markdown > docs/plugins.md
+bin=${CARGO_TARGET_DIR:-target}/debug/conflux
+"$bin" schema -o schemas/pipeline.schema.json
+"$bin" plugins --markdown > docs/plugins.md
 echo "regenerated schemas/pipeline.schema.json and docs/plugins.md"

@@ -3,4 +3,5 @@
 
 pub fn link_all() {
     conflux_std::link();
+    conflux_wasm::link();
 }

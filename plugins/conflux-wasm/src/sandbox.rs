@@ -175,8 +175,10 @@ pub struct Instance {
 impl Instance {
     /// Instantiates a component in a fresh store and calls its `init`.
     pub fn start(pre: &StagePre<Host>, sandbox: &Sandbox) -> Result<Instance, LoadError> {
+        // No ambient authority: no environment, arguments, stdin, stdout or
+        // network; stderr is shared for the guest's diagnostics.
         let mut wasi = WasiCtxBuilder::new();
-        wasi.inherit_stderr();
+        wasi.inherit_stderr().allow_tcp(false).allow_udp(false).allow_ip_name_lookup(false);
         for dir in &sandbox.dirs {
             let perms = if dir.writable { FsPerms::ReadWrite } else { FsPerms::ReadOnly };
             wasi.preopened_dir(&dir.host, &dir.guest, perms)
