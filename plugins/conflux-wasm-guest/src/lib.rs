@@ -28,6 +28,10 @@
 
 extern crate self as conflux_wasm_guest;
 
+mod fields;
+
+pub use fields::Fields;
+
 use std::any::Any;
 use std::cell::RefCell;
 

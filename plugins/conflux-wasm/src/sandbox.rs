@@ -221,8 +221,10 @@ fn describe(store: &Store<Host>, sandbox: &Sandbox, error: wasmtime::Error) -> C
     if store.data().limits.exceeded {
         return CallError::Memory(sandbox.max_memory);
     }
-    if matches!(error.downcast_ref::<Trap>(), Some(Trap::Interrupt)) {
-        return CallError::Timeout(sandbox.timeout);
+    // The trap code alone: the full chain carries a multi-line wasm backtrace.
+    match error.downcast_ref::<Trap>() {
+        Some(Trap::Interrupt) => CallError::Timeout(sandbox.timeout),
+        Some(trap) => CallError::Trap(trap.to_string()),
+        None => CallError::Trap(error.to_string()),
     }
-    CallError::Trap(format!("{error:#}"))
 }

@@ -7,9 +7,11 @@
 //!
 //! Config: `{ "salt": "…", "fields": ["userId", …] }`.
 
-use conflux_wasm_guest::{export_stage, Event, Outcome, Stage};
+use std::borrow::Cow;
+
+use conflux_wasm_guest::{export_stage, Event, Fields, Outcome, Stage};
 use serde::Deserialize;
-use serde_json::Value;
+use serde_json::value::RawValue;
 
 struct Mask {
     salt: String,
@@ -41,11 +43,9 @@ fn fnv1a(salt: &[u8], text: &[u8]) -> u64 {
 }
 
 impl Mask {
-    fn pseudonym(&self, value: &Value) -> String {
-        let text = match value {
-            Value::String(s) => s.clone(),
-            other => other.to_string(),
-        };
+    /// The pseudonym of a raw JSON value: strings are hashed by their text, anything else by its JSON.
+    fn pseudonym(&self, raw: &RawValue) -> String {
+        let text: Cow<str> = serde_json::from_str(raw.get()).unwrap_or(Cow::Borrowed(raw.get()));
         format!("anon-{:016x}", fnv1a(self.salt.as_bytes(), text.as_bytes()))
     }
 }
@@ -64,25 +64,31 @@ impl Stage for Mask {
         Ok(())
     }
 
+    /// Edits `data` shallowly: only the touched members are decoded, the rest
+    /// of the payload is copied through as raw JSON.
     fn process(&mut self, mut event: Event) -> Result<Outcome, String> {
-        let mut doc: Value = event.json()?;
-        let data = doc.get_mut("data").and_then(Value::as_object_mut).ok_or("event has no `data` object")?;
+        let mut top = Fields::parse(&event.value)?;
+        let mut data = top.object("data").ok_or("event has no `data` object")??;
         for field in &self.fields {
-            if let Some(value) = data.get_mut(field.as_str()) {
-                if !value.is_null() {
-                    *value = Value::String(self.pseudonym(value));
-                }
-            }
+            let masked = match data.get(field) {
+                Some(raw) if raw.get() != "null" => self.pseudonym(raw),
+                _ => continue,
+            };
+            data.set(field, &masked)?;
         }
-        if let Some(guests) = data.get("guests").and_then(Value::as_u64) {
+        if let Some(Ok(guests)) = data.get_as::<u64>("guests") {
             let band = match guests {
                 0 | 1 => "solo",
                 2 => "couple",
                 _ => "group",
             };
-            data.insert("guestBand".into(), Value::from(band));
+            data.set("guestBand", band)?;
         }
-        event.set_json(&doc)?;
+        let data = data.to_raw();
+        top.set_raw("data", data);
+        let value = top.to_vec();
+        drop(top);
+        event.value = value;
         Ok(Outcome::one(event))
     }
 }
