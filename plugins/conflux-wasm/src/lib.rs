@@ -160,7 +160,7 @@ impl StageConfig for WasmConfig {
             pre,
             instance: Some(instance),
             ports: self.ports.clone(),
-            reload: self.reload.then(|| (watcher, self.reload_interval.0)),
+            reload: self.reload.then_some((watcher, self.reload_interval.0)),
             generation: 0,
         };
         Ok(BuiltStage::new(stage).with_ports(self.ports))
