@@ -1,15 +1,16 @@
 #!/usr/bin/env bash
 # Throughput and memory benchmarks on a release build. Prints events/s (median
 # of RUNS runs) and peak RSS per scenario. Usage: scripts/bench.sh [scenario…]
-# Scenarios: generate_drop file_drop rhai idle slow_output (default: all).
+# Scenarios: generate_drop file_drop rhai wasm_identity wasm_mask wasm_filter idle slow_output
+# (default: all).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 RUNS=${RUNS:-3}
 EVENTS=${EVENTS:-1000000}
 WORK=${BENCH_DIR:-/tmp/conflux-bench}
 mkdir -p "$WORK"
-flock /tmp/conflux-cargo.lock cargo build --release -q -p conflux
-BIN=$PWD/target/release/conflux
+cargo build --release -q -p conflux
+BIN=${CARGO_TARGET_DIR:-$PWD/target}/release/conflux
 export CONFLUX_LOG=warn
 
 # Runs a command, prints "<seconds> <peak RSS KiB>", polling /proc for VmHWM.
@@ -111,6 +112,27 @@ YAML
   throughput "file → filter → rhai → drop" "$EVENTS" "$WORK/rhai.yaml"
 }
 
+# file → wasm → drop with one of the example guests (built from source).
+wasm_scenario() { # name guest [config-json]
+  local name=$1 guest=$2 config=${3:-null} file guests
+  file=$(events_file)
+  guests=$(bash scripts/build-wasm-guests.sh)
+  cat >"$WORK/wasm-$guest.yaml" <<YAML
+inputs:
+  in: { type: file, path: $file }
+stages:
+  guest: { type: wasm, module: $guests/$guest.wasm, config: $config, from: in }
+outputs:
+  out: { type: drop, from: guest }
+  failed: { type: drop, from: guest.error }
+YAML
+  throughput "$name" "$EVENTS" "$WORK/wasm-$guest.yaml"
+}
+
+wasm_identity() { wasm_scenario "file → wasm identity → drop" identity; }
+wasm_mask() { wasm_scenario "file → wasm mask → drop" mask '{ salt: bench }'; }
+wasm_filter() { wasm_scenario "file → wasm filter → drop" filter '{ types: [booking_created] }'; }
+
 # Peak RSS of a pipeline that sits idle: a slow generator into drop.
 idle() {
   cat >"$WORK/idle.yaml" <<YAML
@@ -141,6 +163,6 @@ YAML
 }
 
 echo "conflux bench: $(nproc) cores, RUNS=$RUNS, EVENTS=$EVENTS"
-for scenario in "${@:-generate_drop file_drop rhai idle slow_output}"; do
+for scenario in "${@:-generate_drop file_drop rhai wasm_identity wasm_mask wasm_filter idle slow_output}"; do
   for s in $scenario; do "$s"; done
 done

@@ -4,4 +4,6 @@
 pub fn link_all() {
     conflux_std::link();
     conflux_rhai::link();
+    conflux_aggregate::link();
+    conflux_wasm::link();
 }

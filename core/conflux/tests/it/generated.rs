@@ -19,6 +19,7 @@ fn registry_lists_every_built_in_type() {
     for expected in ["file", "generate", "stdin"] {
         assert!(names(Kind::Input).contains(&expected), "input `{expected}` is not registered");
     }
+    assert!(names(Kind::Stage).contains(&"wasm"), "stage `wasm` is not registered");
     for expected in ["drop", "file", "stdout"] {
         assert!(names(Kind::Output).contains(&expected), "output `{expected}` is not registered");
     }

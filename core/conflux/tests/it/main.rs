@@ -4,11 +4,13 @@ mod cli;
 mod engine;
 mod generated;
 mod validation;
+mod wasm;
 
 /// Registers the test components and the built-in plugins.
 pub fn setup() {
     conflux_testkit::link();
     conflux_std::link();
+    conflux_wasm::link();
 }
 
 /// A unique key per test, so parallel tests keep their testkit state apart.

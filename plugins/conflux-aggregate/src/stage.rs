@@ -1,0 +1,740 @@
+//! The `aggregate` stage at run time.
+
+use std::collections::{BTreeMap, HashMap};
+use std::time::Instant;
+
+use conflux_api::path::FieldPath;
+use conflux_api::sonic_rs::JsonValueTrait;
+use conflux_api::{
+    async_trait, inventory, AckToken, Batch, BuildContext, BuildError, BuiltStage, Emitter, Event, PortId,
+    Registration, Stage, StageConfig, Timestamp, Value,
+};
+use conflux_rhai::Condition;
+use tracing::warn;
+
+use crate::accumulator::{array, float, object, quantile, value_hash, Acc, Distinct, Sum, TopK};
+use crate::config::{AggregateConfig, Emit, MissingGroup, WindowConfig};
+use crate::window::Windower;
+
+const LATE: PortId = PortId(1);
+const INVALID: PortId = PortId(2);
+
+enum Kind {
+    Count,
+    Sum,
+    Avg,
+    Min,
+    Max,
+    First,
+    Last,
+    Rate,
+    Distinct,
+    Percentiles(Vec<(String, f64)>),
+    TopK(usize),
+    Gauge { up: Condition, down: Condition },
+}
+
+struct Metric {
+    name: String,
+    kind: Kind,
+    field: Option<FieldPath>,
+    condition: Option<Condition>,
+}
+
+impl Metric {
+    fn empty(&self) -> Acc {
+        match &self.kind {
+            Kind::Count => Acc::Count(0),
+            Kind::Sum => Acc::Sum(Sum::default()),
+            Kind::Avg => Acc::Avg(Sum::default(), 0),
+            Kind::Min => Acc::Min(None),
+            Kind::Max => Acc::Max(None),
+            Kind::First => Acc::First(None),
+            Kind::Last => Acc::Last(None),
+            Kind::Rate => Acc::Rate(0),
+            Kind::Distinct => Acc::Distinct(Distinct::default()),
+            Kind::Percentiles(_) => Acc::percentiles(),
+            Kind::TopK(k) => Acc::TopK(TopK::new(*k)),
+            Kind::Gauge { .. } => Acc::Gauge(0.0),
+        }
+    }
+}
+
+/// What one event contributes to one metric, worked out once per event.
+enum Contribution {
+    Skip,
+    One,
+    Number(f64, Value),
+    Timed(Value),
+    Hash(u64),
+    Key(String),
+    Delta(f64),
+}
+
+struct GroupState {
+    group: Vec<Value>,
+    accs: Vec<Acc>,
+    tokens: Vec<AckToken>,
+    dirty: bool,
+}
+
+/// Windows by (start, end), then groups by key.
+type Windows = BTreeMap<(i64, i64), HashMap<String, GroupState>>;
+
+pub struct AggregateStage {
+    windower: Windower,
+    group_paths: Vec<FieldPath>,
+    missing_group: MissingGroup,
+    default_group: Value,
+    time_field: Option<FieldPath>,
+    lateness: i64,
+    metrics: Vec<Metric>,
+    emit: Emit,
+    idle_timeout: std::time::Duration,
+    max_groups: usize,
+    windows: Windows,
+    states: usize,
+    sessions: HashMap<String, (i64, i64)>,
+    gauges: HashMap<String, Vec<f64>>,
+    max_event_time: Option<i64>,
+    last_event_wall: Instant,
+    last_updates: Instant,
+    last_slide_emitted: i64,
+    evicted_windows: u64,
+    key: String,
+    assigned: Vec<(i64, i64)>,
+    contributions: Vec<Contribution>,
+}
+
+fn path(option: &[&str], text: &str) -> Result<FieldPath, BuildError> {
+    FieldPath::parse(text).map_err(|e| BuildError::at(option.iter().copied(), e))
+}
+
+fn nanos(d: conflux_api::config::Duration, option: &[&str]) -> Result<i64, BuildError> {
+    let n = d.0.as_nanos() as i64;
+    if n <= 0 {
+        return Err(BuildError::at(option.iter().copied(), "must be longer than zero"));
+    }
+    Ok(n)
+}
+
+fn condition(source: &str, limits: &conflux_rhai::Limits, option: &[&str]) -> Result<Condition, BuildError> {
+    Condition::compile(source, limits).map_err(|e| {
+        BuildError::at(option.iter().copied(), format!("condition does not compile: {}", e.message))
+            .with_offset(e.line, e.column)
+    })
+}
+
+fn build_metric(
+    name: &str,
+    spec: &crate::config::MetricSpec,
+    limits: &conflux_rhai::Limits,
+) -> Result<Metric, BuildError> {
+    let mut chosen: Vec<(Kind, Option<FieldPath>)> = Vec::new();
+    let at = |kind: &str| ["metrics", name, kind].map(str::to_string);
+    let field = |kind: &str, text: &String| {
+        let option = at(kind);
+        path(&option.iter().map(String::as_str).collect::<Vec<_>>(), text)
+    };
+    if spec.count.is_some() {
+        chosen.push((Kind::Count, None));
+    }
+    if let Some(f) = &spec.sum {
+        chosen.push((Kind::Sum, Some(field("sum", f)?)));
+    }
+    if let Some(f) = &spec.avg {
+        chosen.push((Kind::Avg, Some(field("avg", f)?)));
+    }
+    if let Some(f) = &spec.min {
+        chosen.push((Kind::Min, Some(field("min", f)?)));
+    }
+    if let Some(f) = &spec.max {
+        chosen.push((Kind::Max, Some(field("max", f)?)));
+    }
+    if let Some(f) = &spec.first {
+        chosen.push((Kind::First, Some(field("first", f)?)));
+    }
+    if let Some(f) = &spec.last {
+        chosen.push((Kind::Last, Some(field("last", f)?)));
+    }
+    if spec.rate.is_some() {
+        chosen.push((Kind::Rate, None));
+    }
+    if let Some(f) = &spec.count_distinct {
+        chosen.push((Kind::Distinct, Some(field("count_distinct", f)?)));
+    }
+    if let Some(p) = &spec.percentiles {
+        let mut names = Vec::new();
+        for q in &p.quantiles {
+            if !(0.0..=1.0).contains(q) {
+                return Err(BuildError::at(at("percentiles"), format!("quantile {q} is not between 0 and 1")));
+            }
+            names.push((format!("p{}", q * 100.0), *q));
+        }
+        chosen.push((Kind::Percentiles(names), Some(field("percentiles", &p.field)?)));
+    }
+    if let Some(t) = &spec.top_k {
+        if t.k == 0 {
+            return Err(BuildError::at(at("top_k"), "k must be at least 1"));
+        }
+        chosen.push((Kind::TopK(t.k), Some(field("top_k", &t.field)?)));
+    }
+    if let Some(g) = &spec.gauge {
+        let base = at("gauge");
+        let up_at: Vec<&str> = base.iter().map(String::as_str).chain(["up"]).collect();
+        let down_at: Vec<&str> = base.iter().map(String::as_str).chain(["down"]).collect();
+        let value = match &g.value {
+            Some(v) => Some(field("gauge", v)?),
+            None => None,
+        };
+        chosen.push((
+            Kind::Gauge { up: condition(&g.up, limits, &up_at)?, down: condition(&g.down, limits, &down_at)? },
+            value,
+        ));
+    }
+    if chosen.len() != 1 {
+        return Err(BuildError::at(["metrics", name], format!(
+            "metric `{name}` needs exactly one kind (count, sum, avg, min, max, first, last, rate, count_distinct, percentiles, top_k, gauge); found {}",
+            chosen.len()
+        )));
+    }
+    let (kind, field) = chosen.pop().expect("one kind");
+    let condition = match &spec.condition {
+        Some(source) => Some(condition(source, limits, &["metrics", name, "where"])?),
+        None => None,
+    };
+    Ok(Metric { name: name.to_string(), kind, field, condition })
+}
+
+impl StageConfig for AggregateConfig {
+    const TYPE: &'static str = "aggregate";
+    fn build(self, _cx: &BuildContext) -> Result<BuiltStage, BuildError> {
+        let windower = match &self.window {
+            WindowConfig::Tumbling(size) => Windower::Tumbling { size: nanos(*size, &["window", "tumbling"])? },
+            WindowConfig::Hopping { size, slide } => {
+                let (size, slide) =
+                    (nanos(*size, &["window", "hopping", "size"])?, nanos(*slide, &["window", "hopping", "slide"])?);
+                if slide > size || size / slide > 1000 {
+                    return Err(BuildError::at(
+                        ["window", "hopping", "slide"],
+                        "slide must be at most size, and size at most 1000 slides (use sliding for finer refresh)",
+                    ));
+                }
+                Windower::Hopping { size, slide }
+            }
+            WindowConfig::Sliding { size, every } => {
+                let (size, every) =
+                    (nanos(*size, &["window", "sliding", "size"])?, nanos(*every, &["window", "sliding", "every"])?);
+                if every > size {
+                    return Err(BuildError::at(["window", "sliding", "every"], "every must be at most size"));
+                }
+                Windower::Sliding { size, every }
+            }
+            WindowConfig::Session { gap } => Windower::Session { gap: nanos(*gap, &["window", "session", "gap"])? },
+            WindowConfig::Cumulative { period, timezone } => Windower::Cumulative {
+                period: *period,
+                tz: timezone.parse().map_err(|_| {
+                    BuildError::at(
+                        ["window", "cumulative", "timezone"],
+                        format!("unknown time zone `{timezone}` (use an IANA name such as Europe/Paris)"),
+                    )
+                })?,
+            },
+        };
+        if self.metrics.is_empty() {
+            return Err(BuildError::at(["metrics"], "name at least one metric"));
+        }
+        let metrics = self
+            .metrics
+            .iter()
+            .map(|(name, spec)| build_metric(name, spec, &self.limits))
+            .collect::<Result<Vec<_>, _>>()?;
+        let group_paths = self
+            .group_by
+            .iter()
+            .enumerate()
+            .map(|(i, g)| path(&["group_by", &i.to_string()], g))
+            .collect::<Result<Vec<_>, _>>()?;
+        let time_field = match &self.time.field {
+            Some(f) => Some(path(&["time", "field"], f)?),
+            None => None,
+        };
+        let stage = AggregateStage {
+            windower,
+            group_paths,
+            missing_group: self.missing_group,
+            default_group: Value::from(self.default_group.as_str()),
+            time_field,
+            lateness: self.time.allowed_lateness.0.as_nanos() as i64,
+            metrics,
+            emit: self.emit,
+            idle_timeout: self.idle_timeout.0,
+            max_groups: self.max_groups.max(1),
+            windows: BTreeMap::new(),
+            states: 0,
+            sessions: HashMap::new(),
+            gauges: HashMap::new(),
+            max_event_time: None,
+            last_event_wall: Instant::now(),
+            last_updates: Instant::now(),
+            last_slide_emitted: i64::MIN,
+            evicted_windows: 0,
+            key: String::new(),
+            assigned: Vec::new(),
+            contributions: Vec::new(),
+        };
+        Ok(BuiltStage::new(stage).with_ports(["late", "invalid"]))
+    }
+}
+
+inventory::submit!(Registration::stage::<AggregateConfig>());
+
+impl AggregateStage {
+    /// Highest event time seen minus the allowed lateness; with no events for
+    /// `idle_timeout`, it moves on with the wall clock so quiet windows close.
+    fn watermark(&self) -> i64 {
+        if self.time_field.is_none() {
+            return Timestamp::now().0 - self.lateness;
+        }
+        let Some(max) = self.max_event_time else { return i64::MIN };
+        let idle = self.last_event_wall.elapsed();
+        let extra = if idle >= self.idle_timeout { idle.as_nanos() as i64 } else { 0 };
+        max.saturating_add(extra) - self.lateness
+    }
+
+    fn event_time(&self, event: &Event) -> Result<i64, String> {
+        match &self.time_field {
+            None => Ok(Timestamp::now().0),
+            Some(field) => match field.get(&event.data) {
+                None => Err(format!("no event time: field `{field}` is missing")),
+                Some(v) => Timestamp::from_value(v)
+                    .map(|t| t.0)
+                    .ok_or_else(|| format!("field `{field}` is not a time (RFC 3339 or epoch): {v}")),
+            },
+        }
+    }
+
+    /// Writes the group key into `self.key`; `None` if a field is missing and that is invalid.
+    fn group_of(&mut self, event: &Event) -> Option<Vec<Value>> {
+        self.key.clear();
+        let mut values = Vec::with_capacity(self.group_paths.len());
+        for path in &self.group_paths {
+            let value = match path.get(&event.data) {
+                Some(v) if !v.is_null() => v.clone(),
+                _ if self.missing_group == MissingGroup::Invalid => return None,
+                _ => self.default_group.clone(),
+            };
+            match value.as_str() {
+                Some(s) => self.key.push_str(s),
+                None => self.key.push_str(&value.to_string()),
+            }
+            self.key.push('\u{1f}');
+            values.push(value);
+        }
+        Some(values)
+    }
+
+    fn contributions(&mut self, event: &mut Event) -> Result<(), String> {
+        self.contributions.clear();
+        for metric in &mut self.metrics {
+            if let Some(condition) = &mut metric.condition {
+                if !condition.matches(event)? {
+                    self.contributions.push(Contribution::Skip);
+                    continue;
+                }
+            }
+            let value = metric.field.as_ref().and_then(|f| f.get(&event.data)).filter(|v| !v.is_null());
+            let c = match (&mut metric.kind, value) {
+                (Kind::Count | Kind::Rate, _) => Contribution::One,
+                (Kind::Gauge { up, down }, v) => {
+                    let amount = match (&metric.field, v) {
+                        (None, _) => 1.0,
+                        (Some(_), Some(v)) => v.as_f64().unwrap_or(0.0),
+                        (Some(_), None) => 0.0,
+                    };
+                    if up.matches(event)? {
+                        Contribution::Delta(amount)
+                    } else if down.matches(event)? {
+                        Contribution::Delta(-amount)
+                    } else {
+                        Contribution::Skip
+                    }
+                }
+                (_, None) => Contribution::Skip,
+                (Kind::Sum | Kind::Avg | Kind::Min | Kind::Max | Kind::Percentiles(_), Some(v)) => match v.as_f64() {
+                    Some(f) => Contribution::Number(f, v.clone()),
+                    None => Contribution::Skip,
+                },
+                (Kind::First | Kind::Last, Some(v)) => Contribution::Timed(v.clone()),
+                (Kind::Distinct, Some(v)) => Contribution::Hash(value_hash(v)),
+                (Kind::TopK(_), Some(v)) => {
+                    Contribution::Key(v.as_str().map(str::to_string).unwrap_or_else(|| v.to_string()))
+                }
+            };
+            self.contributions.push(c);
+        }
+        Ok(())
+    }
+
+    fn new_state(&self, window: (i64, i64), group: Vec<Value>) -> GroupState {
+        let mut accs: Vec<Acc> = self.metrics.iter().map(Metric::empty).collect();
+        // Gauges are levels: a new window starts where the group's previous one stands.
+        let previous = self
+            .windows
+            .range(..window)
+            .rev()
+            .find_map(|(_, groups)| groups.get(self.key.as_str()))
+            .map(|s| s.accs.iter().map(|a| if let Acc::Gauge(g) = a { *g } else { 0.0 }).collect::<Vec<_>>());
+        if let Some(levels) = previous.as_ref().or_else(|| self.gauges.get(&self.key)) {
+            for (acc, level) in accs.iter_mut().zip(levels) {
+                if let Acc::Gauge(g) = acc {
+                    *g = *level;
+                }
+            }
+        }
+        GroupState { group, accs, tokens: Vec::new(), dirty: false }
+    }
+
+    fn add(&mut self, window: (i64, i64), group: &[Value], t: i64, ack: &AckToken) {
+        if !self.windows.get(&window).is_some_and(|w| w.contains_key(self.key.as_str())) {
+            let state = self.new_state(window, group.to_vec());
+            self.windows.entry(window).or_default().insert(self.key.clone(), state);
+            self.states += 1;
+        }
+        let state = self.windows.get_mut(&window).and_then(|w| w.get_mut(self.key.as_str())).expect("just inserted");
+        for (acc, c) in state.accs.iter_mut().zip(&self.contributions) {
+            match (acc, c) {
+                (_, Contribution::Skip) => {}
+                (Acc::Count(n) | Acc::Rate(n), Contribution::One) => *n += 1,
+                (Acc::Sum(s), Contribution::Number(_, v)) => {
+                    s.add(v);
+                }
+                (Acc::Avg(s, n), Contribution::Number(_, v)) => {
+                    s.add(v);
+                    *n += 1;
+                }
+                (Acc::Min(m), Contribution::Number(f, _)) => *m = Some(m.map_or(*f, |m| m.min(*f))),
+                (Acc::Max(m), Contribution::Number(f, _)) => *m = Some(m.map_or(*f, |m| m.max(*f))),
+                (Acc::Percentiles(s), Contribution::Number(f, _)) => s.add(*f),
+                (Acc::First(first), Contribution::Timed(v)) => {
+                    if first.as_ref().is_none_or(|(ft, _)| t < *ft) {
+                        *first = Some((t, v.clone()));
+                    }
+                }
+                (Acc::Last(last), Contribution::Timed(v)) => {
+                    if last.as_ref().is_none_or(|(lt, _)| t >= *lt) {
+                        *last = Some((t, v.clone()));
+                    }
+                }
+                (Acc::Distinct(d), Contribution::Hash(h)) => d.insert_hash(*h),
+                (Acc::TopK(top), Contribution::Key(k)) => top.add(k, 1),
+                (Acc::Gauge(g), Contribution::Delta(d)) => *g += d,
+                _ => {}
+            }
+        }
+        if ack.is_tracked() && !state.tokens.last().is_some_and(|t| t.same(ack)) {
+            state.tokens.push(ack.clone());
+        }
+        state.dirty = true;
+    }
+
+    /// Places a session event: grows the group's open session or starts a new one.
+    fn session_window(&mut self, t: i64, gap: i64) -> (i64, i64) {
+        let key = self.key.clone();
+        match self.sessions.get(&key).copied() {
+            Some((start, end)) if t >= start - gap && t < end => {
+                let grown = (start.min(t), end.max(t + gap));
+                if grown != (start, end) {
+                    if let Some(state) = self.windows.get_mut(&(start, end)).and_then(|w| w.remove(&key)) {
+                        self.windows.entry(grown).or_default().insert(key.clone(), state);
+                    }
+                    if self.windows.get(&(start, end)).is_some_and(HashMap::is_empty) {
+                        self.windows.remove(&(start, end));
+                    }
+                    self.sessions.insert(key, grown);
+                }
+                grown
+            }
+            Some((_, end)) if t < end => (t, t + gap),
+            _ => {
+                self.sessions.insert(key, (t, t + gap));
+                (t, t + gap)
+            }
+        }
+    }
+
+    fn result(&self, window: (i64, i64), state: &GroupState, final_: bool) -> Value {
+        let mut payload = Value::new_object();
+        for (path, value) in self.group_paths.iter().zip(&state.group) {
+            let _ = path.set(&mut payload, value.clone());
+        }
+        let mut fields: Vec<(String, Value)> = Vec::new();
+        fields.push((
+            "window".into(),
+            object([
+                ("start".to_string(), Value::from(Timestamp(window.0).to_rfc3339().as_str())),
+                ("end".to_string(), Value::from(Timestamp(window.1).to_rfc3339().as_str())),
+            ]),
+        ));
+        let seconds = (window.1 - window.0) as f64 / 1e9;
+        for (metric, acc) in self.metrics.iter().zip(&state.accs) {
+            let value = match (acc, &metric.kind) {
+                (Acc::Count(n), _) => Value::from(*n),
+                (Acc::Rate(n), _) => float(*n as f64 / seconds),
+                (Acc::Sum(s), _) => s.to_value(),
+                (Acc::Avg(s, n), _) => {
+                    if *n == 0 {
+                        Value::new_null()
+                    } else {
+                        float(s.as_f64() / *n as f64)
+                    }
+                }
+                (Acc::Min(m) | Acc::Max(m), _) => m.map(float).unwrap_or_default(),
+                (Acc::First(v) | Acc::Last(v), _) => v.as_ref().map(|(_, v)| v.clone()).unwrap_or_default(),
+                (Acc::Distinct(d), _) => Value::from(d.estimate()),
+                (Acc::Percentiles(sketch), Kind::Percentiles(names)) => {
+                    object(names.iter().map(|(name, q)| (name.clone(), quantile(sketch, *q))))
+                }
+                (Acc::TopK(top), Kind::TopK(k)) => array(top.top(*k).into_iter().map(|(value, count)| {
+                    object([
+                        ("value".to_string(), Value::from(value.as_str())),
+                        ("count".to_string(), Value::from(count)),
+                    ])
+                })),
+                (Acc::Gauge(g), _) => float(*g),
+                _ => Value::new_null(),
+            };
+            fields.push((metric.name.clone(), value));
+        }
+        fields.push(("final".into(), Value::from(final_)));
+        if let Some(obj) = conflux_api::sonic_rs::JsonValueMutTrait::as_object_mut(&mut payload) {
+            for (k, v) in fields {
+                obj.insert(&k, v);
+            }
+        }
+        payload
+    }
+
+    /// Emits a closed window's groups as final results carrying their sources' acknowledgements.
+    fn close(&mut self, window: (i64, i64), out: &mut Emitter) {
+        let Some(groups) = self.windows.remove(&window) else { return };
+        self.states -= groups.len();
+        for (key, mut state) in groups {
+            let payload = self.result(window, &state, true);
+            let levels: Vec<f64> = state.accs.iter().map(|a| if let Acc::Gauge(g) = a { *g } else { 0.0 }).collect();
+            if self.metrics.iter().any(|m| matches!(m.kind, Kind::Gauge { .. })) {
+                self.gauges.insert(key.clone(), levels);
+            }
+            if self.sessions.get(&key) == Some(&window) {
+                self.sessions.remove(&key);
+            }
+            let tokens = std::mem::take(&mut state.tokens);
+            let ack = if tokens.is_empty() {
+                AckToken::untracked()
+            } else {
+                AckToken::new(move |status| tokens.iter().for_each(|t| t.mark(status)))
+            };
+            let mut event = Event::new(payload).with_ack(ack);
+            event.event_time = Some(Timestamp(window.1));
+            out.emit(event);
+        }
+    }
+
+    fn close_due(&mut self, watermark: i64, out: &mut Emitter) {
+        if self.windower.is_sliding().is_some() {
+            return;
+        }
+        let due: Vec<(i64, i64)> = self
+            .windows
+            .keys()
+            .take_while(|(start, _)| *start < watermark)
+            .filter(|(_, end)| *end <= watermark)
+            .copied()
+            .collect();
+        for window in due {
+            self.close(window, out);
+        }
+    }
+
+    /// Sliding windows: results for `[t - size, t)` merged from buckets, once per step.
+    fn emit_sliding(&mut self, upto: i64, out: &mut Emitter) {
+        let Some((size, every)) = self.windower.is_sliding() else { return };
+        let t = upto.div_euclid(every) * every;
+        if t <= self.last_slide_emitted {
+            return;
+        }
+        self.last_slide_emitted = t;
+        let mut merged: HashMap<String, GroupState> = HashMap::new();
+        for (window, groups) in self.windows.range((t - size, i64::MIN)..) {
+            if window.0 >= t {
+                break;
+            }
+            for (key, state) in groups {
+                match merged.get_mut(key) {
+                    Some(m) => m.accs.iter_mut().zip(&state.accs).for_each(|(a, b)| a.merge(b)),
+                    None => {
+                        merged.insert(
+                            key.clone(),
+                            GroupState {
+                                group: state.group.clone(),
+                                accs: state.accs.clone(),
+                                tokens: Vec::new(),
+                                dirty: false,
+                            },
+                        );
+                    }
+                }
+            }
+        }
+        for state in merged.values() {
+            let mut event = Event::new(self.result((t - size, t), state, true));
+            event.event_time = Some(Timestamp(t));
+            out.emit(event);
+        }
+        // Buckets that left the window are done: their events are acknowledged.
+        let expired: Vec<(i64, i64)> = self.windows.keys().take_while(|w| w.1 <= t - size + every).copied().collect();
+        for window in expired {
+            if window.1 <= t - size + every && window.0 < t - size + every {
+                if let Some(groups) = self.windows.remove(&window) {
+                    self.states -= groups.len();
+                }
+            }
+        }
+    }
+
+    fn emit_updates(&mut self, out: &mut Emitter) {
+        let mut results = Vec::new();
+        for (window, groups) in self.windows.iter_mut() {
+            for state in groups.values_mut().filter(|s| s.dirty) {
+                state.dirty = false;
+                results.push((*window, state.group.clone(), state.accs.clone()));
+            }
+        }
+        for (window, group, accs) in results {
+            let state = GroupState { group, accs, tokens: Vec::new(), dirty: false };
+            let mut event = Event::new(self.result(window, &state, false));
+            event.event_time = Some(Timestamp(window.1));
+            out.emit(event);
+        }
+    }
+
+    fn enforce_limit(&mut self, out: &mut Emitter) {
+        while self.states > self.max_groups {
+            let Some(oldest) = self.windows.keys().next().copied() else { break };
+            self.evicted_windows += 1;
+            if self.evicted_windows == 1 || self.evicted_windows.is_power_of_two() {
+                warn!(
+                    states = self.states,
+                    max_groups = self.max_groups,
+                    evicted = self.evicted_windows,
+                    "aggregate state limit reached: closing the oldest window early"
+                );
+            }
+            self.close(oldest, out);
+        }
+    }
+}
+
+#[async_trait]
+impl Stage for AggregateStage {
+    async fn process(&mut self, batch: Batch, out: &mut Emitter) {
+        let mut watermark = self.watermark();
+        for mut event in batch {
+            let t = match self.event_time(&event) {
+                Ok(t) => t,
+                Err(reason) => {
+                    out.fail(event, reason);
+                    continue;
+                }
+            };
+            event.event_time = Some(Timestamp(t));
+            let Some(group) = self.group_of(&event) else {
+                event.meta.insert(conflux_api::component::ERROR_META, "a group_by field is missing");
+                out.emit_to(INVALID, event);
+                continue;
+            };
+            match self.windower {
+                Windower::Session { gap } => {
+                    if t + gap <= watermark {
+                        out.emit_to(LATE, event);
+                        continue;
+                    }
+                    let window = self.session_window(t, gap);
+                    self.assigned.clear();
+                    self.assigned.push(window);
+                }
+                _ => {
+                    let mut assigned = std::mem::take(&mut self.assigned);
+                    self.windower.assign(t, &mut assigned);
+                    let floor = match self.windower.is_sliding() {
+                        Some((size, _)) => watermark.saturating_sub(size),
+                        None => watermark,
+                    };
+                    assigned.retain(|w| w.1 > floor);
+                    self.assigned = assigned;
+                    if self.assigned.is_empty() {
+                        out.emit_to(LATE, event);
+                        continue;
+                    }
+                }
+            }
+            if let Err(reason) = self.contributions(&mut event) {
+                out.fail(event, reason);
+                continue;
+            }
+            if self.max_event_time.is_none_or(|m| t > m) {
+                self.max_event_time = Some(t);
+                watermark = self.watermark();
+            }
+            self.last_event_wall = Instant::now();
+            let windows = std::mem::take(&mut self.assigned);
+            for window in &windows {
+                self.add(*window, &group, t, &event.ack);
+            }
+            self.assigned = windows;
+            // The event itself ends here; its acknowledgement rides on the results.
+        }
+        self.close_due(watermark, out);
+        self.emit_sliding(watermark, out);
+        if self.emit == Emit::EveryBatch {
+            self.emit_updates(out);
+        }
+        self.enforce_limit(out);
+    }
+
+    fn tick_interval(&self) -> Option<std::time::Duration> {
+        let mut every = std::time::Duration::from_secs(1);
+        if let Emit::Updates(d) = self.emit {
+            every = every.min(d.0);
+        }
+        if let Some((_, step)) = self.windower.is_sliding() {
+            every = every.min(std::time::Duration::from_nanos(step as u64));
+        }
+        Some(every.max(std::time::Duration::from_millis(10)))
+    }
+
+    async fn tick(&mut self, out: &mut Emitter) {
+        let watermark = self.watermark();
+        self.close_due(watermark, out);
+        self.emit_sliding(watermark, out);
+        if let Emit::Updates(every) = self.emit {
+            if self.last_updates.elapsed() >= every.0 {
+                self.last_updates = Instant::now();
+                self.emit_updates(out);
+            }
+        }
+    }
+
+    async fn finish(&mut self, out: &mut Emitter) {
+        if let (Some((_, every)), Some(max)) = (self.windower.is_sliding(), self.max_event_time) {
+            self.emit_sliding(max + every, out);
+            self.windows.clear();
+            self.states = 0;
+            return;
+        }
+        let all: Vec<(i64, i64)> = self.windows.keys().copied().collect();
+        for window in all {
+            self.close(window, out);
+        }
+    }
+}
