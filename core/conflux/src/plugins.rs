@@ -3,4 +3,6 @@
 
 pub fn link_all() {
     conflux_std::link();
+    conflux_http::link();
+    conflux_validate::link();
 }
