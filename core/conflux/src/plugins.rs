@@ -5,4 +5,5 @@ pub fn link_all() {
     conflux_std::link();
     conflux_http::link();
     conflux_validate::link();
+    conflux_nats::link();
 }

@@ -4,6 +4,7 @@ mod cli;
 mod engine;
 mod generated;
 mod http;
+mod nats;
 mod validation;
 
 /// Registers the test components and the built-in plugins.
@@ -12,6 +13,7 @@ pub fn setup() {
     conflux_std::link();
     conflux_http::link();
     conflux_validate::link();
+    conflux_nats::link();
 }
 
 /// A unique key per test, so parallel tests keep their testkit state apart.
