@@ -111,7 +111,7 @@ inventory::submit!(Registration::input::<NatsInputConfig>());
 
 enum Source {
     Core(SelectAll<async_nats::Subscriber>),
-    JetStream { messages: PullStream, acks: mpsc::UnboundedSender<(async_nats::jetstream::Message, AckStatus)> },
+    JetStream { messages: Box<PullStream>, acks: mpsc::UnboundedSender<(async_nats::jetstream::Message, AckStatus)> },
 }
 
 struct NatsInput {
@@ -184,7 +184,7 @@ impl Input for NatsInput {
                 let (acks, rx) = mpsc::unbounded_channel();
                 let nak_delay = js_config.nak_delay.map_or(StdDuration::from_secs(1), |d| d.0);
                 tokio::spawn(acknowledge(client, rx, nak_delay));
-                Source::JetStream { messages, acks }
+                Source::JetStream { messages: Box::new(messages), acks }
             }
         };
         self.source = Some(source);
