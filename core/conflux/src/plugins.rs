@@ -6,4 +6,5 @@ pub fn link_all() {
     conflux_http::link();
     conflux_validate::link();
     conflux_nats::link();
+    conflux_kafka::link();
 }

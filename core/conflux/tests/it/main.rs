@@ -4,6 +4,7 @@ mod cli;
 mod engine;
 mod generated;
 mod http;
+mod kafka;
 mod nats;
 mod validation;
 
@@ -14,6 +15,7 @@ pub fn setup() {
     conflux_http::link();
     conflux_validate::link();
     conflux_nats::link();
+    conflux_kafka::link();
 }
 
 /// A unique key per test, so parallel tests keep their testkit state apart.
