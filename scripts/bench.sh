@@ -116,8 +116,11 @@ YAML
 drain_rate() { # name events pipeline-file admin-port
   local name=$1 events=$2 file=$3 port=$4 start end got=0 pid
   "$BIN" run --admin "127.0.0.1:$port" "$file" & pid=$!
-  until curl -sf "127.0.0.1:$port/ready" >/dev/null; do sleep 0.05; done
+  # The clock starts at the first event, so group joins and connects are not counted.
+  local base=0 metric='/^conflux_events_received_total.*component="out"/ {print $2}'
+  until [ "${base%.*}" -gt 0 ]; do sleep 0.02; base=$(curl -s "127.0.0.1:$port/metrics" | awk "$metric"); base=${base:-0}; done
   start=$(date +%s.%N)
+  got=$base
   while [ "${got%.*}" -lt "$events" ]; do
     sleep 0.05
     got=$(curl -s "127.0.0.1:$port/metrics" | awk '/^conflux_events_received_total.*component="out"/ {print $2}')
@@ -126,7 +129,7 @@ drain_rate() { # name events pipeline-file admin-port
   end=$(date +%s.%N)
   kill -TERM "$pid"; wait "$pid" || true
   printf '%-28s %12.0f events/s   (%s events in %.2f s)\n' "$name" \
-    "$(awk -v n="$got" -v a="$end" -v b="$start" 'BEGIN {print n / (a - b)}')" "$got" "$(awk -v a="$end" -v b="$start" 'BEGIN {print a - b}')"
+    "$(awk -v n="$got" -v m="$base" -v a="$end" -v b="$start" 'BEGIN {print (n - m) / (a - b)}')" "$((${got%.*} - ${base%.*}))" "$(awk -v a="$end" -v b="$start" 'BEGIN {print a - b}')"
 }
 
 # wrk against an http_server → drop pipeline; BODY is a file holding each request's body.
