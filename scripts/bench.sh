@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Throughput and memory benchmarks on a release build. Prints events/s (median
 # of RUNS runs) and peak RSS per scenario. Usage: scripts/bench.sh [scenario…]
-# Scenarios: generate_drop file_drop rhai wasm_identity wasm_mask wasm_filter idle slow_output
-# (default: all).
+# Scenarios: generate_drop file_drop rhai wasm_identity wasm_mask wasm_filter aggregate idle slow_output
+# http_single http_ndjson kafka_drop jetstream_drop (default: all but the last four, which need wrk,
+# and tansu / NATS via scripts/services.sh).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 RUNS=${RUNS:-3}
@@ -133,6 +134,46 @@ wasm_identity() { wasm_scenario "file → wasm identity → drop" identity; }
 wasm_mask() { wasm_scenario "file → wasm mask → drop" mask '{ salt: bench }'; }
 wasm_filter() { wasm_scenario "file → wasm filter → drop" filter '{ types: [booking_created] }'; }
 
+# Issue 4: count + sum by restaurant in 1-minute event-time tumbling windows,
+# then the same with count_distinct, p99 and top_k; and peak RSS with 100,000 groups.
+aggregate_scenario() { # name file metrics-yaml [keys]
+  cat >"$WORK/aggregate-$1.yaml" <<YAML
+inputs:
+  in: { type: file, path: $2 }
+stages:
+  agg:
+    type: aggregate
+    from: in
+    group_by: [data.restaurantId]
+    time: { field: timestamp, allowed_lateness: 5s }
+    window: { tumbling: 1m }
+    metrics: $3
+outputs:
+  out: { type: drop, from: agg }
+YAML
+}
+
+aggregate() {
+  local file groups
+  file=$(events_file)
+  aggregate_scenario simple "$file" '{ bookings: { count: {} }, guests: { sum: data.guests } }'
+  throughput "aggregate count+sum" "$EVENTS" "$WORK/aggregate-simple.yaml"
+  aggregate_scenario sketches "$file" '{ bookings: { count: {} }, users: { count_distinct: data.userId }, p99: { percentiles: { field: data.guests, quantiles: [0.99] } }, zones: { top_k: { field: data.zone, k: 3 } } }'
+  throughput "aggregate distinct+p99+top_k" "$EVENTS" "$WORK/aggregate-sketches.yaml"
+  groups=$WORK/bookings-100k-groups.ndjson
+  if [ ! -s "$groups" ]; then
+    cat >"$WORK/make-groups.yaml" <<YAML
+inputs:
+  gen: { type: generate, profile: booking, count: $EVENTS, seed: 7, keys: 100000 }
+outputs:
+  out: { type: file, path: $groups, append: false, from: gen }
+YAML
+    "$BIN" run "$WORK/make-groups.yaml"
+  fi
+  aggregate_scenario groups "$groups" '{ bookings: { count: {} }, guests: { sum: data.guests } }'
+  throughput "aggregate, 100k groups" "$EVENTS" "$WORK/aggregate-groups.yaml"
+}
+
 # Peak RSS of a pipeline that sits idle: a slow generator into drop.
 idle() {
   cat >"$WORK/idle.yaml" <<YAML
@@ -162,7 +203,100 @@ YAML
   printf '%-28s RSS every 2 s: %s KiB (flat = bounded)\n' "slow output (10ms/batch)" "${samples[*]}"
 }
 
+# Runs a never-ending pipeline until its `out` output received N events; prints the rate.
+drain_rate() { # name events pipeline-file admin-port
+  local name=$1 events=$2 file=$3 port=$4 start end got=0 pid
+  "$BIN" run --admin "127.0.0.1:$port" "$file" & pid=$!
+  # The clock starts at the first event, so group joins and connects are not counted.
+  local base=0 metric='/^conflux_events_received_total.*component="out"/ {print $2}'
+  until [ "${base%.*}" -gt 0 ]; do sleep 0.02; base=$(curl -s "127.0.0.1:$port/metrics" | awk "$metric"); base=${base:-0}; done
+  start=$(date +%s.%N)
+  got=$base
+  while [ "${got%.*}" -lt "$events" ]; do
+    sleep 0.05
+    got=$(curl -s "127.0.0.1:$port/metrics" | awk '/^conflux_events_received_total.*component="out"/ {print $2}')
+    got=${got:-0}
+  done
+  end=$(date +%s.%N)
+  kill -TERM "$pid"; wait "$pid" || true
+  printf '%-28s %12.0f events/s   (%s events in %.2f s)\n' "$name" \
+    "$(awk -v n="$got" -v m="$base" -v a="$end" -v b="$start" 'BEGIN {print (n - m) / (a - b)}')" "$((${got%.*} - ${base%.*}))" "$(awk -v a="$end" -v b="$start" 'BEGIN {print a - b}')"
+}
+
+# wrk against an http_server → drop pipeline; BODY is a file holding each request's body.
+http_wrk() { # name content-type body-file events-per-request
+  local name=$1 ctype=$2 body=$3 per=$4 port=18080 pid out rps
+  cat >"$WORK/http.yaml" <<YAML
+inputs:
+  api: { type: http_server, address: 127.0.0.1:$port, path: /events, queue: 1024 }
+outputs:
+  out: { type: drop, from: api }
+YAML
+  cat >"$WORK/post.lua" <<LUA
+local f = io.open("$body", "rb"); wrk.body = f:read("*a"); f:close()
+wrk.method = "POST"; wrk.headers["Content-Type"] = "$ctype"
+LUA
+  "$BIN" run "$WORK/http.yaml" & pid=$!
+  until curl -s -o /dev/null "127.0.0.1:$port/"; do sleep 0.05; done
+  out=$(wrk -t2 -c64 -d${HTTP_SECONDS:-10}s --latency -s "$WORK/post.lua" "http://127.0.0.1:$port/events")
+  kill -TERM "$pid"; wait "$pid" || true
+  rps=$(echo "$out" | awk '/Requests\/sec/ {print $2}')
+  printf '%-28s %12.0f req/s %12.0f events/s   p50 %s  p99 %s  (non-2xx: %s)\n' "$name" "$rps" \
+    "$(awk -v r="$rps" -v n="$per" 'BEGIN {print r * n}')" \
+    "$(echo "$out" | awk '$1 == "50%" {print $2}')" "$(echo "$out" | awk '$1 == "99%" {print $2}')" \
+    "$(echo "$out" | awk '/Non-2xx/ {print $NF}' | grep . || echo 0)"
+}
+
+http_single() {
+  "$BIN" run "$(printf 'inputs:\n  g: { type: generate, count: 1, seed: 1 }\noutputs:\n  o: { type: file, path: %s, append: false, from: g }\n' "$WORK/one.json" > "$WORK/one.yaml"; echo "$WORK/one.yaml")"
+  http_wrk "HTTP single event (64 conn)" application/json "$WORK/one.json" 1
+}
+
+http_ndjson() {
+  "$BIN" run "$(printf 'inputs:\n  g: { type: generate, count: 100, seed: 1 }\noutputs:\n  o: { type: file, path: %s, append: false, from: g }\n' "$WORK/hundred.ndjson" > "$WORK/hundred.yaml"; echo "$WORK/hundred.yaml")"
+  http_wrk "HTTP NDJSON x100 (64 conn)" application/x-ndjson "$WORK/hundred.ndjson" 100
+}
+
+kafka_drop() {
+  local topic=bench_$RANDOM$RANDOM
+  cat >"$WORK/kafka-fill.yaml" <<YAML
+inputs:
+  gen: { type: generate, profile: booking, count: $EVENTS, seed: 42 }
+outputs:
+  out: { type: kafka, brokers: ["${KAFKA_BROKERS:-127.0.0.1:9092}"], topic: $topic, linger: 20ms, from: gen }
+YAML
+  "$BIN" run "$WORK/kafka-fill.yaml"
+  cat >"$WORK/kafka-drop.yaml" <<YAML
+inputs:
+  in: { type: kafka, brokers: ["${KAFKA_BROKERS:-127.0.0.1:9092}"], topics: [$topic], group: bench-$topic, batch_size: 4096 }
+outputs:
+  out: { type: drop, from: in }
+YAML
+  drain_rate "Kafka (tansu) → drop" "$EVENTS" "$WORK/kafka-drop.yaml" 19464
+}
+
+jetstream_drop() {
+  local stream=BENCH$RANDOM$RANDOM
+  cat >"$WORK/js-fill.yaml" <<YAML
+inputs:
+  gen: { type: generate, profile: booking, count: $EVENTS, seed: 42 }
+outputs:
+  out: { type: nats, url: "${NATS_URL:-nats://127.0.0.1:4222}", jetstream: true, subject: "bench.$stream", from: gen }
+YAML
+  cat >"$WORK/js-drop.yaml" <<YAML
+inputs:
+  in: { type: nats, url: "${NATS_URL:-nats://127.0.0.1:4222}", subjects: ["bench.$stream"], batch_size: 4096,
+        jetstream: { stream: $stream, durable: bench, max_ack_pending: 100000 } }
+outputs:
+  out: { type: drop, from: in }
+YAML
+  # Creates the stream (the input creates it over its subjects), then fills it.
+  timeout 3 "$BIN" run "$WORK/js-drop.yaml" >/dev/null 2>&1 || true
+  "$BIN" run "$WORK/js-fill.yaml"
+  drain_rate "JetStream → drop" "$EVENTS" "$WORK/js-drop.yaml" 19465
+}
+
 echo "conflux bench: $(nproc) cores, RUNS=$RUNS, EVENTS=$EVENTS"
-for scenario in "${@:-generate_drop file_drop rhai wasm_identity wasm_mask wasm_filter idle slow_output}"; do
+for scenario in "${@:-generate_drop file_drop rhai wasm_identity wasm_mask wasm_filter aggregate idle slow_output}"; do
   for s in $scenario; do "$s"; done
 done

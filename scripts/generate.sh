@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
 # Regenerates the committed artefacts derived from the config types.
+# Honours CARGO_TARGET_DIR (default: ./target).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 cargo build -q -p conflux

@@ -13,6 +13,7 @@ pub mod error;
 pub mod event;
 pub mod path;
 pub mod registry;
+pub mod template;
 
 pub use ack::{AckStatus, AckToken};
 pub use async_trait::async_trait;

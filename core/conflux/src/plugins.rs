@@ -6,4 +6,8 @@ pub fn link_all() {
     conflux_rhai::link();
     conflux_aggregate::link();
     conflux_wasm::link();
+    conflux_http::link();
+    conflux_validate::link();
+    conflux_nats::link();
+    conflux_kafka::link();
 }

@@ -3,6 +3,9 @@
 mod cli;
 mod engine;
 mod generated;
+mod http;
+mod kafka;
+mod nats;
 mod validation;
 mod wasm;
 
@@ -11,6 +14,10 @@ pub fn setup() {
     conflux_testkit::link();
     conflux_std::link();
     conflux_wasm::link();
+    conflux_http::link();
+    conflux_validate::link();
+    conflux_nats::link();
+    conflux_kafka::link();
 }
 
 /// A unique key per test, so parallel tests keep their testkit state apart.
@@ -31,4 +38,26 @@ pub async fn http_get(addr: std::net::SocketAddr, path: &str) -> (u16, String) {
     let status = response.split(' ').nth(1).and_then(|s| s.parse().ok()).unwrap_or(0);
     let body = response.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default();
     (status, body)
+}
+
+/// A loopback address with a port free right now.
+pub fn free_addr() -> std::net::SocketAddr {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind loopback");
+    listener.local_addr().unwrap()
+}
+
+/// Waits until something accepts connections on `addr`.
+pub async fn wait_listening(addr: std::net::SocketAddr) {
+    for _ in 0..500 {
+        if tokio::net::TcpStream::connect(addr).await.is_ok() {
+            return;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+    panic!("nothing listens on {addr}");
+}
+
+/// A file of the test fixtures folder.
+pub fn fixture(name: &str) -> String {
+    format!("{}/tests/it/fixtures/{name}", env!("CARGO_MANIFEST_DIR"))
 }

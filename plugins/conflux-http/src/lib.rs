@@ -1,0 +1,22 @@
+//! HTTP and WebSocket intake: `http_server` and `websocket_server` inputs.
+//!
+//! Both share one front door ([`intake`]): authentication (API keys or JWT),
+//! per-client token-bucket rate limits, body size limits, optional schema
+//! checks, and a bounded queue into the pipeline whose fullness turns into
+//! `503` + `Retry-After` instead of unbounded memory. With `ack: sync` the
+//! answer waits for the request's acknowledgement token, so `200` means every
+//! output confirmed.
+
+mod auth;
+mod body;
+mod http_server;
+mod intake;
+mod server;
+mod websocket;
+
+pub use auth::{ApiKeysConfig, AuthConfig, JwtConfig, Secret};
+pub use intake::{AckMode, PartialMode, RateLimitConfig};
+pub use server::{CorsConfig, TlsConfig};
+
+/// Call from the binary so the linker keeps this crate's registrations.
+pub fn link() {}

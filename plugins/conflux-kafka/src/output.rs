@@ -1,0 +1,193 @@
+//! `kafka` output.
+
+use std::collections::BTreeMap;
+use std::time::Duration as StdDuration;
+
+use conflux_api::config::Duration;
+use conflux_api::template::Template;
+use conflux_api::{
+    async_trait, inventory, Batch, BuildContext, BuildError, Output, OutputConfig, PluginError, Registration,
+};
+use rdkafka::config::ClientConfig;
+use rdkafka::error::{KafkaError, RDKafkaErrorCode};
+use rdkafka::message::{Header, OwnedHeaders};
+use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
+use schemars::JsonSchema;
+use serde::Deserialize;
+
+/// Compression of produced batches.
+#[derive(Debug, Clone, Copy, Default, Deserialize, JsonSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum Compression {
+    #[default]
+    None,
+    Gzip,
+    Snappy,
+    Lz4,
+}
+
+/// Produces each event's payload as JSON to Kafka.
+///
+/// A batch is acknowledged once every delivery report confirmed it (with
+/// `acks=all`); a failed report fails the write and the engine retries it.
+/// The producer is idempotent by default, so retries inside librdkafka
+/// neither duplicate nor reorder messages.
+#[derive(Debug, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct KafkaOutputConfig {
+    /// Bootstrap brokers, `host:port`.
+    pub brokers: Vec<String>,
+    /// Topic, with `{{ field.path }}` taken from each event.
+    pub topic: String,
+    /// Message key, with `{{ field.path }}` (`{{ data.restaurantId }}`); unset sends no key.
+    #[serde(default)]
+    pub key: Option<String>,
+    /// Headers to add: name → value template.
+    #[serde(default)]
+    pub headers: BTreeMap<String, String>,
+    /// Compression codec.
+    #[serde(default)]
+    pub compression: Compression,
+    /// How long librdkafka waits to fill a batch before sending (`linger.ms`).
+    #[serde(default)]
+    pub linger: Option<Duration>,
+    /// Most messages per produce request (`batch.num.messages`).
+    #[serde(default = "default_batch_messages")]
+    pub batch_messages: usize,
+    /// Idempotent producer: no duplicates or reordering from internal retries.
+    #[serde(default = "default_true")]
+    pub idempotent: bool,
+    /// How long a message may take to be delivered before its report says it failed.
+    #[serde(default)]
+    pub delivery_timeout: Option<Duration>,
+    /// Extra librdkafka producer properties (values are never logged).
+    #[serde(default)]
+    pub options: BTreeMap<String, String>,
+}
+
+fn default_batch_messages() -> usize {
+    10_000
+}
+
+fn default_true() -> bool {
+    true
+}
+
+impl OutputConfig for KafkaOutputConfig {
+    const TYPE: &'static str = "kafka";
+    fn build(self, _cx: &BuildContext) -> Result<Box<dyn Output>, BuildError> {
+        if self.brokers.is_empty() {
+            return Err(BuildError::at(["brokers"], "give at least one broker"));
+        }
+        let topic = Template::parse(&self.topic).map_err(|e| BuildError::at(["topic"], e))?;
+        let key = self.key.as_deref().map(Template::parse).transpose().map_err(|e| BuildError::at(["key"], e))?;
+        let headers = self
+            .headers
+            .iter()
+            .map(|(k, v)| {
+                Template::parse(v).map(|t| (k.clone(), t)).map_err(|e| BuildError::at(["headers", k.as_str()], e))
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(Box::new(KafkaOutput { config: self, topic, key, headers, producer: None }))
+    }
+}
+
+inventory::submit!(Registration::output::<KafkaOutputConfig>());
+
+struct KafkaOutput {
+    config: KafkaOutputConfig,
+    topic: Template,
+    key: Option<Template>,
+    headers: Vec<(String, Template)>,
+    producer: Option<FutureProducer>,
+}
+
+fn fatal(what: &str, e: String) -> PluginError {
+    PluginError::fatal(format!("{what}: {e}"))
+}
+
+#[async_trait]
+impl Output for KafkaOutput {
+    async fn connect(&mut self) -> Result<(), PluginError> {
+        if self.producer.is_some() {
+            return Ok(());
+        }
+        let c = &self.config;
+        let mut config = ClientConfig::new();
+        config
+            .set("bootstrap.servers", c.brokers.join(","))
+            .set("enable.idempotence", c.idempotent.to_string())
+            .set("acks", "all")
+            .set(
+                "compression.type",
+                match c.compression {
+                    Compression::None => "none",
+                    Compression::Gzip => "gzip",
+                    Compression::Snappy => "snappy",
+                    Compression::Lz4 => "lz4",
+                },
+            )
+            .set("linger.ms", c.linger.map_or(5, |d| d.0.as_millis()).to_string())
+            .set("batch.num.messages", c.batch_messages.to_string())
+            .set("message.timeout.ms", c.delivery_timeout.map_or(30_000, |d| d.0.as_millis()).to_string());
+        for (k, v) in &c.options {
+            config.set(k, v);
+        }
+        let producer: FutureProducer =
+            config.create().map_err(|e| PluginError::fatal(format!("invalid Kafka producer settings: {e}")))?;
+        self.producer = Some(producer);
+        Ok(())
+    }
+
+    async fn write(&mut self, batch: &Batch) -> Result<(), PluginError> {
+        let producer = self.producer.as_ref().ok_or_else(|| PluginError::not_connected("not connected"))?;
+        let mut reports = Vec::with_capacity(batch.len());
+        for event in batch {
+            let topic = self.topic.render(&event.data).map_err(|e| fatal("topic", e))?;
+            let key = self.key.as_ref().map(|k| k.render(&event.data)).transpose().map_err(|e| fatal("key", e))?;
+            let payload = conflux_api::sonic_rs::to_vec(&event.data)
+                .map_err(|e| PluginError::fatal_from("cannot serialize an event", e))?;
+            let mut headers = OwnedHeaders::new_with_capacity(self.headers.len());
+            for (name, template) in &self.headers {
+                let value = template.render(&event.data).map_err(|e| fatal("header", e))?;
+                headers = headers.insert(Header { key: name, value: Some(value.as_bytes()) });
+            }
+            let mut record = FutureRecord::to(&topic).payload(&payload).headers(headers);
+            if let Some(key) = &key {
+                record = record.key(key);
+            }
+            loop {
+                match producer.send_result(record) {
+                    Ok(report) => {
+                        reports.push(report);
+                        break;
+                    }
+                    Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), back)) => {
+                        // librdkafka's queue is full: let it send some before enqueueing more.
+                        record = back;
+                        producer.poll(StdDuration::from_millis(0));
+                        tokio::time::sleep(StdDuration::from_millis(5)).await;
+                    }
+                    Err((e, _)) => return Err(PluginError::retryable(format!("cannot enqueue a message: {e}"))),
+                }
+            }
+        }
+        for report in futures_util::future::join_all(reports).await {
+            match report {
+                Ok(Ok(_)) => {}
+                Ok(Err((e, _))) => return Err(PluginError::retryable(format!("delivery failed: {e}"))),
+                Err(_) => return Err(PluginError::retryable("delivery report lost")),
+            }
+        }
+        Ok(())
+    }
+
+    async fn close(&mut self) -> Result<(), PluginError> {
+        if let Some(producer) = &self.producer {
+            producer
+                .flush(StdDuration::from_secs(10))
+                .map_err(|e| PluginError::retryable(format!("flush failed: {e}")))?;
+        }
+        Ok(())
+    }
+}
