@@ -213,20 +213,8 @@ impl Acc {
             }
             (Acc::Min(a), Acc::Min(b)) => *a = min_opt(*a, *b),
             (Acc::Max(a), Acc::Max(b)) => *a = max_opt(*a, *b),
-            (Acc::First(a), Acc::First(b)) => {
-                if let Some(b) = b {
-                    if a.as_ref().is_none_or(|a| b.0 < a.0) {
-                        *a = Some(b.clone());
-                    }
-                }
-            }
-            (Acc::Last(a), Acc::Last(b)) => {
-                if let Some(b) = b {
-                    if a.as_ref().is_none_or(|a| b.0 >= a.0) {
-                        *a = Some(b.clone());
-                    }
-                }
-            }
+            (Acc::First(a), Acc::First(Some(b))) if a.as_ref().is_none_or(|a| b.0 < a.0) => *a = Some(b.clone()),
+            (Acc::Last(a), Acc::Last(Some(b))) if a.as_ref().is_none_or(|a| b.0 >= a.0) => *a = Some(b.clone()),
             (Acc::Distinct(a), Acc::Distinct(b)) => a.merge(b),
             (Acc::Percentiles(a), Acc::Percentiles(b)) => {
                 let _ = a.merge(b);

@@ -416,15 +416,11 @@ impl AggregateStage {
                 (Acc::Min(m), Contribution::Number(f, _)) => *m = Some(m.map_or(*f, |m| m.min(*f))),
                 (Acc::Max(m), Contribution::Number(f, _)) => *m = Some(m.map_or(*f, |m| m.max(*f))),
                 (Acc::Percentiles(s), Contribution::Number(f, _)) => s.add(*f),
-                (Acc::First(first), Contribution::Timed(v)) => {
-                    if first.as_ref().is_none_or(|(ft, _)| t < *ft) {
-                        *first = Some((t, v.clone()));
-                    }
+                (Acc::First(first), Contribution::Timed(v)) if first.as_ref().is_none_or(|(ft, _)| t < *ft) => {
+                    *first = Some((t, v.clone()))
                 }
-                (Acc::Last(last), Contribution::Timed(v)) => {
-                    if last.as_ref().is_none_or(|(lt, _)| t >= *lt) {
-                        *last = Some((t, v.clone()));
-                    }
+                (Acc::Last(last), Contribution::Timed(v)) if last.as_ref().is_none_or(|(lt, _)| t >= *lt) => {
+                    *last = Some((t, v.clone()))
                 }
                 (Acc::Distinct(d), Contribution::Hash(h)) => d.insert_hash(*h),
                 (Acc::TopK(top), Contribution::Key(k)) => top.add(k, 1),

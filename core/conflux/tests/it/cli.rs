@@ -63,17 +63,26 @@ fn quickstart_runs_on_embedded_defaults_and_ends() {
     let quickstart = concat!(env!("CARGO_MANIFEST_DIR"), "/../../configs/quickstart.yaml");
     let output = conflux()
         .args(["run", quickstart])
-        .env("QUICKSTART_EVENTS", "3")
+        .env("QUICKSTART_EVENTS", "300")
+        .env("QUICKSTART_RATE", "2000/s")
         .env("CONFLUX_ADMIN", "127.0.0.1:0")
         .output()
         .unwrap();
     assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
     let stdout = String::from_utf8_lossy(&output.stdout);
-    assert_eq!(stdout.lines().count(), 3, "{stdout}");
-    for line in stdout.lines() {
-        let event: serde_json::Value = serde_json::from_str(line).unwrap();
-        assert!(event["type"].as_str().unwrap().starts_with("booking_"));
-    }
+    let finals: Vec<serde_json::Value> = stdout
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+        .filter(|e| e["final"] == true)
+        .collect();
+    assert!(!finals.is_empty(), "{stdout}");
+    let restaurants: std::collections::BTreeSet<&str> =
+        finals.iter().map(|e| e["data"]["restaurantId"].as_str().unwrap()).collect();
+    assert_eq!(restaurants.len(), 3, "{stdout}");
+    let bookings: u64 = finals.iter().map(|e| e["bookings"].as_u64().unwrap()).sum();
+    let cancelled: u64 = finals.iter().map(|e| e["cancelled"].as_u64().unwrap()).sum();
+    assert!(bookings > 0 && bookings + cancelled <= 300, "{stdout}");
+    assert!(finals.iter().all(|e| e["window"]["start"].is_string() && e["users"].as_u64().unwrap() > 0));
 }
 
 #[test]
@@ -201,9 +210,9 @@ fn graph_plugins_and_schema_commands() {
     let quickstart = concat!(env!("CARGO_MANIFEST_DIR"), "/../../configs/quickstart.yaml");
     let graph = conflux().args(["graph", quickstart]).output().unwrap();
     let text = String::from_utf8_lossy(&graph.stdout);
-    assert!(text.starts_with("flowchart LR") && text.contains("bookings --> console"), "{text}");
+    assert!(text.starts_with("flowchart LR") && text.contains("per_minute --> console"), "{text}");
     let dot = conflux().args(["graph", "--format", "dot", quickstart]).output().unwrap();
-    assert!(String::from_utf8_lossy(&dot.stdout).contains("\"bookings\" -> \"console\""));
+    assert!(String::from_utf8_lossy(&dot.stdout).contains("\"bookings\" -> \"private\""));
 
     let plugins = conflux().arg("plugins").output().unwrap();
     let text = String::from_utf8_lossy(&plugins.stdout);
