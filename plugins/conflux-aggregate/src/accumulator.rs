@@ -88,6 +88,31 @@ fn hll_estimate(registers: &[u8]) -> u64 {
     estimate.round() as u64
 }
 
+/// A copy of a value that owns its memory. Values read out of a parsed event
+/// share that event's whole buffer; state kept for long (group keys, first
+/// and last values) must not pin every event it saw.
+pub fn detached(value: &Value) -> Value {
+    if let Some(s) = value.as_str() {
+        return Value::from(s);
+    }
+    if let Some(i) = value.as_i64() {
+        return Value::from(i);
+    }
+    if let Some(u) = value.as_u64() {
+        return Value::from(u);
+    }
+    if let Some(f) = value.as_f64() {
+        return float(f);
+    }
+    if let Some(b) = value.as_bool() {
+        return Value::from(b);
+    }
+    if value.is_null() {
+        return Value::new_null();
+    }
+    conflux_api::sonic_rs::from_str(&value.to_string()).unwrap_or_default()
+}
+
 /// Hash of a payload value for distinct counting and top-k keys.
 pub fn value_hash(value: &Value) -> u64 {
     match value.as_str() {

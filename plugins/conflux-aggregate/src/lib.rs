@@ -1,4 +1,6 @@
-//! The `aggregate` stage: metrics per group over event-time windows.
+//! Analytics stages: `aggregate` (metrics per group over event-time windows),
+//! `dedupe` (repeats of a key within a window) and `alert` (threshold and
+//! absence rules with hold times and hysteresis).
 //!
 //! Windows close when the watermark (highest event time seen minus
 //! `allowed_lateness`) passes their end, or after `idle_timeout` of silence;
@@ -6,11 +8,15 @@
 //! is what sliding windows are built from.
 
 mod accumulator;
+mod alert;
 mod config;
+mod dedupe;
 mod stage;
 mod window;
 
+pub use alert::AlertConfig;
 pub use config::AggregateConfig;
+pub use dedupe::DedupeConfig;
 
 /// Call from the binary so the linker keeps this crate's registrations.
 pub fn link() {}

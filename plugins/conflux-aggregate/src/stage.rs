@@ -12,7 +12,7 @@ use conflux_api::{
 use conflux_rhai::Condition;
 use tracing::warn;
 
-use crate::accumulator::{array, float, object, quantile, value_hash, Acc, Distinct, Sum, TopK};
+use crate::accumulator::{array, detached, float, object, quantile, value_hash, Acc, Distinct, Sum, TopK};
 use crate::config::{AggregateConfig, Emit, MissingGroup, WindowConfig};
 use crate::window::Windower;
 
@@ -320,7 +320,7 @@ impl AggregateStage {
         let mut values = Vec::with_capacity(self.group_paths.len());
         for path in &self.group_paths {
             let value = match path.get(&event.data) {
-                Some(v) if !v.is_null() => v.clone(),
+                Some(v) if !v.is_null() => detached(v),
                 _ if self.missing_group == MissingGroup::Invalid => return None,
                 _ => self.default_group.clone(),
             };
@@ -365,7 +365,7 @@ impl AggregateStage {
                     Some(f) => Contribution::Number(f, v.clone()),
                     None => Contribution::Skip,
                 },
-                (Kind::First | Kind::Last, Some(v)) => Contribution::Timed(v.clone()),
+                (Kind::First | Kind::Last, Some(v)) => Contribution::Timed(detached(v)),
                 (Kind::Distinct, Some(v)) => Contribution::Hash(value_hash(v)),
                 (Kind::TopK(_), Some(v)) => {
                     Contribution::Key(v.as_str().map(str::to_string).unwrap_or_else(|| v.to_string()))

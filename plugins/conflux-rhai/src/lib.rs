@@ -12,6 +12,7 @@ mod helpers;
 mod script;
 mod stages;
 
+pub use rhai::Dynamic;
 pub use script::{Condition, Limits, Script, ScriptError};
 
 /// Call from the binary so the linker keeps this crate's registrations.
