@@ -174,6 +174,18 @@ fn conflux_test_runs_the_rhai_cases() {
 }
 
 #[test]
+fn conflux_test_runs_the_analytics_scenarios() {
+    let root = concat!(env!("CARGO_MANIFEST_DIR"), "/../..");
+    let output = conflux()
+        .args(["test", &format!("{root}/configs/quickstart.yaml"), &format!("{root}/tests/cases/clickstream.yaml")])
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(output.status.success(), "{stdout}");
+    assert!(stdout.contains("2 passed, 0 failed"), "{stdout}");
+}
+
+#[test]
 fn lint_points_inside_scripts() {
     let dir = tempfile::tempdir().unwrap();
     let file = write(
