@@ -199,18 +199,23 @@ impl Spans {
                 _ => return false,
             };
         }
-        let Some(text) = target.as_str() else { return false };
-        let typed = match yaml::resolve_plain(text) {
-            Yaml::Int(i) => serde_json::Value::from(i),
-            Yaml::Bool(b) => serde_json::Value::Bool(b),
-            Yaml::Float(f) => match serde_json::Number::from_f64(f) {
-                Some(n) => serde_json::Value::Number(n),
-                None => return false,
-            },
-            _ => return false,
-        };
-        *target = typed;
-        true
+        match target.as_str().and_then(typed_scalar) {
+            Some(typed) => {
+                *target = typed;
+                true
+            }
+            None => false,
+        }
+    }
+}
+
+/// The number or boolean a text reads as under the YAML core schema, if any.
+fn typed_scalar(text: &str) -> Option<serde_json::Value> {
+    match yaml::resolve_plain(text) {
+        Yaml::Int(i) => Some(serde_json::Value::from(i)),
+        Yaml::Bool(b) => Some(serde_json::Value::Bool(b)),
+        Yaml::Float(f) => serde_json::Number::from_f64(f).map(serde_json::Value::Number),
+        _ => None,
     }
 }
 
@@ -456,15 +461,8 @@ impl Loader<'_> {
 
     /// A plain scalar written as `${PORT:-8080}` takes the type of what it became.
     fn interpolated(&self, s: String, style: Style) -> serde_json::Value {
-        if style != Style::Plain {
-            return serde_json::Value::String(s);
-        }
-        match yaml::resolve_plain(&s) {
-            Yaml::Int(i) => serde_json::Value::from(i),
-            Yaml::Bool(b) => serde_json::Value::Bool(b),
-            Yaml::Float(f) => {
-                serde_json::Number::from_f64(f).map(serde_json::Value::Number).unwrap_or(serde_json::Value::String(s))
-            }
+        match style {
+            Style::Plain => typed_scalar(&s).unwrap_or(serde_json::Value::String(s)),
             _ => serde_json::Value::String(s),
         }
     }

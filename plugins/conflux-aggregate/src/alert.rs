@@ -116,9 +116,7 @@ struct AlertStage {
 }
 
 fn compile(source: &str, limits: &Limits, at: &[&str]) -> Result<Condition, BuildError> {
-    Condition::compile(source, limits).map_err(|e| {
-        BuildError::at(at.iter().copied(), format!("does not compile: {}", e.message)).with_offset(e.line, e.column)
-    })
+    Condition::compile(source, limits).map_err(|e| e.at(at.iter().copied()))
 }
 
 fn field(text: &str, at: &[&str]) -> Result<FieldPath, BuildError> {

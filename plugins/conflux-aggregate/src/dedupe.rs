@@ -44,10 +44,7 @@ fn default_max_keys() -> usize {
 impl StageConfig for DedupeConfig {
     const TYPE: &'static str = "dedupe";
     fn build(self, _cx: &BuildContext) -> Result<BuiltStage, BuildError> {
-        let key = Condition::compile(&self.key, &self.limits).map_err(|e| {
-            BuildError::at(["key"], format!("key expression does not compile: {}", e.message))
-                .with_offset(e.line, e.column)
-        })?;
+        let key = Condition::compile(&self.key, &self.limits).map_err(|e| e.at(["key"]))?;
         if self.max_keys == 0 {
             return Err(BuildError::at(["max_keys"], "max_keys must be at least 1"));
         }

@@ -119,10 +119,7 @@ fn nanos(d: conflux_api::config::Duration, option: &[&str]) -> Result<i64, Build
 }
 
 fn condition(source: &str, limits: &conflux_rhai::Limits, option: &[&str]) -> Result<Condition, BuildError> {
-    Condition::compile(source, limits).map_err(|e| {
-        BuildError::at(option.iter().copied(), format!("condition does not compile: {}", e.message))
-            .with_offset(e.line, e.column)
-    })
+    Condition::compile(source, limits).map_err(|e| e.at(option.iter().copied()))
 }
 
 fn build_metric(

@@ -49,6 +49,14 @@ pub struct ScriptError {
     pub column: usize,
 }
 
+impl ScriptError {
+    /// The build error for the option holding the script, pointing inside it.
+    pub fn at<S: Into<String>>(self, path: impl IntoIterator<Item = S>) -> conflux_api::BuildError {
+        conflux_api::BuildError::at(path, format!("script does not compile: {}", self.message))
+            .with_offset(self.line, self.column)
+    }
+}
+
 impl std::fmt::Display for ScriptError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(f, "{} (script line {}, column {})", self.message, self.line, self.column)

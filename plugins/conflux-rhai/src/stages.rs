@@ -8,11 +8,7 @@ use rhai::{Array, Scope};
 use schemars::JsonSchema;
 use serde::Deserialize;
 
-use crate::script::{result_to_value, Condition, Limits, Script, ScriptError};
-
-fn script_error(option: &str, e: ScriptError) -> BuildError {
-    BuildError::at([option], format!("script does not compile: {}", e.message)).with_offset(e.line, e.column)
-}
+use crate::script::{result_to_value, Condition, Limits, Script};
 
 /// Runs a Rhai script on every event.
 ///
@@ -39,7 +35,7 @@ impl StageConfig for RhaiConfig {
     const TYPE: &'static str = "rhai";
     fn build(self, cx: &BuildContext) -> Result<BuiltStage, BuildError> {
         let script = match (&self.script, &self.file) {
-            (Some(source), None) => Script::compile(source, &self.limits).map_err(|e| script_error("script", e))?,
+            (Some(source), None) => Script::compile(source, &self.limits).map_err(|e| e.at(["script"]))?,
             (None, Some(file)) => {
                 let path = cx.resolve(file);
                 let source = std::fs::read_to_string(&path)
@@ -114,7 +110,7 @@ pub struct FilterConfig {
 impl StageConfig for FilterConfig {
     const TYPE: &'static str = "filter";
     fn build(self, _cx: &BuildContext) -> Result<BuiltStage, BuildError> {
-        let condition = Condition::compile(&self.condition, &self.limits).map_err(|e| script_error("condition", e))?;
+        let condition = Condition::compile(&self.condition, &self.limits).map_err(|e| e.at(["condition"]))?;
         Ok(BuiltStage::new(FilterStage { condition }))
     }
 }
@@ -179,10 +175,8 @@ impl StageConfig for SwitchConfig {
                     format!("case name `{}` is reserved, repeated or has a dot", case.name),
                 ));
             }
-            let condition = Condition::compile(&case.when, &self.limits).map_err(|e| {
-                BuildError::at(["cases", index.as_str(), "when"], format!("script does not compile: {}", e.message))
-                    .with_offset(e.line, e.column)
-            })?;
+            let condition =
+                Condition::compile(&case.when, &self.limits).map_err(|e| e.at(["cases", index.as_str(), "when"]))?;
             conditions.push(condition);
             ports.push(case.name.clone());
         }
