@@ -177,6 +177,13 @@ pub trait Stage: Send {
 
     /// All upstreams have ended: emit whatever is held (open windows).
     async fn finish(&mut self, _out: &mut Emitter) {}
+
+    /// The pipeline is shutting down (a signal, a failed component) rather
+    /// than running out of input. A stage that persists its state saves it
+    /// here instead of flushing partial results; by default this is `finish`.
+    async fn stop(&mut self, out: &mut Emitter) {
+        self.finish(out).await
+    }
 }
 
 /// A destination for events.

@@ -1,6 +1,7 @@
 //! The event model: a payload parsed once, metadata, and two clocks.
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
 
 use crate::ack::AckToken;
 use sonic_rs::Value;
@@ -25,6 +26,19 @@ pub struct Event {
     pub ingest_time: Timestamp,
     /// Acknowledgement handle back to the source.
     pub ack: AckToken,
+    /// Where a replayable source read it, so stateful stages can tell a replay from new data.
+    pub position: Option<Position>,
+}
+
+/// A place in a replayable source: a file line, a Kafka partition offset, a
+/// JetStream stream sequence. Offsets only grow within one `stream`, which is
+/// what lets a checkpoint say "everything up to here is counted".
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Position {
+    /// Names the ordered sequence (`file:/data/in.ndjson`, `kafka:orders/3`); shared by its events.
+    pub stream: Arc<str>,
+    /// Grows by at least one per event within the stream.
+    pub offset: u64,
 }
 
 impl Event {
@@ -36,7 +50,14 @@ impl Event {
     /// An untracked event with a given ingest time (inputs share one clock
     /// reading per batch instead of reading the clock per event).
     pub fn with_time(data: Value, ingest_time: Timestamp) -> Self {
-        Event { data, meta: Metadata::default(), event_time: None, ingest_time, ack: AckToken::untracked() }
+        Event {
+            data,
+            meta: Metadata::default(),
+            event_time: None,
+            ingest_time,
+            ack: AckToken::untracked(),
+            position: None,
+        }
     }
 
     /// Attach an acknowledgement token.
@@ -45,8 +66,14 @@ impl Event {
         self
     }
 
+    /// Records where a replayable source read it.
+    pub fn at(mut self, stream: &Arc<str>, offset: u64) -> Self {
+        self.position = Some(Position { stream: stream.clone(), offset });
+        self
+    }
+
     /// A new event derived from this one (a split, an aggregate row): it
-    /// carries the same metadata, clocks and acknowledgement.
+    /// carries the same metadata, clocks, acknowledgement and position.
     pub fn derive(&self, data: Value) -> Self {
         Event {
             data,
@@ -54,6 +81,7 @@ impl Event {
             event_time: self.event_time,
             ingest_time: self.ingest_time,
             ack: self.ack.clone(),
+            position: self.position.clone(),
         }
     }
 }

@@ -187,7 +187,7 @@ pub async fn run(pipeline: Pipeline, cx: RunContext) -> RunReport {
         let handle = match (body, rx) {
             (Body::Input(input), _) => tasks.spawn(run_input(input, declared, router, stop, readiness, ready_key)),
             (Body::Stage(stage), Some(rx)) => {
-                tasks.spawn(run_stage(stage, declared, rx, router, hard, readiness, ready_key))
+                tasks.spawn(run_stage(stage, declared, rx, router, stop, hard, readiness, ready_key))
             }
             (Body::Output(output), Some(rx)) => {
                 tasks.spawn(run_output(output, component.clone(), rx, retry, metrics, hard, readiness, ready_key))
@@ -362,11 +362,13 @@ async fn run_input(
     result
 }
 
+#[allow(clippy::too_many_arguments)]
 async fn run_stage(
     mut stage: Box<dyn Stage>,
     declared_ports: usize,
     mut rx: mpsc::Receiver<Batch>,
     router: Router,
+    stop: CancellationToken,
     hard: CancellationToken,
     readiness: Arc<Readiness>,
     ready_key: String,
@@ -428,7 +430,11 @@ async fn run_stage(
             }
         }
     }
-    stage.finish(&mut out).await;
+    if stop.is_cancelled() {
+        stage.stop(&mut out).await;
+    } else {
+        stage.finish(&mut out).await;
+    }
     router.route_all(&mut out).await;
     Ok(())
 }

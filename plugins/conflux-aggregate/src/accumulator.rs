@@ -5,6 +5,7 @@ use std::collections::{HashMap, HashSet};
 
 use conflux_api::sonic_rs::{JsonValueMutTrait, JsonValueTrait};
 use conflux_api::Value;
+use serde::{Deserialize, Serialize};
 use sketches_ddsketch::{Config as SketchConfig, DDSketch};
 
 /// Distinct values counted exactly up to this many, then by HyperLogLog.
@@ -14,7 +15,7 @@ const EXACT_DISTINCT: usize = 1024;
 const HLL_BITS: u32 = 14;
 
 /// Distinct count: exact while small, HyperLogLog after.
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, Serialize, Deserialize)]
 pub enum Distinct {
     Exact(HashSet<u64>),
     Sketch(Box<[u8]>),
@@ -122,7 +123,7 @@ pub fn value_hash(value: &Value) -> u64 {
 }
 
 /// Approximate heavy hitters (space-saving): keeps `capacity` counters.
-#[derive(Clone, Debug, Default)]
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
 pub struct TopK {
     counts: HashMap<String, u64>,
     capacity: usize,
@@ -164,7 +165,7 @@ impl TopK {
 }
 
 /// A sum that stays an integer while every input is one.
-#[derive(Clone, Copy, Debug, Default)]
+#[derive(Clone, Copy, Debug, Default, Serialize, Deserialize)]
 pub struct Sum {
     pub int: i64,
     pub float: f64,
@@ -205,7 +206,7 @@ impl Sum {
 }
 
 /// State of one metric.
-#[derive(Clone)]
+#[derive(Clone, Serialize, Deserialize)]
 pub enum Acc {
     Count(u64),
     Sum(Sum),

@@ -46,6 +46,35 @@ pub struct AggregateConfig {
     /// Sandbox limits for `where` conditions.
     #[serde(default)]
     pub limits: Limits,
+    /// Persist window state with the input positions it reflects, so a restart resumes
+    /// without losing or double-counting events (off when absent).
+    #[serde(default)]
+    pub checkpoint: Option<CheckpointConfig>,
+}
+
+/// Durable window state: snapshots every `interval`, restored on start.
+///
+/// Source acknowledgements wait for the snapshot that contains their effect,
+/// so a crash loses nothing; events a restored snapshot already counted
+/// (by their source position) are skipped when the source replays them.
+#[derive(Debug, Clone, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct CheckpointConfig {
+    /// How often a snapshot is written (and sources acknowledged); keep it below the
+    /// source's redelivery timeout (JetStream `ack_wait`).
+    #[serde(default = "five_seconds")]
+    pub interval: Duration,
+    /// Redis URL to keep snapshots in (shared across hosts); by default they go to
+    /// `<data_dir>/<pipeline>/<component>.checkpoint.json`.
+    #[serde(default)]
+    pub redis: Option<String>,
+    /// Redis key of the snapshot (default `conflux:checkpoint:<pipeline>:<component>`).
+    #[serde(default)]
+    pub key: Option<String>,
+}
+
+fn five_seconds() -> Duration {
+    Duration::from_secs(5)
 }
 
 fn unknown() -> String {

@@ -9,8 +9,10 @@
 
 mod accumulator;
 mod alert;
+mod checkpoint;
 mod config;
 mod dedupe;
+mod durable;
 mod stage;
 mod window;
 

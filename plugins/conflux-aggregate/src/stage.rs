@@ -10,10 +10,12 @@ use conflux_api::{
     Registration, Stage, StageConfig, Timestamp, Value,
 };
 use conflux_rhai::Condition;
-use tracing::warn;
+use tracing::{debug, error, info, warn};
 
 use crate::accumulator::{array, detached, float, object, quantile, value_hash, Acc, Distinct, Sum, TopK};
+use crate::checkpoint::Store;
 use crate::config::{AggregateConfig, Emit, MissingGroup, WindowConfig};
+use crate::durable::{Durability, GroupRef, Pending, SavedSnapshot, WindowRef, SNAPSHOT_VERSION};
 use crate::window::Windower;
 
 const LATE: PortId = PortId(1);
@@ -104,6 +106,9 @@ pub struct AggregateStage {
     key: String,
     assigned: Vec<(i64, i64)>,
     contributions: Vec<Contribution>,
+    /// Set when `checkpoint` is configured.
+    durability: Option<Durability>,
+    component: String,
 }
 
 fn path(option: &[&str], text: &str) -> Result<FieldPath, BuildError> {
@@ -203,9 +208,36 @@ fn build_metric(
     Ok(Metric { name: name.to_string(), kind, field, condition })
 }
 
+/// Opens (lazily) where snapshots go; the fingerprint ties them to this configuration.
+fn durability(config: &AggregateConfig, cx: &BuildContext) -> Result<Option<Durability>, BuildError> {
+    let Some(checkpoint) = &config.checkpoint else { return Ok(None) };
+    if checkpoint.interval.0.is_zero() {
+        return Err(BuildError::at(["checkpoint", "interval"], "must be longer than zero"));
+    }
+    let store = match &checkpoint.redis {
+        Some(url) => {
+            let key = checkpoint
+                .key
+                .clone()
+                .unwrap_or_else(|| format!("conflux:checkpoint:{}:{}", cx.pipeline, cx.component));
+            Store::redis(url, key)
+                .map_err(|e| BuildError::at(["checkpoint", "redis"], format!("bad Redis URL: {e}")))?
+        }
+        None => {
+            if checkpoint.key.is_some() {
+                return Err(BuildError::at(["checkpoint", "key"], "key only applies with `redis`"));
+            }
+            Store::file(cx.data_dir.join(&cx.pipeline).join(format!("{}.checkpoint.json", cx.component)))
+        }
+    };
+    let fingerprint = format!("{:?} {:?} {:?}", config.window, config.group_by, config.metrics);
+    Ok(Some(Durability::new(store, checkpoint.interval.0, fingerprint)))
+}
+
 impl StageConfig for AggregateConfig {
     const TYPE: &'static str = "aggregate";
-    fn build(self, _cx: &BuildContext) -> Result<BuiltStage, BuildError> {
+    fn build(self, cx: &BuildContext) -> Result<BuiltStage, BuildError> {
+        let durability = durability(&self, cx)?;
         let windower = match &self.window {
             WindowConfig::Tumbling(size) => Windower::Tumbling { size: nanos(*size, &["window", "tumbling"])? },
             WindowConfig::Hopping { size, slide } => {
@@ -279,6 +311,8 @@ impl StageConfig for AggregateConfig {
             key: String::new(),
             assigned: Vec::new(),
             contributions: Vec::new(),
+            durability,
+            component: cx.component.clone(),
         };
         Ok(BuiltStage::new(stage).with_ports(["late", "invalid"]))
     }
@@ -425,7 +459,9 @@ impl AggregateStage {
                 _ => {}
             }
         }
-        if ack.is_tracked() && !state.tokens.last().is_some_and(|t| t.same(ack)) {
+        if let Some(durability) = &mut self.durability {
+            durability.hold(ack);
+        } else if ack.is_tracked() && !state.tokens.last().is_some_and(|t| t.same(ack)) {
             state.tokens.push(ack.clone());
         }
         state.dirty = true;
@@ -522,7 +558,11 @@ impl AggregateStage {
                 self.sessions.remove(&key);
             }
             let tokens = std::mem::take(&mut state.tokens);
-            let ack = if tokens.is_empty() {
+            let ack = if let Some(durability) = &mut self.durability {
+                // Sources were (or will be) acknowledged by a snapshot; the result stays in
+                // snapshots until an output confirms it.
+                durability.track(Pending { payload: payload.clone(), event_time: window.1 })
+            } else if tokens.is_empty() {
                 AckToken::untracked()
             } else {
                 AckToken::new(move |status| tokens.iter().for_each(|t| t.mark(status)))
@@ -611,6 +651,141 @@ impl AggregateStage {
         }
     }
 
+    /// Loads the last snapshot before the first event is processed. Until it
+    /// can (store unreachable, unreadable or from another configuration), the
+    /// stage waits: processing without its state would double-count.
+    async fn ensure_restored(&mut self, out: &mut Emitter) {
+        let mut wait = std::time::Duration::from_millis(500);
+        loop {
+            let Some(durability) = self.durability.as_mut() else { return };
+            if durability.restored {
+                return;
+            }
+            let loaded = durability.store.load().await.map_err(|e| e.to_string());
+            let place = durability.store.describe();
+            match loaded.and_then(|bytes| self.restore(bytes.as_deref(), out)) {
+                Ok(()) => return,
+                Err(reason) => {
+                    error!(
+                        component = %self.component,
+                        checkpoint = %place,
+                        %reason,
+                        retry_in = ?wait,
+                        "cannot restore the aggregate checkpoint; nothing is processed until it can"
+                    );
+                    tokio::time::sleep(wait).await;
+                    wait = (wait * 2).min(std::time::Duration::from_secs(30));
+                }
+            }
+        }
+    }
+
+    fn restore(&mut self, bytes: Option<&[u8]>, out: &mut Emitter) -> Result<(), String> {
+        let durability = self.durability.as_mut().expect("checked by the caller");
+        let Some(bytes) = bytes else {
+            info!(component = %self.component, checkpoint = %durability.store.describe(), "no checkpoint yet; starting empty");
+            durability.restored = true;
+            return Ok(());
+        };
+        let snapshot: SavedSnapshot = conflux_api::sonic_rs::from_slice(bytes)
+            .map_err(|e| format!("the checkpoint is not readable ({e}); remove it to start empty"))?;
+        if snapshot.version != SNAPSHOT_VERSION {
+            return Err(format!(
+                "the checkpoint has layout version {}, this build reads {SNAPSHOT_VERSION}; remove it to start empty",
+                snapshot.version
+            ));
+        }
+        if snapshot.fingerprint != durability.fingerprint {
+            return Err("the checkpoint was written with a different window, group_by or metrics;                  restore that configuration, or remove the checkpoint to start empty"
+                .into());
+        }
+        self.windows.clear();
+        self.states = 0;
+        for window in snapshot.windows {
+            let groups: HashMap<String, GroupState> = window
+                .groups
+                .into_iter()
+                .map(|g| (g.key, GroupState { group: g.group, accs: g.accs, tokens: Vec::new(), dirty: false }))
+                .collect();
+            self.states += groups.len();
+            self.windows.insert((window.start, window.end), groups);
+        }
+        self.sessions = snapshot.sessions.into_iter().collect();
+        self.gauges = snapshot.gauges.into_iter().collect();
+        self.max_event_time = snapshot.max_event_time;
+        self.last_slide_emitted = snapshot.last_slide_emitted;
+        let replay = durability.restore(snapshot.positions, snapshot.pending);
+        info!(
+            component = %self.component,
+            checkpoint = %durability.store.describe(),
+            states = self.states,
+            results_to_resend = replay.len(),
+            "restored aggregate state from checkpoint"
+        );
+        emit_pending(replay, out);
+        Ok(())
+    }
+
+    fn snapshot_bytes(&self) -> Vec<u8> {
+        let durability = self.durability.as_ref().expect("checked by the caller");
+        let windows = self
+            .windows
+            .iter()
+            .map(|(&(start, end), groups)| WindowRef {
+                start,
+                end,
+                groups: groups
+                    .iter()
+                    .map(|(key, state)| GroupRef { key, group: &state.group, accs: &state.accs })
+                    .collect(),
+            })
+            .collect();
+        let mut snapshot = durability.snapshot(windows);
+        snapshot.sessions = self.sessions.iter().map(|(k, v)| (k.clone(), *v)).collect();
+        snapshot.gauges = self.gauges.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
+        snapshot.max_event_time = self.max_event_time;
+        snapshot.last_slide_emitted = self.last_slide_emitted;
+        // Values and accumulators always serialize; an empty snapshot would only mean a fresh start.
+        conflux_api::sonic_rs::to_vec(&snapshot).unwrap_or_default()
+    }
+
+    /// Writes a snapshot; once durable, the sources of everything in it are acknowledged.
+    async fn checkpoint(&mut self, out: &mut Emitter) {
+        let Some(durability) = self.durability.as_mut() else { return };
+        emit_pending(durability.settle(), out);
+        let bytes = self.snapshot_bytes();
+        let size = bytes.len();
+        let durability = self.durability.as_mut().expect("checked above");
+        let started = Instant::now();
+        match durability.store.save(bytes).await {
+            Ok(()) => {
+                debug!(
+                    component = %self.component,
+                    bytes = size,
+                    acknowledged = durability.held(),
+                    took = ?started.elapsed(),
+                    "checkpoint saved"
+                );
+                durability.saved();
+            }
+            Err(e) => {
+                durability.failed();
+                warn!(
+                    component = %self.component,
+                    error = %e,
+                    waiting = durability.held(),
+                    "checkpoint failed; sources stay unacknowledged until one succeeds"
+                );
+            }
+        }
+    }
+
+    async fn checkpoint_if_due(&mut self, out: &mut Emitter) {
+        if self.durability.as_ref().is_some_and(Durability::due) {
+            self.checkpoint(out).await;
+        }
+    }
+
     fn enforce_limit(&mut self, out: &mut Emitter) {
         while self.states > self.max_groups {
             let Some(oldest) = self.windows.keys().next().copied() else { break };
@@ -628,11 +803,35 @@ impl AggregateStage {
     }
 }
 
+/// Emits results again: restored from a snapshot, or failed by an output.
+fn emit_pending(results: Vec<(Pending, AckToken)>, out: &mut Emitter) {
+    for (pending, ack) in results {
+        let mut event = Event::new(pending.payload).with_ack(ack);
+        event.event_time = Some(Timestamp(pending.event_time));
+        out.emit(event);
+    }
+}
+
+impl Drop for AggregateStage {
+    /// Events whose windows never produced a result (the stage was cut off) must be redelivered.
+    fn drop(&mut self) {
+        for groups in self.windows.values() {
+            for state in groups.values() {
+                state.tokens.iter().for_each(|t| t.mark(conflux_api::AckStatus::Errored));
+            }
+        }
+    }
+}
+
 #[async_trait]
 impl Stage for AggregateStage {
     async fn process(&mut self, batch: Batch, out: &mut Emitter) {
+        self.ensure_restored(out).await;
         let mut watermark = self.watermark();
         for mut event in batch {
+            if self.durability.as_mut().is_some_and(|d| d.already_counted(&event)) {
+                continue;
+            }
             let t = match self.event_time(&event) {
                 Ok(t) => t,
                 Err(reason) => {
@@ -693,6 +892,11 @@ impl Stage for AggregateStage {
             self.emit_updates(out);
         }
         self.enforce_limit(out);
+        if let Some(durability) = &mut self.durability {
+            durability.end_batch();
+        }
+        // Under steady load ticks may not get a turn, so snapshots are also taken here.
+        self.checkpoint_if_due(out).await;
     }
 
     fn tick_interval(&self) -> Option<std::time::Duration> {
@@ -707,6 +911,7 @@ impl Stage for AggregateStage {
     }
 
     async fn tick(&mut self, out: &mut Emitter) {
+        self.ensure_restored(out).await;
         let watermark = self.watermark();
         self.close_due(watermark, out);
         self.emit_sliding(watermark, out);
@@ -716,9 +921,31 @@ impl Stage for AggregateStage {
                 self.emit_updates(out);
             }
         }
+        self.checkpoint_if_due(out).await;
     }
 
     async fn finish(&mut self, out: &mut Emitter) {
+        self.ensure_restored(out).await;
+        self.flush(out);
+        // The results just emitted are in this snapshot as pending; a later start resends them.
+        self.checkpoint(out).await;
+    }
+
+    /// With checkpoints, open windows are saved rather than closed early with partial
+    /// figures; the next start continues them. Without, they are flushed as at the end.
+    async fn stop(&mut self, out: &mut Emitter) {
+        self.ensure_restored(out).await;
+        if self.durability.is_some() {
+            self.checkpoint(out).await;
+        } else {
+            self.flush(out);
+        }
+    }
+}
+
+impl AggregateStage {
+    /// Closes every window: the input has ended.
+    fn flush(&mut self, out: &mut Emitter) {
         if let (Some((_, every)), Some(max)) = (self.windower.is_sliding(), self.max_event_time) {
             self.emit_sliding(max + every, out);
             self.windows.clear();

@@ -32,6 +32,8 @@ pub struct LineReader<R> {
     line_no: u64,
     codec: Codec,
     batch_size: usize,
+    /// Set for replayable sources (a file): events carry their line number as position.
+    stream: Option<std::sync::Arc<str>>,
 }
 
 const CHUNK: usize = 256 * 1024;
@@ -48,7 +50,15 @@ impl<R: AsyncRead + Unpin + Send> LineReader<R> {
             line_no: 0,
             codec,
             batch_size: batch_size.max(1),
+            stream: None,
         }
+    }
+
+    /// Stamps every event with its line number in `stream`, so checkpointing
+    /// stages recognise lines they already counted when the file is read again.
+    pub fn with_positions(mut self, stream: impl Into<std::sync::Arc<str>>) -> Self {
+        self.stream = Some(stream.into());
+        self
     }
 
     /// Whether the stream has ended and every line was emitted.
@@ -106,7 +116,7 @@ impl<R: AsyncRead + Unpin + Send> LineReader<R> {
             }
             match self.codec {
                 Codec::Json => match sonic_rs_from_slice(line) {
-                    Ok(data) => batch.push(Event::with_time(data, now)),
+                    Ok(data) => batch.push(self.positioned(Event::with_time(data, now))),
                     Err(reason) => {
                         let mut e = Event::with_time(Value::from(String::from_utf8_lossy(line).as_ref()), now);
                         e.meta.insert(
@@ -116,11 +126,19 @@ impl<R: AsyncRead + Unpin + Send> LineReader<R> {
                         out.emit_to(INVALID_PORT, e);
                     }
                 },
-                Codec::Lines => batch.push(Event::with_time(Value::from(String::from_utf8_lossy(line).as_ref()), now)),
+                Codec::Lines => batch
+                    .push(self.positioned(Event::with_time(Value::from(String::from_utf8_lossy(line).as_ref()), now))),
             }
         }
         out.emit_batch(batch);
         Ok(consumed)
+    }
+
+    fn positioned(&self, event: Event) -> Event {
+        match &self.stream {
+            Some(stream) => event.at(stream, self.line_no),
+            None => event,
+        }
     }
 }
 

@@ -72,7 +72,8 @@ impl Input for FileInput {
             let file = tokio::fs::File::open(&self.path)
                 .await
                 .map_err(|e| PluginError::retryable_from(format!("cannot open {}", self.path.display()), e))?;
-            self.reader = Some(LineReader::new(file, self.config.codec, self.config.batch_size));
+            let stream = format!("file:{}", self.path.display());
+            self.reader = Some(LineReader::new(file, self.config.codec, self.config.batch_size).with_positions(stream));
         }
         Ok(())
     }

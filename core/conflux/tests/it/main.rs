@@ -1,5 +1,6 @@
 //! End-to-end tests across crates: one binary keeps link times down.
 
+mod checkpoint;
 mod cli;
 mod engine;
 mod generated;
