@@ -82,7 +82,7 @@ impl Emitter {
 }
 
 /// What a component is built with. Building opens no connections.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Default)]
 pub struct BuildContext {
     /// Pipeline name.
     pub pipeline: String,
@@ -92,9 +92,16 @@ pub struct BuildContext {
     pub base_dir: PathBuf,
     /// Folder where components keep local state (checkpoints).
     pub data_dir: PathBuf,
+    /// Counters the component declares; the engine exports them.
+    pub metrics: crate::metrics::PluginMetrics,
 }
 
 impl BuildContext {
+    /// Declares a counter exported as `conflux_<name>_total{pipeline, component}`.
+    pub fn counter(&self, name: &'static str, help: &'static str) -> crate::metrics::Counter {
+        self.metrics.counter(name, help)
+    }
+
     /// Resolves a path option relative to the pipeline file.
     pub fn resolve(&self, path: impl AsRef<Path>) -> PathBuf {
         let path = path.as_ref();

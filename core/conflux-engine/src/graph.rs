@@ -31,6 +31,8 @@ pub struct GraphNode {
     pub from: Vec<(usize, usize)>,
     pub retry: RetryConfig,
     pub body: Body,
+    /// Counters the component declared while built; exported by the runtime.
+    pub counters: Vec<conflux_api::metrics::Declared>,
 }
 
 impl GraphNode {
@@ -123,6 +125,7 @@ pub fn compile(spec: PipelineSpec) -> Result<Pipeline, Vec<Diagnostic>> {
             component: component.name.clone(),
             base_dir: base_dir.clone(),
             data_dir: data_dir.clone(),
+            metrics: Default::default(),
         };
         let mut options = component.options.clone();
         let built = loop {
@@ -147,6 +150,7 @@ pub fn compile(spec: PipelineSpec) -> Result<Pipeline, Vec<Diagnostic>> {
                     from: Vec::new(),
                     retry: component.retry.clone(),
                     body,
+                    counters: cx.metrics.declared(),
                 });
                 refs.push(Vec::new());
             }

@@ -5,7 +5,12 @@
 //! option values (which may hold secrets).
 
 use std::collections::BTreeMap;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
+
+use conflux_api::metrics::Declared;
+use prometheus_client::collector::Collector;
+use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric};
+use prometheus_client::metrics::counter::ConstCounter;
 
 use prometheus_client::encoding::text::encode;
 use prometheus_client::metrics::counter::Counter;
@@ -33,6 +38,28 @@ pub struct Metrics {
     unacked: Family<Labels, Gauge>,
     queued: Family<Labels, Gauge>,
     batch_seconds: Family<Labels, Histogram, fn() -> Histogram>,
+    plugin: PluginCounters,
+}
+
+/// Counters plugins declared, read at each scrape.
+#[derive(Debug, Default, Clone)]
+struct PluginCounters(Arc<Mutex<Vec<(Labels, Declared)>>>);
+
+impl Collector for PluginCounters {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        let counters = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        let mut names: Vec<(&'static str, &'static str)> = counters.iter().map(|(_, d)| (d.name, d.help)).collect();
+        names.sort();
+        names.dedup_by_key(|(name, _)| *name);
+        for (name, help) in names {
+            let mut family =
+                encoder.encode_descriptor(name, help, None, prometheus_client::metrics::MetricType::Counter)?;
+            for (labels, declared) in counters.iter().filter(|(_, d)| d.name == name) {
+                ConstCounter::new(declared.counter.get()).encode(family.encode_family(labels)?)?;
+            }
+        }
+        Ok(())
+    }
 }
 
 /// One component's handles.
@@ -96,7 +123,16 @@ impl Metrics {
             "Time to process (stage) or write (output) one batch",
             batch_seconds.clone(),
         );
-        Metrics { registry, received, sent, errors, discarded, retries, acks, unacked, queued, batch_seconds }
+        let plugin = PluginCounters::default();
+        registry.register_collector(Box::new(plugin.clone()));
+        Metrics { registry, received, sent, errors, discarded, retries, acks, unacked, queued, batch_seconds, plugin }
+    }
+
+    /// Exports the counters a component declared, labelled with its pipeline and name.
+    pub fn adopt(&self, pipeline: &str, component: &str, counters: Vec<Declared>) {
+        let labels: Labels = vec![("pipeline".into(), pipeline.into()), ("component".into(), component.into())];
+        let mut all = self.plugin.0.lock().unwrap_or_else(|p| p.into_inner());
+        all.extend(counters.into_iter().map(|d| (labels.clone(), d)));
     }
 
     /// Handles for one component with the given port names (`""` = default).
@@ -160,5 +196,25 @@ impl Readiness {
             return vec!["(no pipeline started yet)".into()];
         }
         components.iter().filter(|(_, ready)| !**ready).map(|(k, _)| k.clone()).collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn plugin_counters_are_exported_with_their_component() {
+        let metrics = Metrics::new();
+        let declared = conflux_api::metrics::PluginMetrics::default();
+        let evicted = declared.counter("aggregate_windows_evicted", "Windows closed early");
+        evicted.inc_by(3);
+        metrics.adopt("bookings", "per_minute", declared.declared());
+        let text = metrics.encode();
+        assert!(
+            text.contains(r#"conflux_aggregate_windows_evicted_total{pipeline="bookings",component="per_minute"} 3"#),
+            "{text}"
+        );
+        assert!(text.contains("# HELP conflux_aggregate_windows_evicted Windows closed early"), "{text}");
     }
 }

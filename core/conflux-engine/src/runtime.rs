@@ -170,8 +170,9 @@ pub async fn run(pipeline: Pipeline, cx: RunContext) -> RunReport {
     let mut tasks = JoinSet::new();
     let mut task_names = std::collections::HashMap::new();
     for ((node, rx), targets) in nodes.into_iter().zip(receivers).zip(targets) {
-        let GraphNode { name: component, kind, ports, retry, body, .. } = node;
+        let GraphNode { name: component, kind, ports, retry, body, counters, .. } = node;
         let metrics = cx.metrics.component(&name, &component, kind.as_str(), &ports);
+        cx.metrics.adopt(&name, &component, counters);
         let ready_key = format!("{name}/{component}");
         cx.readiness.register(&ready_key);
         let router = Router {

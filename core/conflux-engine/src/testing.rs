@@ -73,6 +73,7 @@ async fn run_one(mut pipeline: Pipeline, test: &TestSpec) -> Result<Vec<String>,
                     from: Vec::new(),
                     retry: RetryConfig::default(),
                     body: Body::Input(Box::new(MemoryInput { events: Some(events) })),
+                    counters: Vec::new(),
                 });
                 pipeline.nodes[idx].from.push((feed_idx, 0));
             }
@@ -112,6 +113,7 @@ async fn run_one(mut pipeline: Pipeline, test: &TestSpec) -> Result<Vec<String>,
                     from: vec![(node, port)],
                     retry: RetryConfig::default(),
                     body: Body::Output(Box::new(Collector(collected.clone()))),
+                    counters: Vec::new(),
                 });
                 collected
             }

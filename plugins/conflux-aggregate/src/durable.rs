@@ -16,7 +16,8 @@ use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use conflux_api::{AckStatus, AckToken, Event, Value};
+use conflux_api::metrics::Counter;
+use conflux_api::{AckStatus, AckToken, BuildContext, Event, Value};
 use serde::{Deserialize, Serialize};
 
 use crate::accumulator::Acc;
@@ -97,12 +98,33 @@ pub struct Durability {
     next_id: u64,
     /// Results' fates as outputs report them; drained at each snapshot.
     confirmations: Arc<Mutex<Vec<(u64, AckStatus)>>>,
-    /// Replayed events skipped because a restored snapshot already counted them.
-    pub skipped: u64,
+    pub counters: Counters,
+}
+
+/// What `/metrics` shows of checkpointing.
+#[derive(Clone, Default)]
+pub struct Counters {
+    pub saved: Counter,
+    pub failed: Counter,
+    /// Replayed events skipped because the state already counted them.
+    pub skipped: Counter,
+}
+
+impl Counters {
+    pub fn declare(cx: &BuildContext) -> Self {
+        Counters {
+            saved: cx.counter("aggregate_checkpoints", "Aggregate state snapshots made durable"),
+            failed: cx.counter("aggregate_checkpoint_failures", "Aggregate snapshots that could not be written"),
+            skipped: cx.counter(
+                "aggregate_replays_skipped",
+                "Replayed events an aggregate skipped because its restored state already counted them",
+            ),
+        }
+    }
 }
 
 impl Durability {
-    pub fn new(store: Store, interval: Duration, fingerprint: String) -> Self {
+    pub fn new(store: Store, interval: Duration, fingerprint: String, counters: Counters) -> Self {
         Durability {
             store,
             interval,
@@ -116,7 +138,7 @@ impl Durability {
             pending: BTreeMap::new(),
             next_id: 0,
             confirmations: Arc::default(),
-            skipped: 0,
+            counters,
         }
     }
 
@@ -124,7 +146,7 @@ impl Durability {
     pub fn already_counted(&mut self, event: &Event) -> bool {
         let Some(position) = &event.position else { return false };
         if self.counted.get(&position.stream).is_some_and(|done| position.offset <= *done) {
-            self.skipped += 1;
+            self.counters.skipped.inc();
             return true;
         }
         let seen = self.in_batch.entry(position.stream.clone()).or_insert(position.offset);
@@ -208,11 +230,13 @@ impl Durability {
     pub fn saved(&mut self) {
         self.held.clear();
         self.failures = 0;
+        self.counters.saved.inc();
         self.last_save = Instant::now();
     }
 
     pub fn failed(&mut self) {
         self.failures = self.failures.saturating_add(1);
+        self.counters.failed.inc();
         self.last_save = Instant::now();
     }
 
@@ -249,7 +273,8 @@ mod tests {
     #[test]
     fn replays_are_recognised_only_after_their_batch_counts() {
         let file: Arc<str> = Arc::from("file:a");
-        let mut d = Durability::new(Store::file("x".into()), Duration::from_secs(1), String::new());
+        let mut d =
+            Durability::new(Store::file("x".into()), Duration::from_secs(1), String::new(), Counters::default());
         assert!(!d.already_counted(&at(&file, 1)));
         // A split: two events from one line in the same batch both count.
         assert!(!d.already_counted(&at(&file, 2)));
@@ -257,7 +282,7 @@ mod tests {
         d.end_batch();
         assert!(d.already_counted(&at(&file, 2)));
         assert!(!d.already_counted(&at(&file, 3)));
-        assert_eq!(d.skipped, 1);
+        assert_eq!(d.counters.skipped.get(), 1);
         let unpositioned = Event::new(Value::from(1));
         assert!(!d.already_counted(&unpositioned));
     }
@@ -265,7 +290,8 @@ mod tests {
     #[test]
     fn unsaved_acknowledgements_fail_back_when_dropped() {
         let (token, mut rx) = AckToken::channel();
-        let mut d = Durability::new(Store::file("x".into()), Duration::from_secs(1), String::new());
+        let mut d =
+            Durability::new(Store::file("x".into()), Duration::from_secs(1), String::new(), Counters::default());
         d.hold(&token);
         drop(token);
         drop(d);
@@ -275,7 +301,8 @@ mod tests {
     #[test]
     fn saved_acknowledgements_are_delivered() {
         let (token, mut rx) = AckToken::channel();
-        let mut d = Durability::new(Store::file("x".into()), Duration::from_secs(1), String::new());
+        let mut d =
+            Durability::new(Store::file("x".into()), Duration::from_secs(1), String::new(), Counters::default());
         d.hold(&token);
         drop(token);
         assert!(rx.try_recv().is_err(), "held until the snapshot is durable");
@@ -285,7 +312,8 @@ mod tests {
 
     #[test]
     fn failed_results_come_back_confirmed_ones_go() {
-        let mut d = Durability::new(Store::file("x".into()), Duration::from_secs(1), String::new());
+        let mut d =
+            Durability::new(Store::file("x".into()), Duration::from_secs(1), String::new(), Counters::default());
         let ok = d.track(Pending { payload: Value::from("a"), event_time: 1 });
         let bad = d.track(Pending { payload: Value::from("b"), event_time: 2 });
         bad.mark(AckStatus::Errored);

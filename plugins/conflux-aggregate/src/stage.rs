@@ -103,6 +103,7 @@ pub struct AggregateStage {
     last_updates: Instant,
     last_slide_emitted: i64,
     evicted_windows: u64,
+    evictions: conflux_api::metrics::Counter,
     key: String,
     assigned: Vec<(i64, i64)>,
     contributions: Vec<Contribution>,
@@ -231,7 +232,7 @@ fn durability(config: &AggregateConfig, cx: &BuildContext) -> Result<Option<Dura
         }
     };
     let fingerprint = format!("{:?} {:?} {:?}", config.window, config.group_by, config.metrics);
-    Ok(Some(Durability::new(store, checkpoint.interval.0, fingerprint)))
+    Ok(Some(Durability::new(store, checkpoint.interval.0, fingerprint, crate::durable::Counters::declare(cx))))
 }
 
 impl StageConfig for AggregateConfig {
@@ -308,6 +309,10 @@ impl StageConfig for AggregateConfig {
             last_updates: Instant::now(),
             last_slide_emitted: i64::MIN,
             evicted_windows: 0,
+            evictions: cx.counter(
+                "aggregate_windows_evicted",
+                "Windows an aggregate closed early because max_groups was reached",
+            ),
             key: String::new(),
             assigned: Vec::new(),
             contributions: Vec::new(),
@@ -790,6 +795,7 @@ impl AggregateStage {
         while self.states > self.max_groups {
             let Some(oldest) = self.windows.keys().next().copied() else { break };
             self.evicted_windows += 1;
+            self.evictions.inc();
             if self.evicted_windows == 1 || self.evicted_windows.is_power_of_two() {
                 warn!(
                     states = self.states,

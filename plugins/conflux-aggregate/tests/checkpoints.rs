@@ -15,6 +15,7 @@ fn stage(options: J, data_dir: &std::path::Path) -> BuiltStage {
         component: "agg".into(),
         base_dir: ".".into(),
         data_dir: data_dir.to_path_buf(),
+        ..Default::default()
     };
     config.build(&cx).map_err(|e| format!("{:?}: {}", e.path, e.message)).unwrap()
 }

@@ -6,7 +6,13 @@ use serde_json::{json, Value as J};
 
 fn stage(options: J) -> BuiltStage {
     let config: AggregateConfig = serde_json::from_value(options).unwrap();
-    let cx = BuildContext { pipeline: "p".into(), component: "agg".into(), base_dir: ".".into(), data_dir: ".".into() };
+    let cx = BuildContext {
+        pipeline: "p".into(),
+        component: "agg".into(),
+        base_dir: ".".into(),
+        data_dir: ".".into(),
+        ..Default::default()
+    };
     config.build(&cx).map_err(|e| format!("{:?}: {}", e.path, e.message)).unwrap()
 }
 
@@ -304,7 +310,13 @@ async fn bad_events_are_routed_not_lost() {
 
 #[test]
 fn config_mistakes_point_at_the_option() {
-    let cx = BuildContext { pipeline: "p".into(), component: "agg".into(), base_dir: ".".into(), data_dir: ".".into() };
+    let cx = BuildContext {
+        pipeline: "p".into(),
+        component: "agg".into(),
+        base_dir: ".".into(),
+        data_dir: ".".into(),
+        ..Default::default()
+    };
     let build = |options: J| {
         let config: AggregateConfig = serde_json::from_value(options).unwrap();
         config.build(&cx).err().map(|e| (e.path, e.message))
@@ -319,4 +331,31 @@ fn config_mistakes_point_at_the_option() {
         build(json!({ "window": { "tumbling": "1m" }, "metrics": { "x": { "count": {}, "where": "event.a ==" } } }))
             .unwrap();
     assert_eq!(path, vec!["metrics", "x", "where"]);
+}
+
+#[tokio::test]
+async fn the_group_limit_closes_the_oldest_window_and_counts_it() {
+    let config: AggregateConfig = serde_json::from_value(json!({
+        "group_by": ["data.restaurantId"],
+        "time": { "field": "timestamp", "allowed_lateness": "1h" },
+        "window": { "tumbling": "1m" },
+        "metrics": { "n": { "count": {} } },
+        "max_groups": 2
+    }))
+    .unwrap();
+    let cx = BuildContext { pipeline: "p".into(), component: "agg".into(), ..Default::default() };
+    let mut s = config.build(&cx).unwrap();
+    let out = feed(
+        &mut s,
+        vec![
+            at(0, 1, "a", "booking_created", 1),
+            at(0, 2, "b", "booking_created", 1),
+            at(1, 1, "a", "booking_created", 1),
+        ],
+    )
+    .await;
+    let closed: Vec<&str> = out.iter().map(|(_, r)| r["window"]["start"].as_str().unwrap()).collect();
+    assert_eq!(closed, vec!["2026-11-22T10:00:00.000Z"; 2], "minute 0 closed early for both groups");
+    let evicted = cx.metrics.declared().into_iter().find(|d| d.name == "aggregate_windows_evicted").unwrap();
+    assert_eq!(evicted.counter.get(), 1);
 }

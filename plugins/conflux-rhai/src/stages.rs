@@ -224,8 +224,13 @@ mod tests {
 
     fn build<C: StageConfig + DeserializeOwned>(options: serde_json::Value) -> Result<BuiltStage, BuildError> {
         let config: C = serde_json::from_value(options).map_err(|e| BuildError::new(e.to_string()))?;
-        let cx =
-            BuildContext { pipeline: "p".into(), component: "s".into(), base_dir: ".".into(), data_dir: ".".into() };
+        let cx = BuildContext {
+            pipeline: "p".into(),
+            component: "s".into(),
+            base_dir: ".".into(),
+            data_dir: ".".into(),
+            ..Default::default()
+        };
         config.build(&cx)
     }
 

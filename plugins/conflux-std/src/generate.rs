@@ -250,6 +250,7 @@ mod tests {
             component: "gen".into(),
             base_dir: Default::default(),
             data_dir: Default::default(),
+            ..Default::default()
         };
         config.build(&cx).map_err(|e| e.message).unwrap().input
     }

@@ -38,6 +38,7 @@ fn cx() -> BuildContext {
         component: "wasm".into(),
         base_dir: std::env::temp_dir(),
         data_dir: std::env::temp_dir(),
+        ..Default::default()
     }
 }
 
