@@ -102,6 +102,11 @@ impl BuildContext {
         self.metrics.counter(name, help)
     }
 
+    /// Declares a gauge exported as `conflux_<name>{pipeline, component}`.
+    pub fn gauge(&self, name: &'static str, help: &'static str) -> crate::metrics::Gauge {
+        self.metrics.gauge(name, help)
+    }
+
     /// Resolves a path option relative to the pipeline file.
     pub fn resolve(&self, path: impl AsRef<Path>) -> PathBuf {
         let path = path.as_ref();

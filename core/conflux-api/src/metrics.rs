@@ -1,8 +1,9 @@
-//! Counters a plugin declares for what only it can see (windows closed early,
-//! snapshots written). The engine exports each one as
-//! `conflux_<name>_total{pipeline, component}` next to its own metrics.
+//! Counters and gauges a plugin declares for what only it can see (windows
+//! closed early, snapshots written, partitions paused). The engine exports
+//! each as `conflux_<name>{pipeline, component}` (counters with `_total`)
+//! next to its own metrics. Updating one is a single atomic operation.
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 /// A monotonically increasing count; cloning shares it.
@@ -23,29 +24,69 @@ impl Counter {
     }
 }
 
-/// One declared counter.
+/// A level that goes up and down; cloning shares it.
+#[derive(Clone, Default, Debug)]
+pub struct Gauge(Arc<AtomicI64>);
+
+impl Gauge {
+    pub fn set(&self, value: i64) {
+        self.0.store(value, Ordering::Relaxed);
+    }
+
+    pub fn add(&self, n: i64) {
+        self.0.fetch_add(n, Ordering::Relaxed);
+    }
+
+    pub fn get(&self) -> i64 {
+        self.0.load(Ordering::Relaxed)
+    }
+}
+
+/// What a declared metric measures.
+#[derive(Clone, Debug)]
+pub enum Metric {
+    Counter(Counter),
+    Gauge(Gauge),
+}
+
+/// One declared metric.
 #[derive(Clone, Debug)]
 pub struct Declared {
     /// Metric name without prefix or `_total` (`aggregate_windows_evicted`).
     pub name: &'static str,
     pub help: &'static str,
-    pub counter: Counter,
+    pub metric: Metric,
 }
 
-/// The counters one component declared while it was built.
+/// The metrics one component declared while it was built.
 #[derive(Clone, Default, Debug)]
 pub struct PluginMetrics(Arc<Mutex<Vec<Declared>>>);
 
 impl PluginMetrics {
     /// Declares a counter (once per name; declaring it again returns the same one).
     pub fn counter(&self, name: &'static str, help: &'static str) -> Counter {
+        match self.declare(name, help, || Metric::Counter(Counter::default())) {
+            Metric::Counter(c) => c,
+            Metric::Gauge(_) => panic!("metric `{name}` was declared as a gauge"),
+        }
+    }
+
+    /// Declares a gauge (once per name; declaring it again returns the same one).
+    pub fn gauge(&self, name: &'static str, help: &'static str) -> Gauge {
+        match self.declare(name, help, || Metric::Gauge(Gauge::default())) {
+            Metric::Gauge(g) => g,
+            Metric::Counter(_) => panic!("metric `{name}` was declared as a counter"),
+        }
+    }
+
+    fn declare(&self, name: &'static str, help: &'static str, new: impl FnOnce() -> Metric) -> Metric {
         let mut declared = self.0.lock().unwrap_or_else(|p| p.into_inner());
         if let Some(existing) = declared.iter().find(|d| d.name == name) {
-            return existing.counter.clone();
+            return existing.metric.clone();
         }
-        let counter = Counter::default();
-        declared.push(Declared { name, help, counter: counter.clone() });
-        counter
+        let metric = new();
+        declared.push(Declared { name, help, metric: metric.clone() });
+        metric
     }
 
     /// Everything declared so far.
@@ -59,13 +100,17 @@ mod tests {
     use super::*;
 
     #[test]
-    fn declaring_twice_shares_one_counter() {
+    fn declaring_twice_shares_one_metric() {
         let metrics = PluginMetrics::default();
         let a = metrics.counter("x", "help");
         let b = metrics.counter("x", "help");
         a.inc();
         b.inc_by(2);
-        assert_eq!(metrics.declared().len(), 1);
-        assert_eq!(metrics.declared()[0].counter.get(), 3);
+        let g = metrics.gauge("level", "help");
+        g.set(5);
+        metrics.gauge("level", "help").add(-2);
+        assert_eq!(metrics.declared().len(), 2);
+        assert!(matches!(&metrics.declared()[0].metric, Metric::Counter(c) if c.get() == 3));
+        assert!(matches!(&metrics.declared()[1].metric, Metric::Gauge(g) if g.get() == 3));
     }
 }

@@ -7,10 +7,12 @@
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 
-use conflux_api::metrics::Declared;
+use conflux_api::metrics::{Declared, Metric};
 use prometheus_client::collector::Collector;
 use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric};
 use prometheus_client::metrics::counter::ConstCounter;
+use prometheus_client::metrics::gauge::ConstGauge;
+use prometheus_client::metrics::MetricType;
 
 use prometheus_client::encoding::text::encode;
 use prometheus_client::metrics::counter::Counter;
@@ -47,18 +49,29 @@ struct PluginCounters(Arc<Mutex<Vec<(Labels, Declared)>>>);
 
 impl Collector for PluginCounters {
     fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
-        let counters = self.0.lock().unwrap_or_else(|p| p.into_inner());
-        let mut names: Vec<(&'static str, &'static str)> = counters.iter().map(|(_, d)| (d.name, d.help)).collect();
-        names.sort();
-        names.dedup_by_key(|(name, _)| *name);
-        for (name, help) in names {
-            let mut family =
-                encoder.encode_descriptor(name, help, None, prometheus_client::metrics::MetricType::Counter)?;
-            for (labels, declared) in counters.iter().filter(|(_, d)| d.name == name) {
-                ConstCounter::new(declared.counter.get()).encode(family.encode_family(labels)?)?;
+        let declared = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        let mut names: Vec<(&'static str, &'static str, MetricType)> =
+            declared.iter().map(|(_, d)| (d.name, d.help, metric_type(&d.metric))).collect();
+        names.sort_by_key(|(name, _, _)| *name);
+        names.dedup_by_key(|(name, _, _)| *name);
+        for (name, help, kind) in names {
+            let mut family = encoder.encode_descriptor(name, help, None, kind)?;
+            for (labels, d) in declared.iter().filter(|(_, d)| d.name == name) {
+                let encoder = family.encode_family(labels)?;
+                match &d.metric {
+                    Metric::Counter(c) => ConstCounter::new(c.get()).encode(encoder)?,
+                    Metric::Gauge(g) => ConstGauge::new(g.get()).encode(encoder)?,
+                }
             }
         }
         Ok(())
+    }
+}
+
+fn metric_type(metric: &Metric) -> MetricType {
+    match metric {
+        Metric::Counter(_) => MetricType::Counter,
+        Metric::Gauge(_) => MetricType::Gauge,
     }
 }
 
@@ -209,6 +222,7 @@ mod tests {
         let declared = conflux_api::metrics::PluginMetrics::default();
         let evicted = declared.counter("aggregate_windows_evicted", "Windows closed early");
         evicted.inc_by(3);
+        declared.gauge("kafka_paused_partitions", "Partitions paused").set(2);
         metrics.adopt("bookings", "per_minute", declared.declared());
         let text = metrics.encode();
         assert!(
@@ -216,5 +230,10 @@ mod tests {
             "{text}"
         );
         assert!(text.contains("# HELP conflux_aggregate_windows_evicted Windows closed early"), "{text}");
+        assert!(text.contains("# TYPE conflux_kafka_paused_partitions gauge"), "{text}");
+        assert!(
+            text.contains(r#"conflux_kafka_paused_partitions{pipeline="bookings",component="per_minute"} 2"#),
+            "{text}"
+        );
     }
 }
