@@ -36,6 +36,7 @@ median() { sort -n | awk '{a[NR]=$1} END {print a[int((NR+1)/2)]}'; }
 throughput() { # name events pipeline-file
   local name=$1 events=$2 file=$3 rates=() rss=() i out
   for ((i = 0; i < RUNS; i++)); do
+    [ -n "${RESET_STATE:-}" ] && rm -rf "$RESET_STATE"
     out=$(measure "$BIN" run "$file")
     rates+=("$(awk -v n="$events" -v t="$(echo "$out" | cut -d' ' -f1)" 'BEGIN {print n / t}')")
     rss+=("$(echo "$out" | cut -d' ' -f2)")
@@ -136,8 +137,9 @@ wasm_filter() { wasm_scenario "file → wasm filter → drop" filter '{ types: [
 
 # Issue 4: count + sum by restaurant in 1-minute event-time tumbling windows,
 # then the same with count_distinct, p99 and top_k; and peak RSS with 100,000 groups.
-aggregate_scenario() { # name file metrics-yaml [keys]
+aggregate_scenario() { # name file metrics-yaml [extra stage options]
   cat >"$WORK/aggregate-$1.yaml" <<YAML
+runtime: { data_dir: $WORK/state-$1 }
 inputs:
   in: { type: file, path: $2 }
 stages:
@@ -148,9 +150,11 @@ stages:
     time: { field: timestamp, allowed_lateness: 5s }
     window: { tumbling: 1m }
     metrics: $3
+    ${4:-}
 outputs:
   out: { type: drop, from: agg }
 YAML
+  rm -rf "$WORK/state-$1"
 }
 
 aggregate() {
@@ -158,6 +162,10 @@ aggregate() {
   file=$(events_file)
   aggregate_scenario simple "$file" '{ bookings: { count: {} }, guests: { sum: data.guests } }'
   throughput "aggregate count+sum" "$EVENTS" "$WORK/aggregate-simple.yaml"
+  # The same with 1 s snapshots to the local data_dir (each run starts from an empty state).
+  aggregate_scenario checkpointed "$file" '{ bookings: { count: {} }, guests: { sum: data.guests } }' \
+    'checkpoint: { interval: 1s }'
+  RESET_STATE=$WORK/state-checkpointed throughput "aggregate count+sum, checkpoints" "$EVENTS" "$WORK/aggregate-checkpointed.yaml"
   aggregate_scenario sketches "$file" '{ bookings: { count: {} }, users: { count_distinct: data.userId }, p99: { percentiles: { field: data.guests, quantiles: [0.99] } }, zones: { top_k: { field: data.zone, k: 3 } } }'
   throughput "aggregate distinct+p99+top_k" "$EVENTS" "$WORK/aggregate-sketches.yaml"
   groups=$WORK/bookings-100k-groups.ndjson

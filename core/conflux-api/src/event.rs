@@ -136,7 +136,9 @@ impl Timestamp {
 
     /// Parses RFC 3339 (`2026-11-22T10:00:00Z`, with offset or fraction).
     pub fn parse_rfc3339(text: &str) -> Option<Self> {
-        chrono::DateTime::parse_from_rfc3339(text).ok().and_then(|t| t.timestamp_nanos_opt()).map(Timestamp)
+        parse_utc_fast(text.as_bytes()).or_else(|| {
+            chrono::DateTime::parse_from_rfc3339(text).ok().and_then(|t| t.timestamp_nanos_opt()).map(Timestamp)
+        })
     }
 
     /// Reads a timestamp from a payload value: an RFC 3339 string, or a
@@ -171,6 +173,55 @@ impl Timestamp {
     }
 }
 
+/// The common UTC shape `YYYY-MM-DDTHH:MM:SS[.fraction]Z`, parsed by hand: event
+/// times are read for every event a window sees. Anything else returns `None`
+/// and goes through the full parser.
+fn parse_utc_fast(b: &[u8]) -> Option<Timestamp> {
+    fn digits(b: &[u8]) -> Option<i64> {
+        b.iter().try_fold(0i64, |n, c| c.is_ascii_digit().then(|| n * 10 + i64::from(c - b'0')))
+    }
+    if b.len() < 20 || b[4] != b'-' || b[7] != b'-' || !matches!(b[10], b'T' | b't') || b[13] != b':' || b[16] != b':' {
+        return None;
+    }
+    let (year, month, day) = (digits(&b[0..4])?, digits(&b[5..7])?, digits(&b[8..10])?);
+    let (hour, minute, second) = (digits(&b[11..13])?, digits(&b[14..16])?, digits(&b[17..19])?);
+    let leap = year % 4 == 0 && (year % 100 != 0 || year % 400 == 0);
+    let month_days = match month {
+        2 if leap => 29,
+        2 => 28,
+        4 | 6 | 9 | 11 => 30,
+        1..=12 => 31,
+        _ => return None,
+    };
+    if !(1..=month_days).contains(&day) || hour > 23 || minute > 59 || second > 59 {
+        return None;
+    }
+    let rest = &b[19..];
+    let (fraction, zone) = match rest.first() {
+        Some(b'.') => {
+            let len = rest[1..].iter().take_while(|c| c.is_ascii_digit()).count();
+            if len == 0 || len > 9 {
+                return None;
+            }
+            (digits(&rest[1..1 + len])? * 10i64.pow(9 - len as u32), &rest[1 + len..])
+        }
+        _ => (0, rest),
+    };
+    if !matches!(zone, [b'Z' | b'z']) {
+        return None;
+    }
+    // Days since the epoch from the civil date (H. Hinnant's algorithm).
+    let y = if month <= 2 { year - 1 } else { year };
+    let era = y.div_euclid(400);
+    let yoe = y - era * 400;
+    let mp = (month + 9) % 12;
+    let doy = (153 * mp + 2) / 5 + day - 1;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    let days = era * 146_097 + doe - 719_468;
+    let seconds = days * 86_400 + hour * 3600 + minute * 60 + second;
+    seconds.checked_mul(1_000_000_000)?.checked_add(fraction).map(Timestamp)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -186,6 +237,31 @@ mod tests {
         assert_eq!(Timestamp::from_value(&Value::from("not a time")), None);
         let offset = Timestamp::parse_rfc3339("2026-11-22T11:00:00+01:00").unwrap();
         assert_eq!(offset, t);
+    }
+
+    #[test]
+    fn the_fast_utc_parser_agrees_with_chrono() {
+        let chrono_parse = |t: &str| chrono::DateTime::parse_from_rfc3339(t).unwrap().timestamp_nanos_opt().unwrap();
+        for text in [
+            "2026-11-22T08:13:04.152Z",
+            "1970-01-01T00:00:00Z",
+            "2024-02-29T23:59:59.999999999Z",
+            "2000-03-01T00:00:00.5z",
+            "1969-12-31T23:59:59.1Z",
+            "2100-12-31t12:00:00Z",
+        ] {
+            assert_eq!(parse_utc_fast(text.as_bytes()).map(|t| t.0), Some(chrono_parse(text)), "{text}");
+        }
+        for other in
+            ["2026-11-22T10:00:00+01:00", "2026-11-22 10:00:00Z", "2026-13-01T00:00:00Z", "2026-11-22T10:00:00.Z"]
+        {
+            assert_eq!(parse_utc_fast(other.as_bytes()), None, "{other} goes to the full parser");
+        }
+        assert_eq!(
+            Timestamp::parse_rfc3339("2026-11-22T11:00:00+01:00"),
+            Timestamp::parse_rfc3339("2026-11-22T10:00:00Z")
+        );
+        assert_eq!(Timestamp::parse_rfc3339("2026-02-30T10:00:00Z"), None, "chrono refuses impossible dates");
     }
 
     #[test]

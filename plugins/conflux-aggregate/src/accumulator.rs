@@ -173,16 +173,14 @@ pub struct Sum {
 }
 
 impl Sum {
-    pub fn add(&mut self, value: &Value) -> bool {
-        if let Some(i) = value.as_i64() {
-            self.int = self.int.wrapping_add(i);
-            true
-        } else if let Some(f) = value.as_f64() {
-            self.float += f;
-            self.is_float = true;
-            true
-        } else {
-            false
+    /// Adds a number already read: exact while integers, float once any is not.
+    pub fn add_number(&mut self, float: f64, int: Option<i64>) {
+        match int {
+            Some(i) => self.int = self.int.wrapping_add(i),
+            None => {
+                self.float += float;
+                self.is_float = true;
+            }
         }
     }
 
@@ -368,10 +366,10 @@ mod tests {
     #[test]
     fn sums_stay_integers() {
         let mut s = Sum::default();
-        s.add(&Value::from(2));
-        s.add(&Value::from(3));
+        s.add_number(2.0, Some(2));
+        s.add_number(3.0, Some(3));
         assert_eq!(s.to_value().to_string(), "5");
-        s.add(&Value::try_from(0.5).unwrap());
+        s.add_number(0.5, None);
         assert_eq!(s.to_value().to_string(), "5.5");
     }
 }

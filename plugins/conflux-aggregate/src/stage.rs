@@ -66,7 +66,8 @@ impl Metric {
 enum Contribution {
     Skip,
     One,
-    Number(f64, Value),
+    /// The number as a float, and as an integer when it is one (sums stay exact).
+    Number(f64, Option<i64>),
     Timed(Value),
     Hash(u64),
     Key(String),
@@ -350,24 +351,33 @@ impl AggregateStage {
         }
     }
 
-    /// Writes the group key into `self.key`; `None` if a field is missing and that is invalid.
-    fn group_of(&mut self, event: &Event) -> Option<Vec<Value>> {
+    /// Writes the group key into `self.key`; false if a field is missing and that is invalid.
+    fn group_key(&mut self, event: &Event) -> bool {
         self.key.clear();
-        let mut values = Vec::with_capacity(self.group_paths.len());
         for path in &self.group_paths {
             let value = match path.get(&event.data) {
-                Some(v) if !v.is_null() => detached(v),
-                _ if self.missing_group == MissingGroup::Invalid => return None,
-                _ => self.default_group.clone(),
+                Some(v) if !v.is_null() => v,
+                _ if self.missing_group == MissingGroup::Invalid => return false,
+                _ => &self.default_group,
             };
             match value.as_str() {
                 Some(s) => self.key.push_str(s),
                 None => self.key.push_str(&value.to_string()),
             }
             self.key.push('\u{1f}');
-            values.push(value);
         }
-        Some(values)
+        true
+    }
+
+    /// The group's field values, copied out of the event (only for a group's first event in a window).
+    fn group_values(&self, event: &Event) -> Vec<Value> {
+        self.group_paths
+            .iter()
+            .map(|path| match path.get(&event.data) {
+                Some(v) if !v.is_null() => detached(v),
+                _ => self.default_group.clone(),
+            })
+            .collect()
     }
 
     fn contributions(&mut self, event: &mut Event) -> Result<(), String> {
@@ -398,7 +408,7 @@ impl AggregateStage {
                 }
                 (_, None) => Contribution::Skip,
                 (Kind::Sum | Kind::Avg | Kind::Min | Kind::Max | Kind::Percentiles(_), Some(v)) => match v.as_f64() {
-                    Some(f) => Contribution::Number(f, v.clone()),
+                    Some(f) => Contribution::Number(f, v.as_i64()),
                     None => Contribution::Skip,
                 },
                 (Kind::First | Kind::Last, Some(v)) => Contribution::Timed(detached(v)),
@@ -431,9 +441,10 @@ impl AggregateStage {
         GroupState { group, accs, tokens: Vec::new(), dirty: false }
     }
 
-    fn add(&mut self, window: (i64, i64), group: &[Value], t: i64, ack: &AckToken) {
+    fn add(&mut self, window: (i64, i64), event: &Event, t: i64) {
+        let ack = &event.ack;
         if !self.windows.get(&window).is_some_and(|w| w.contains_key(self.key.as_str())) {
-            let state = self.new_state(window, group.to_vec());
+            let state = self.new_state(window, self.group_values(event));
             self.windows.entry(window).or_default().insert(self.key.clone(), state);
             self.states += 1;
         }
@@ -442,11 +453,9 @@ impl AggregateStage {
             match (acc, c) {
                 (_, Contribution::Skip) => {}
                 (Acc::Count(n) | Acc::Rate(n), Contribution::One) => *n += 1,
-                (Acc::Sum(s), Contribution::Number(_, v)) => {
-                    s.add(v);
-                }
-                (Acc::Avg(s, n), Contribution::Number(_, v)) => {
-                    s.add(v);
+                (Acc::Sum(s), Contribution::Number(f, i)) => s.add_number(*f, *i),
+                (Acc::Avg(s, n), Contribution::Number(f, i)) => {
+                    s.add_number(*f, *i);
                     *n += 1;
                 }
                 (Acc::Min(m), Contribution::Number(f, _)) => *m = Some(m.map_or(*f, |m| m.min(*f))),
@@ -834,6 +843,8 @@ impl Stage for AggregateStage {
     async fn process(&mut self, batch: Batch, out: &mut Emitter) {
         self.ensure_restored(out).await;
         let mut watermark = self.watermark();
+        // One clock reading per batch: the idle timeout is far coarser than a batch.
+        let now = Instant::now();
         for mut event in batch {
             if self.durability.as_mut().is_some_and(|d| d.already_counted(&event)) {
                 continue;
@@ -846,11 +857,11 @@ impl Stage for AggregateStage {
                 }
             };
             event.event_time = Some(Timestamp(t));
-            let Some(group) = self.group_of(&event) else {
+            if !self.group_key(&event) {
                 event.meta.insert(conflux_api::component::ERROR_META, "a group_by field is missing");
                 out.emit_to(INVALID, event);
                 continue;
-            };
+            }
             match self.windower {
                 Windower::Session { gap } => {
                     if t + gap <= watermark {
@@ -884,10 +895,10 @@ impl Stage for AggregateStage {
                 self.max_event_time = Some(t);
                 watermark = self.watermark();
             }
-            self.last_event_wall = Instant::now();
+            self.last_event_wall = now;
             let windows = std::mem::take(&mut self.assigned);
             for window in &windows {
-                self.add(*window, &group, t, &event.ack);
+                self.add(*window, &event, t);
             }
             self.assigned = windows;
             // The event itself ends here; its acknowledgement rides on the results.
