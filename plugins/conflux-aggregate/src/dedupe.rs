@@ -247,13 +247,7 @@ mod tests {
 
     fn stage(options: serde_json::Value) -> BuiltStage {
         let config: DedupeConfig = serde_json::from_value(options).unwrap();
-        let cx = BuildContext {
-            pipeline: "p".into(),
-            component: "d".into(),
-            base_dir: ".".into(),
-            data_dir: ".".into(),
-            ..Default::default()
-        };
+        let cx = BuildContext { pipeline: "p".into(), component: "d".into(), ..Default::default() };
         config.build(&cx).map_err(|e| e.message).unwrap()
     }
 

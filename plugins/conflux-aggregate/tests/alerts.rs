@@ -7,13 +7,7 @@ use serde_json::{json, Value as J};
 
 fn stage<C: StageConfig + DeserializeOwned>(options: J) -> BuiltStage {
     let config: C = serde_json::from_value(options).unwrap();
-    let cx = BuildContext {
-        pipeline: "p".into(),
-        component: "s".into(),
-        base_dir: ".".into(),
-        data_dir: ".".into(),
-        ..Default::default()
-    };
+    let cx = BuildContext { pipeline: "p".into(), component: "s".into(), ..Default::default() };
     config.build(&cx).map_err(|e| format!("{:?}: {}", e.path, e.message)).unwrap()
 }
 
@@ -120,13 +114,7 @@ async fn no_show_fires_when_a_confirmed_booking_is_not_completed_in_time() {
 fn rules_need_exactly_one_kind() {
     type Alert = conflux_aggregate_alert::AlertConfig;
     let config: Alert = serde_json::from_value(json!({ "rules": [{ "name": "x" }] })).unwrap();
-    let cx = BuildContext {
-        pipeline: "p".into(),
-        component: "s".into(),
-        base_dir: ".".into(),
-        data_dir: ".".into(),
-        ..Default::default()
-    };
+    let cx = BuildContext { pipeline: "p".into(), component: "s".into(), ..Default::default() };
     let err = config.build(&cx).err().unwrap();
     assert_eq!(err.path, vec!["rules", "0"]);
     let _ = std::marker::PhantomData::<AggregateConfig>;

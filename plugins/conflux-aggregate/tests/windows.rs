@@ -6,13 +6,7 @@ use serde_json::{json, Value as J};
 
 fn stage(options: J) -> BuiltStage {
     let config: AggregateConfig = serde_json::from_value(options).unwrap();
-    let cx = BuildContext {
-        pipeline: "p".into(),
-        component: "agg".into(),
-        base_dir: ".".into(),
-        data_dir: ".".into(),
-        ..Default::default()
-    };
+    let cx = BuildContext { pipeline: "p".into(), component: "agg".into(), ..Default::default() };
     config.build(&cx).map_err(|e| format!("{:?}: {}", e.path, e.message)).unwrap()
 }
 
@@ -310,13 +304,7 @@ async fn bad_events_are_routed_not_lost() {
 
 #[test]
 fn config_mistakes_point_at_the_option() {
-    let cx = BuildContext {
-        pipeline: "p".into(),
-        component: "agg".into(),
-        base_dir: ".".into(),
-        data_dir: ".".into(),
-        ..Default::default()
-    };
+    let cx = BuildContext { pipeline: "p".into(), component: "agg".into(), ..Default::default() };
     let build = |options: J| {
         let config: AggregateConfig = serde_json::from_value(options).unwrap();
         config.build(&cx).err().map(|e| (e.path, e.message))
