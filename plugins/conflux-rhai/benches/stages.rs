@@ -31,7 +31,8 @@ fn batch() -> Vec<Event> {
 
 fn stage(name: &str, options: serde_json::Value) -> BuiltStage {
     conflux_rhai::link();
-    let cx = BuildContext { pipeline: "bench".into(), component: name.into(), base_dir: ".".into(), data_dir: ".".into() };
+    let cx =
+        BuildContext { pipeline: "bench".into(), component: name.into(), base_dir: ".".into(), data_dir: ".".into() };
     let Factory::Stage(build) = Registration::find(Kind::Stage, name).expect("registered").factory else {
         unreachable!("{name} is a stage")
     };
