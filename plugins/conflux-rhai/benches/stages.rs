@@ -6,6 +6,10 @@ use conflux_api::registry::Factory;
 use conflux_api::{BuildContext, BuiltStage, Emitter, Event, Kind, Registration};
 use criterion::{criterion_group, criterion_main, BatchSize, Criterion, Throughput};
 
+/// The allocator the `conflux` binary uses: allocation costs differ a lot.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 const BATCH: usize = 1024;
 const TYPES: [&str; 4] = ["booking_created", "booking_confirmed", "booking_cancelled", "booking_completed"];
 const ZONES: [&str; 3] = ["indoor", "terrace", "bar"];
@@ -60,6 +64,46 @@ fn bench_stage(c: &mut Criterion, label: &str, name: &str, options: serde_json::
     group.finish();
 }
 
+/// The floor under any script that assigns a nested field: sonic turns the
+/// parsed objects on the path into owned maps before it can write.
+fn payload_write(c: &mut Criterion) {
+    use conflux_api::sonic_rs::{JsonValueMutTrait, JsonValueTrait};
+    let events = batch();
+    let mut group = c.benchmark_group("payload");
+    group.throughput(Throughput::Elements(BATCH as u64));
+    group.bench_function("sonic nested insert", |b| {
+        b.iter_batched(
+            || events.clone(),
+            |mut batch| {
+                for event in &mut batch {
+                    let large = event.data.get("data").and_then(|d| d.get("guests")).and_then(|g| g.as_i64()) > Some(4);
+                    if let Some(data) = event.data.get_mut("data").and_then(|d| d.as_object_mut()) {
+                        data.insert("large", large);
+                    }
+                }
+                batch
+            },
+            BatchSize::SmallInput,
+        )
+    });
+    group.bench_function("json round trip", |b| {
+        let mut buf = Vec::new();
+        b.iter_batched(
+            || events.clone(),
+            |mut batch| {
+                for event in &mut batch {
+                    buf.clear();
+                    conflux_api::sonic_rs::to_writer(&mut buf, &event.data).unwrap();
+                    event.data = conflux_api::sonic_rs::from_slice(&buf).unwrap();
+                }
+                batch
+            },
+            BatchSize::SmallInput,
+        )
+    });
+    group.finish();
+}
+
 fn stages(c: &mut Criterion) {
     bench_stage(c, "filter", "filter", serde_json::json!({ "condition": r#"event.type != "booking_cancelled""# }));
     bench_stage(c, "rhai identity", "rhai", serde_json::json!({ "script": "event" }));
@@ -71,5 +115,5 @@ fn stages(c: &mut Criterion) {
     );
 }
 
-criterion_group!(benches, stages);
+criterion_group!(benches, stages, payload_write);
 criterion_main!(benches);
