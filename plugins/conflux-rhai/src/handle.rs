@@ -4,19 +4,21 @@ use std::sync::{Arc, Mutex};
 
 use conflux_api::sonic_rs::{JsonContainerTrait, JsonValueMutTrait, JsonValueTrait};
 use conflux_api::Value;
-use rhai::{Array, Dynamic, ImmutableString, Map};
+use rhai::{Array, Dynamic, ImmutableString, Map, StaticVec};
 
 /// A path into a shared payload. Objects read through a handle come back as
 /// handles (no copy); scalars and arrays come back as script values.
+/// Paths up to three deep stay inline, and their segments are the script's
+/// own property names, so making a handle allocates nothing but its box.
 #[derive(Clone)]
 pub struct EventHandle {
     root: Arc<Mutex<Value>>,
-    path: Vec<ImmutableString>,
+    path: StaticVec<ImmutableString>,
 }
 
 impl EventHandle {
     pub fn new(root: Arc<Mutex<Value>>) -> Self {
-        EventHandle { root, path: Vec::new() }
+        EventHandle { root, path: StaticVec::new() }
     }
 
     fn is_root_of(&self, root: &Arc<Mutex<Value>>) -> bool {
@@ -30,13 +32,13 @@ impl EventHandle {
     }
 
     /// `handle.name` / `handle["name"]`.
-    pub fn get(&mut self, name: &str) -> Dynamic {
+    pub fn get(&mut self, name: &ImmutableString) -> Dynamic {
         let root = self.root.lock().unwrap_or_else(|p| p.into_inner());
         let Some(parent) = at(&root, &self.path) else { return Dynamic::UNIT };
-        match parent.get(name) {
+        match parent.get(name.as_str()) {
             Some(v) if v.is_object() => {
                 let mut path = self.path.clone();
-                path.push(name.into());
+                path.push(name.clone());
                 Dynamic::from(EventHandle { root: self.root.clone(), path })
             }
             Some(v) => to_dynamic(v),
@@ -48,7 +50,7 @@ impl EventHandle {
     pub fn set(&mut self, name: &str, value: Dynamic) {
         // Rhai writes a property back after mutating it through a getter;
         // a handle written onto its own place is already there.
-        if let Some(h) = value.clone().try_cast::<EventHandle>() {
+        if let Some(h) = value.read_lock::<EventHandle>() {
             if Arc::ptr_eq(&h.root, &self.root)
                 && h.path.len() == self.path.len() + 1
                 && h.path[..self.path.len()] == self.path[..]

@@ -13,7 +13,7 @@ mod script;
 mod stages;
 
 pub use rhai::Dynamic;
-pub use script::{Condition, Limits, Script, ScriptError};
+pub use script::{Condition, Limits, RunState, Script, ScriptError};
 
 /// Call from the binary so the linker keeps this crate's registrations.
 pub fn link() {}

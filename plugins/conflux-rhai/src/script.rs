@@ -3,7 +3,7 @@
 use std::sync::{Arc, Mutex};
 
 use conflux_api::{Event, Metadata, Value};
-use rhai::{Dynamic, Engine, Map, Scope, AST};
+use rhai::{ASTNode, Caches, Dynamic, Engine, Expr, GlobalRuntimeState, ImmutableString, Map, Scope, AST};
 use schemars::JsonSchema;
 use serde::Deserialize;
 
@@ -79,8 +79,8 @@ fn sandboxed_engine(limits: &Limits) -> Engine {
     engine.on_debug(|text, _, pos| tracing::debug!(target: "rhai", %pos, "{text}"));
     engine
         .register_type_with_name::<EventHandle>("Event")
-        .register_indexer_get(|h: &mut EventHandle, name: &str| h.get(name))
-        .register_indexer_set(|h: &mut EventHandle, name: &str, value: Dynamic| h.set(name, value))
+        .register_indexer_get(|h: &mut EventHandle, name: ImmutableString| h.get(&name))
+        .register_indexer_set(|h: &mut EventHandle, name: ImmutableString, value: Dynamic| h.set(&name, value))
         .register_fn("has", |h: &mut EventHandle, name: &str| h.has(name))
         .register_fn("remove", |h: &mut EventHandle, name: &str| h.remove(name))
         .register_fn("keys", |h: &mut EventHandle| h.keys())
@@ -97,25 +97,41 @@ pub struct Script {
     ast: AST,
     /// Whether the source mentions `meta`; if not, metadata is not converted.
     uses_meta: bool,
-    /// The payload slot `event` points to, reused from event to event.
+}
+
+/// What one caller keeps from run to run of a script, so that a run does not
+/// set up Rhai afresh: the scope, Rhai's runtime state, its function
+/// resolution cache, and the payload slot `event` points to.
+pub struct RunState {
+    scope: Scope<'static>,
+    global: GlobalRuntimeState,
+    caches: Caches,
     slot: Arc<Mutex<Value>>,
 }
 
-/// What one run produced; the payload stays reachable through `root`.
-pub struct Run {
+/// What one run produced; the payload stays reachable through the run state.
+pub struct Run<'s> {
     pub result: Dynamic,
-    root: Arc<Mutex<Value>>,
+    root: &'s Arc<Mutex<Value>>,
 }
 
-impl Run {
+impl Run<'_> {
     /// Whether the script returned `event` itself.
     pub fn returned_event(&self) -> bool {
-        self.result.read_lock::<EventHandle>().is_some_and(|h| h.points_to_root_of(&self.root))
+        self.result.read_lock::<EventHandle>().is_some_and(|h| h.points_to_root_of(self.root))
     }
 
     /// The payload after the script ran (with its changes).
     pub fn take_payload(&self) -> Value {
         std::mem::take(&mut *self.root.lock().unwrap_or_else(|p| p.into_inner()))
+    }
+
+    /// Converts one returned item to a payload (the event itself is copied out).
+    pub fn item_to_value(&self, item: &Dynamic) -> Value {
+        if item.read_lock::<EventHandle>().is_some_and(|h| h.points_to_root_of(self.root)) {
+            return self.root.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        }
+        to_value(item)
     }
 }
 
@@ -131,10 +147,6 @@ impl Script {
         Ok(Script::new(engine, ast, source))
     }
 
-    fn new(engine: Engine, ast: AST, source: &str) -> Self {
-        Script { engine: Arc::new(engine), ast, uses_meta: source.contains("meta"), slot: Arc::default() }
-    }
-
     /// Compiles a single expression (conditions: `event.type == "booking_created"`).
     pub fn compile_expression(source: &str, limits: &Limits) -> Result<Self, ScriptError> {
         let engine = sandboxed_engine(limits);
@@ -142,32 +154,91 @@ impl Script {
         Ok(Script::new(engine, ast, source))
     }
 
+    fn new(mut engine: Engine, ast: AST, source: &str) -> Self {
+        register_properties(&mut engine, &ast);
+        Script { engine: Arc::new(engine), ast, uses_meta: source.contains("meta") }
+    }
+
+    /// Fresh state for running this script; keep it and pass it to every run.
+    pub fn state(&self) -> RunState {
+        let slot = Arc::default();
+        let mut scope = Scope::new();
+        scope.push("event", EventHandle::new(Arc::clone(&slot)));
+        if self.uses_meta {
+            scope.push("meta", Map::new());
+        }
+        let mut state = RunState { scope, global: self.engine.new_global_runtime_state(), caches: Caches::new(), slot };
+        state.global.lib.push(self.ast.shared_lib().clone());
+        state
+    }
+
     /// Runs on one event, moving its payload behind the `event` handle.
     /// On error the payload is put back and the message returned.
-    pub fn run(&self, scope: &mut Scope<'static>, event: &mut Event) -> Result<Run, String> {
-        let root = self.slot.clone();
-        *root.lock().unwrap_or_else(|p| p.into_inner()) = std::mem::take(&mut event.data);
-        scope.clear();
-        scope.push("event", EventHandle::new(root.clone()));
-        if self.uses_meta {
-            scope.push("meta", meta_to_map(&event.meta));
+    pub fn run<'s>(&self, state: &'s mut RunState, event: &mut Event) -> Result<Run<'s>, String> {
+        *state.slot.lock().unwrap_or_else(|p| p.into_inner()) = std::mem::take(&mut event.data);
+        // Drop the script's own variables; `event` (and `meta`) stay first.
+        state.scope.rewind(1 + usize::from(self.uses_meta));
+        // The script may have assigned `event` or `meta`: start from ours again.
+        if !state
+            .scope
+            .get("event")
+            .is_some_and(|v| v.read_lock::<EventHandle>().is_some_and(|h| h.points_to_root_of(&state.slot)))
+        {
+            state.scope.set_value("event", EventHandle::new(Arc::clone(&state.slot)));
         }
-        let result = self.engine.eval_ast_with_scope::<Dynamic>(scope, &self.ast);
         if self.uses_meta {
-            if let Some(meta) = scope.get_value::<Map>("meta") {
+            state.scope.set_value("meta", meta_to_map(&event.meta));
+        }
+        // Each run gets its own operation budget and call depth, as a fresh
+        // evaluation would; the function resolution cache carries over.
+        let global = &mut state.global;
+        global.num_operations = Default::default();
+        global.level = 0;
+        global.scope_level = 0;
+        global.always_search_scope = false;
+        global.truncate_imports(0);
+        global.constants = None;
+        global.lib.truncate(1);
+        #[allow(deprecated)] // the raw entry point is the one that takes reusable state
+        let result =
+            self.engine.eval_statements_raw(global, &mut state.caches, &mut state.scope, self.ast.statements());
+        if self.uses_meta {
+            if let Some(meta) = state.scope.get_value::<Map>("meta") {
                 if !event.meta.is_empty() || !meta.is_empty() {
                     event.meta = map_to_meta(&meta);
                 }
             }
         }
-        scope.clear();
         match result {
-            Ok(result) => Ok(Run { result, root }),
+            Ok(result) => Ok(Run { result, root: &state.slot }),
             Err(error) => {
-                event.data = std::mem::take(&mut *root.lock().unwrap_or_else(|p| p.into_inner()));
+                // An error can leave cache levels pushed; start clean.
+                state.caches = Caches::new();
+                event.data = std::mem::take(&mut *state.slot.lock().unwrap_or_else(|p| p.into_inner()));
                 Err(error.to_string())
             }
         }
+    }
+}
+
+/// Registers a getter and setter on `event` handles for every property name
+/// the script uses, so `event.data.guests` is one native call instead of a
+/// failed getter lookup (which builds an error message) and an indexer call.
+fn register_properties(engine: &mut Engine, ast: &AST) {
+    let mut names: Vec<ImmutableString> = Vec::new();
+    ast.walk(&mut |path: &[ASTNode]| {
+        if let Some(ASTNode::Expr(Expr::Property(property, _))) = path.last() {
+            if !names.contains(&property.2) {
+                names.push(property.2.clone());
+            }
+        }
+        true
+    });
+    for name in names {
+        let key = name.clone();
+        engine.register_get(name.as_str(), move |h: &mut EventHandle| h.get(&key));
+        let key = name.clone();
+        engine.register_set(name.as_str(), move |h: &mut EventHandle, value: Dynamic| h.set(&key, value));
     }
 }
 
@@ -186,17 +257,14 @@ fn map_to_meta(map: &Map) -> Metadata {
 /// A boolean condition over an event: the one expression language of the product.
 pub struct Condition {
     script: Script,
-    scope: Scope<'static>,
+    state: RunState,
     source: String,
 }
 
 impl Condition {
     pub fn compile(source: &str, limits: &Limits) -> Result<Self, ScriptError> {
-        Ok(Condition {
-            script: Script::compile_expression(source, limits)?,
-            scope: Scope::new(),
-            source: source.into(),
-        })
+        let script = Script::compile_expression(source, limits)?;
+        Ok(Condition { state: script.state(), script, source: source.into() })
     }
 
     /// The expression as written.
@@ -206,7 +274,7 @@ impl Condition {
 
     /// Evaluates to a value (numbers for alert rules, anything for templates).
     pub fn evaluate(&mut self, event: &mut Event) -> Result<Dynamic, String> {
-        let run = self.script.run(&mut self.scope, event)?;
+        let run = self.script.run(&mut self.state, event)?;
         let result = if run.result.is::<EventHandle>() { Dynamic::from_map(Map::new()) } else { run.result.clone() };
         event.data = run.take_payload();
         Ok(result)
@@ -217,12 +285,4 @@ impl Condition {
         let value = self.evaluate(event)?;
         value.as_bool().map_err(|t| format!("condition `{}` returned {t}, not a boolean", self.source))
     }
-}
-
-/// Converts a script result to a payload.
-pub fn result_to_value(run: &Run, item: &Dynamic) -> Value {
-    if item.read_lock::<EventHandle>().is_some_and(|h| h.points_to_root_of(&run.root)) {
-        return run.root.lock().unwrap_or_else(|p| p.into_inner()).clone();
-    }
-    to_value(item)
 }

@@ -4,11 +4,11 @@ use conflux_api::{
     async_trait, inventory, Batch, BuildContext, BuildError, BuiltStage, Emitter, PortId, Registration, Stage,
     StageConfig,
 };
-use rhai::{Array, Scope};
+use rhai::Array;
 use schemars::JsonSchema;
 use serde::Deserialize;
 
-use crate::script::{result_to_value, Condition, Limits, Script};
+use crate::script::{Condition, Limits, RunState, Script};
 
 /// Runs a Rhai script on every event.
 ///
@@ -46,7 +46,7 @@ impl StageConfig for RhaiConfig {
             }
             _ => return Err(BuildError::new("give exactly one of `script` (inline) or `file`")),
         };
-        Ok(BuiltStage::new(RhaiStage { script, scope: Scope::new() }))
+        Ok(BuiltStage::new(RhaiStage { state: script.state(), script }))
     }
 }
 
@@ -54,14 +54,14 @@ inventory::submit!(Registration::stage::<RhaiConfig>());
 
 struct RhaiStage {
     script: Script,
-    scope: Scope<'static>,
+    state: RunState,
 }
 
 #[async_trait]
 impl Stage for RhaiStage {
     async fn process(&mut self, batch: Batch, out: &mut Emitter) {
         for mut event in batch {
-            let run = match self.script.run(&mut self.scope, &mut event) {
+            let run = match self.script.run(&mut self.state, &mut event) {
                 Ok(run) => run,
                 Err(reason) => {
                     out.fail(event, reason);
@@ -77,10 +77,10 @@ impl Stage for RhaiStage {
                 out.emit(event);
             } else if let Some(items) = run.result.read_lock::<Array>() {
                 for item in items.iter() {
-                    out.emit(event.derive(result_to_value(&run, item)));
+                    out.emit(event.derive(run.item_to_value(item)));
                 }
             } else if run.result.is_map() || run.result.is::<crate::handle::EventHandle>() {
-                event.data = result_to_value(&run, &run.result);
+                event.data = run.item_to_value(&run.result);
                 out.emit(event);
             } else {
                 let kind = run.result.type_name();
