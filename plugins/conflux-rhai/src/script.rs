@@ -146,7 +146,7 @@ impl Script {
     /// On error the payload is put back and the message returned.
     pub fn run(&self, scope: &mut Scope<'static>, event: &mut Event) -> Result<Run, String> {
         let root = self.slot.clone();
-        *root.lock().unwrap_or_else(|p| p.into_inner()) = std::mem::take(&mut event.data);
+        *root.lock().unwrap_or_else(|p| p.into_inner()) = std::mem::take(&mut *event.data);
         scope.clear();
         scope.push("event", EventHandle::new(root.clone()));
         if self.uses_meta {
@@ -164,7 +164,7 @@ impl Script {
         match result {
             Ok(result) => Ok(Run { result, root }),
             Err(error) => {
-                event.data = std::mem::take(&mut *root.lock().unwrap_or_else(|p| p.into_inner()));
+                *event.data = std::mem::take(&mut *root.lock().unwrap_or_else(|p| p.into_inner()));
                 Err(error.to_string())
             }
         }
@@ -208,7 +208,7 @@ impl Condition {
     pub fn evaluate(&mut self, event: &mut Event) -> Result<Dynamic, String> {
         let run = self.script.run(&mut self.scope, event)?;
         let result = if run.result.is::<EventHandle>() { Dynamic::from_map(Map::new()) } else { run.result.clone() };
-        event.data = run.take_payload();
+        *event.data = run.take_payload();
         Ok(result)
     }
 
