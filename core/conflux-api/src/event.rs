@@ -1,6 +1,7 @@
 //! The event model: a payload parsed once, metadata, and two clocks.
 
 use std::collections::BTreeMap;
+use std::ops::{Deref, DerefMut};
 use std::sync::Arc;
 
 use crate::ack::AckToken;
@@ -12,12 +13,12 @@ pub type Batch = Vec<Event>;
 /// One event flowing through a pipeline.
 ///
 /// `data` is the structured payload, parsed once at the input and never
-/// re-parsed by later stages. `meta` carries where it came from (topic,
+/// re-parsed by later stages (it reads as a [`Value`] through `Deref`). `meta` carries where it came from (topic,
 /// partition, offset, HTTP headers, errors recorded by stages).
 #[derive(Debug, Clone)]
 pub struct Event {
     /// The payload.
-    pub data: Value,
+    pub data: Payload,
     /// Source and processing metadata; not part of the payload.
     pub meta: Metadata,
     /// Event time, when a stage or input knows it.
@@ -48,10 +49,11 @@ impl Event {
     }
 
     /// An untracked event with a given ingest time (inputs share one clock
-    /// reading per batch instead of reading the clock per event).
-    pub fn with_time(data: Value, ingest_time: Timestamp) -> Self {
+    /// reading per batch instead of reading the clock per event). Inputs that
+    /// parsed the payload from JSON text pass [`Payload::parsed`].
+    pub fn with_time(data: impl Into<Payload>, ingest_time: Timestamp) -> Self {
         Event {
-            data,
+            data: data.into(),
             meta: Metadata::default(),
             event_time: None,
             ingest_time,
@@ -74,15 +76,97 @@ impl Event {
 
     /// A new event derived from this one (a split, an aggregate row): it
     /// carries the same metadata, clocks, acknowledgement and position.
-    pub fn derive(&self, data: Value) -> Self {
+    pub fn derive(&self, data: impl Into<Payload>) -> Self {
         Event {
-            data,
+            data: data.into(),
             meta: self.meta.clone(),
             event_time: self.event_time,
             ingest_time: self.ingest_time,
             ack: self.ack.clone(),
             position: self.position.clone(),
         }
+    }
+}
+
+/// An event's payload: the parsed value, plus the JSON text it was parsed
+/// from for as long as the value is unchanged. Stages that hand the payload
+/// on as JSON (the `wasm` stage) copy that text instead of serializing the
+/// value again. Reading goes through `Deref`; any mutable access
+/// (`DerefMut`, so `*event.data = v` or `event.data.as_object_mut()` too)
+/// drops the text first, so it can never disagree with the value.
+#[derive(Clone, Default)]
+pub struct Payload {
+    value: Value,
+    raw: Option<Arc<[u8]>>,
+}
+
+impl Payload {
+    /// A payload together with the JSON text it was parsed from. `raw` must
+    /// be that very text: it stands in for the value wherever JSON is wanted.
+    pub fn parsed(value: Value, raw: &[u8]) -> Self {
+        Payload { value, raw: Some(raw.into()) }
+    }
+
+    /// The JSON text the value was parsed from, if it is still unchanged.
+    pub fn raw_json(&self) -> Option<&[u8]> {
+        self.raw.as_deref()
+    }
+
+    /// Appends the payload as JSON: the original text when there is one.
+    pub fn write_json(&self, out: &mut Vec<u8>) {
+        match &self.raw {
+            Some(raw) => out.extend_from_slice(raw),
+            // Serializing a `Value` into a Vec cannot fail.
+            None => sonic_rs::to_writer(&mut *out, &self.value).expect("a Value serializes"),
+        }
+    }
+
+    pub fn into_value(self) -> Value {
+        self.value
+    }
+}
+
+impl From<Value> for Payload {
+    fn from(value: Value) -> Self {
+        Payload { value, raw: None }
+    }
+}
+
+impl Deref for Payload {
+    type Target = Value;
+    fn deref(&self) -> &Value {
+        &self.value
+    }
+}
+
+impl DerefMut for Payload {
+    fn deref_mut(&mut self) -> &mut Value {
+        self.raw = None;
+        &mut self.value
+    }
+}
+
+impl PartialEq for Payload {
+    fn eq(&self, other: &Self) -> bool {
+        self.value == other.value
+    }
+}
+
+impl std::fmt::Debug for Payload {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        self.value.fmt(f)
+    }
+}
+
+impl std::fmt::Display for Payload {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        self.value.fmt(f)
+    }
+}
+
+impl serde::Serialize for Payload {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        self.value.serialize(serializer)
     }
 }
 
@@ -270,5 +354,29 @@ mod tests {
         let e = Event::new(Value::from(1)).with_ack(token);
         let d = e.derive(Value::from(2));
         assert!(d.ack.is_tracked());
+    }
+
+    #[test]
+    fn raw_json_lasts_until_the_payload_is_touched() {
+        use sonic_rs::{JsonValueMutTrait, JsonValueTrait};
+        let text = br#"{"a": 1}"#;
+        let value: Value = sonic_rs::from_slice(text).unwrap();
+        let mut e = Event::with_time(Payload::parsed(value, text), Timestamp::now());
+        let copy = e.derive(e.data.clone());
+        assert_eq!(copy.data.raw_json(), Some(&text[..]));
+        let mut out = Vec::new();
+        e.data.write_json(&mut out);
+        assert_eq!(out, text);
+        assert!(e.data.get("a").is_some(), "reading keeps the text");
+        assert!(e.data.raw_json().is_some());
+        e.data.as_object_mut().unwrap().insert("b", 2);
+        assert_eq!(e.data.raw_json(), None);
+        out.clear();
+        e.data.write_json(&mut out);
+        assert_eq!(out, br#"{"a":1,"b":2}"#);
+        let mut other = copy.clone();
+        *other.data = Value::from(3);
+        assert_eq!(other.data.raw_json(), None);
+        assert_eq!(copy.data.raw_json(), Some(&text[..]), "clones are independent");
     }
 }

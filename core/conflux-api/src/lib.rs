@@ -20,7 +20,7 @@ pub use ack::{AckStatus, AckToken};
 pub use async_trait::async_trait;
 pub use component::{BuildContext, BuiltInput, BuiltStage, Emitter, Input, Output, PortId, Stage};
 pub use error::{BuildError, PluginError};
-pub use event::{Batch, Event, Metadata, Position, Timestamp};
+pub use event::{Batch, Event, Metadata, Payload, Position, Timestamp};
 pub use registry::{InputConfig, Kind, OutputConfig, Registration, StageConfig};
 pub use sonic_rs::{self, Value};
 

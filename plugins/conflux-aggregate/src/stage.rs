@@ -33,7 +33,7 @@ enum Kind {
     Distinct,
     Percentiles(Vec<(String, f64)>),
     TopK(usize),
-    Gauge { up: Condition, down: Condition },
+    Gauge { up: Box<Condition>, down: Box<Condition> },
 }
 
 struct Metric {
@@ -192,7 +192,10 @@ fn build_metric(
             None => None,
         };
         chosen.push((
-            Kind::Gauge { up: condition(&g.up, limits, &up_at)?, down: condition(&g.down, limits, &down_at)? },
+            Kind::Gauge {
+                up: Box::new(condition(&g.up, limits, &up_at)?),
+                down: Box::new(condition(&g.down, limits, &down_at)?),
+            },
             value,
         ));
     }

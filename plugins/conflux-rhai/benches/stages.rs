@@ -35,8 +35,7 @@ fn batch() -> Vec<Event> {
 
 fn stage(name: &str, options: serde_json::Value) -> BuiltStage {
     conflux_rhai::link();
-    let cx =
-        BuildContext { pipeline: "bench".into(), component: name.into(), base_dir: ".".into(), data_dir: ".".into() };
+    let cx = BuildContext { pipeline: "bench".into(), component: name.into(), ..Default::default() };
     let Factory::Stage(build) = Registration::find(Kind::Stage, name).expect("registered").factory else {
         unreachable!("{name} is a stage")
     };
@@ -94,7 +93,7 @@ fn payload_write(c: &mut Criterion) {
                 for event in &mut batch {
                     buf.clear();
                     conflux_api::sonic_rs::to_writer(&mut buf, &event.data).unwrap();
-                    event.data = conflux_api::sonic_rs::from_slice(&buf).unwrap();
+                    *event.data = conflux_api::sonic_rs::from_slice(&buf).unwrap();
                 }
                 batch
             },

@@ -175,7 +175,7 @@ impl Script {
     /// Runs on one event, moving its payload behind the `event` handle.
     /// On error the payload is put back and the message returned.
     pub fn run<'s>(&self, state: &'s mut RunState, event: &mut Event) -> Result<Run<'s>, String> {
-        *state.slot.lock().unwrap_or_else(|p| p.into_inner()) = std::mem::take(&mut event.data);
+        *state.slot.lock().unwrap_or_else(|p| p.into_inner()) = std::mem::take(&mut *event.data);
         // Drop the script's own variables; `event` (and `meta`) stay first.
         state.scope.rewind(1 + usize::from(self.uses_meta));
         // The script may have assigned `event` or `meta`: start from ours again.
@@ -214,7 +214,7 @@ impl Script {
             Err(error) => {
                 // An error can leave cache levels pushed; start clean.
                 state.caches = Caches::new();
-                event.data = std::mem::take(&mut *state.slot.lock().unwrap_or_else(|p| p.into_inner()));
+                *event.data = std::mem::take(&mut *state.slot.lock().unwrap_or_else(|p| p.into_inner()));
                 Err(error.to_string())
             }
         }
@@ -276,7 +276,7 @@ impl Condition {
     pub fn evaluate(&mut self, event: &mut Event) -> Result<Dynamic, String> {
         let run = self.script.run(&mut self.state, event)?;
         let result = if run.result.is::<EventHandle>() { Dynamic::from_map(Map::new()) } else { run.result.clone() };
-        event.data = run.take_payload();
+        *event.data = run.take_payload();
         Ok(result)
     }
 

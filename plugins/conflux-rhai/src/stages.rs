@@ -73,18 +73,18 @@ impl Stage for RhaiStage {
                 continue;
             }
             if run.returned_event() {
-                event.data = run.take_payload();
+                *event.data = run.take_payload();
                 out.emit(event);
             } else if let Some(items) = run.result.read_lock::<Array>() {
                 for item in items.iter() {
                     out.emit(event.derive(run.item_to_value(item)));
                 }
             } else if run.result.is_map() || run.result.is::<crate::handle::EventHandle>() {
-                event.data = run.item_to_value(&run.result);
+                *event.data = run.item_to_value(&run.result);
                 out.emit(event);
             } else {
                 let kind = run.result.type_name();
-                event.data = run.take_payload();
+                *event.data = run.take_payload();
                 out.fail(
                     event,
                     format!("script returned {kind}; return the event, a map, an array of them, or () to drop"),

@@ -1,7 +1,7 @@
 //! Line framing shared by the `file` and `stdin` inputs and the line-writing outputs.
 
 use conflux_api::component::ERROR_META;
-use conflux_api::{Emitter, Event, PortId, Timestamp, Value};
+use conflux_api::{Emitter, Event, Payload, PortId, Timestamp, Value};
 use schemars::JsonSchema;
 use serde::Deserialize;
 use tokio::io::{AsyncRead, AsyncReadExt};
@@ -116,7 +116,12 @@ impl<R: AsyncRead + Unpin + Send> LineReader<R> {
             }
             match self.codec {
                 Codec::Json => match sonic_rs_from_slice(line) {
-                    Ok(data) => batch.push(self.positioned(Event::with_time(data, now))),
+                    // The line is kept beside the value: stages that pass payloads
+                    // on as JSON (wasm) and the JSON outputs copy it instead of
+                    // serializing the value again.
+                    Ok(data) => {
+                        batch.push(self.positioned(Event::with_time(Payload::parsed(data, line.trim_ascii()), now)))
+                    }
                     Err(reason) => {
                         let mut e = Event::with_time(Value::from(String::from_utf8_lossy(line).as_ref()), now);
                         e.meta.insert(
@@ -147,9 +152,8 @@ fn sonic_rs_from_slice(line: &[u8]) -> Result<Value, String> {
 }
 
 /// Appends an event payload as one JSON line.
-pub fn write_json_line(buf: &mut Vec<u8>, data: &Value) {
-    // Serializing a parsed value into a Vec cannot fail.
-    let _ = conflux_api::sonic_rs::to_writer(&mut *buf, data);
+pub fn write_json_line(buf: &mut Vec<u8>, data: &Payload) {
+    data.write_json(buf);
     buf.push(b'\n');
 }
 

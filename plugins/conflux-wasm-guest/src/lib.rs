@@ -30,7 +30,7 @@ extern crate self as conflux_wasm_guest;
 
 mod fields;
 
-pub use fields::Fields;
+pub use fields::{string_text, write_string, Fields};
 
 use std::any::Any;
 use std::cell::RefCell;

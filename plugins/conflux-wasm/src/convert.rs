@@ -8,13 +8,15 @@ use crate::sandbox::{Outcome, Record};
 /// Metadata entry that carries the record's `key`.
 pub const KEY_META: &str = "key";
 
-/// One record per event: payload serialized once as JSON bytes.
+/// One record per event: the payload as JSON bytes, copied from the text it
+/// was parsed from when it is unchanged, serialized otherwise.
 pub fn to_records(batch: &Batch) -> Vec<Record> {
     batch.iter().map(to_record).collect()
 }
 
 fn to_record(event: &Event) -> Record {
-    let value = sonic_rs::to_vec(&event.data).unwrap_or_else(|_| b"null".to_vec());
+    let mut value = Vec::new();
+    event.data.write_json(&mut value);
     let mut key = None;
     let mut metadata = Vec::with_capacity(event.meta.len());
     for (name, value) in event.meta.iter() {

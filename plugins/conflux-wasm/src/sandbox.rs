@@ -23,6 +23,11 @@ static ENGINE: LazyLock<Engine> = LazyLock::new(|| {
     let mut config = wasmtime::Config::new();
     config.wasm_component_model(true);
     config.epoch_interruption(true);
+    // `CONFLUX_WASM_PERFMAP=1` writes /tmp/perf-<pid>.map so `perf report`
+    // names the guest's functions instead of showing anonymous JIT code.
+    if std::env::var_os("CONFLUX_WASM_PERFMAP").is_some_and(|v| v == "1") {
+        config.profiler(wasmtime::ProfilingStrategy::PerfMap);
+    }
     let engine = Engine::new(&config).expect("wasmtime engine configuration is valid");
     let ticker = engine.weak();
     std::thread::Builder::new()

@@ -3,9 +3,7 @@
 //!
 //! Config: `{ "types": ["booking_created", …] }` (default: `booking_created`).
 
-use std::borrow::Cow;
-
-use conflux_wasm_guest::{export_stage, Event, Outcome, Stage};
+use conflux_wasm_guest::{export_stage, Event, Fields, Outcome, Stage};
 use serde::Deserialize;
 
 struct Filter {
@@ -16,13 +14,6 @@ impl Default for Filter {
     fn default() -> Self {
         Filter { types: vec!["booking_created".into()] }
     }
-}
-
-/// Only the field the filter reads; the rest of the payload is skipped, not built.
-#[derive(Deserialize)]
-struct Head<'a> {
-    #[serde(borrow, rename = "type")]
-    kind: Option<Cow<'a, str>>,
 }
 
 #[derive(Deserialize)]
@@ -41,8 +32,9 @@ impl Stage for Filter {
     }
 
     fn process(&mut self, event: Event) -> Result<Outcome, String> {
-        let head: Head = event.json()?;
-        let kind = head.kind.ok_or("event has no string `type`")?;
+        // One scan for the members; only `type` is decoded.
+        let top = Fields::parse(&event.value)?;
+        let kind = top.get_str("type").ok_or("event has no string `type`")?;
         Ok(if self.types.iter().any(|t| *t == kind) { Outcome::Keep } else { Outcome::Drop })
     }
 }

@@ -7,11 +7,8 @@
 //!
 //! Config: `{ "salt": "…", "fields": ["userId", …] }`.
 
-use std::borrow::Cow;
-
-use conflux_wasm_guest::{export_stage, Event, Fields, Outcome, Stage};
+use conflux_wasm_guest::{export_stage, string_text, Event, Fields, Outcome, Stage};
 use serde::Deserialize;
-use serde_json::value::RawValue;
 
 struct Mask {
     salt: String,
@@ -43,10 +40,21 @@ fn fnv1a(salt: &[u8], text: &[u8]) -> u64 {
 }
 
 impl Mask {
-    /// The pseudonym of a raw JSON value: strings are hashed by their text, anything else by its JSON.
-    fn pseudonym(&self, raw: &RawValue) -> String {
-        let text: Cow<str> = serde_json::from_str(raw.get()).unwrap_or(Cow::Borrowed(raw.get()));
-        format!("anon-{:016x}", fnv1a(self.salt.as_bytes(), text.as_bytes()))
+    /// The pseudonym of a raw JSON value, as a JSON string: strings are
+    /// hashed by their text, anything else by its JSON.
+    fn pseudonym(&self, raw: &str) -> String {
+        let hash = match string_text(raw) {
+            Some(text) => fnv1a(self.salt.as_bytes(), text.as_bytes()),
+            None => fnv1a(self.salt.as_bytes(), raw.as_bytes()),
+        };
+        const HEX: &[u8; 16] = b"0123456789abcdef";
+        let mut out = String::with_capacity(23);
+        out.push_str("\"anon-");
+        for shift in (0..16).rev() {
+            out.push(char::from(HEX[(hash >> (shift * 4)) as usize & 15]));
+        }
+        out.push('"');
+        out
     }
 }
 
@@ -64,25 +72,25 @@ impl Stage for Mask {
         Ok(())
     }
 
-    /// Edits `data` shallowly: only the touched members are decoded, the rest
-    /// of the payload is copied through as raw JSON.
+    /// Edits `data` shallowly: one scan finds the members, only the touched
+    /// ones are decoded, and the rest of the payload is copied through as it is.
     fn process(&mut self, mut event: Event) -> Result<Outcome, String> {
         let mut top = Fields::parse(&event.value)?;
         let mut data = top.object("data").ok_or("event has no `data` object")??;
         for field in &self.fields {
             let masked = match data.get(field) {
-                Some(raw) if raw.get() != "null" => self.pseudonym(raw),
+                Some(raw) if raw != "null" => self.pseudonym(raw),
                 _ => continue,
             };
-            data.set(field, &masked)?;
+            data.set_raw(field, masked);
         }
-        if let Some(Ok(guests)) = data.get_as::<u64>("guests") {
+        if let Some(guests) = data.get("guests").and_then(|raw| raw.parse::<u64>().ok()) {
             let band = match guests {
-                0 | 1 => "solo",
-                2 => "couple",
-                _ => "group",
+                0 | 1 => "\"solo\"",
+                2 => "\"couple\"",
+                _ => "\"group\"",
             };
-            data.set("guestBand", band)?;
+            data.set_raw("guestBand", band);
         }
         let data = data.to_raw();
         top.set_raw("data", data);
