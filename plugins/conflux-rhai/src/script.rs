@@ -103,9 +103,11 @@ pub struct Script {
 /// set up Rhai afresh: the scope, Rhai's runtime state, its function
 /// resolution cache, and the payload slot `event` points to.
 pub struct RunState {
-    scope: Scope<'static>,
-    global: GlobalRuntimeState,
-    caches: Caches,
+    /// Boxed, like the state and caches: together they are about a kilobyte,
+    /// and conditions sit inside enums.
+    scope: Box<Scope<'static>>,
+    global: Box<GlobalRuntimeState>,
+    caches: Box<Caches>,
     slot: Arc<Mutex<Value>>,
 }
 
@@ -167,7 +169,12 @@ impl Script {
         if self.uses_meta {
             scope.push("meta", Map::new());
         }
-        let mut state = RunState { scope, global: self.engine.new_global_runtime_state(), caches: Caches::new(), slot };
+        let mut state = RunState {
+            scope: Box::new(scope),
+            global: Box::new(self.engine.new_global_runtime_state()),
+            caches: Box::default(),
+            slot,
+        };
         state.global.lib.push(self.ast.shared_lib().clone());
         state
     }
@@ -213,7 +220,7 @@ impl Script {
             Ok(result) => Ok(Run { result, root: &state.slot }),
             Err(error) => {
                 // An error can leave cache levels pushed; start clean.
-                state.caches = Caches::new();
+                *state.caches = Caches::new();
                 *event.data = std::mem::take(&mut *state.slot.lock().unwrap_or_else(|p| p.into_inner()));
                 Err(error.to_string())
             }

@@ -318,6 +318,31 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn state_kept_between_events_does_not_leak() {
+        // Each event gets the whole operation budget: 3 × ~700 operations
+        // would exceed 1,000 if the count carried over.
+        let mut busy = build::<RhaiConfig>(serde_json::json!({
+            "script": "let n = 0; for i in 0..100 { n += i; } event.n = n; event",
+            "limits": { "max_operations": 1000 } }))
+        .unwrap();
+        let got = run(&mut busy, vec![event("{}"), event("{}"), event("{}")]).await;
+        assert!(got.iter().all(|g| g.0 == 0 && g.1 == r#"{"n":4950}"#), "{got:?}");
+
+        // Variables and a reassigned `event` do not survive into the next run,
+        // nor does a failed run disturb the next one.
+        let mut shadow = build::<RhaiConfig>(serde_json::json!({ "script":
+            "if is_def_var(\"x\") { throw \"leaked\" } let x = 1; if event.bad == true { throw \"bad\" } let out = event.id; event = #{ id: out }; event" }))
+        .unwrap();
+        let got = run(
+            &mut shadow,
+            vec![event(r#"{"id":1,"k":0}"#), event(r#"{"id":2,"bad":true}"#), event(r#"{"id":3,"k":0}"#)],
+        )
+        .await;
+        let by_port: Vec<(usize, &str)> = got.iter().map(|g| (g.0, g.1.as_str())).collect();
+        assert_eq!(by_port, vec![(0, r#"{"id":1}"#), (0, r#"{"id":3}"#), (1, r#"{"id":2,"bad":true}"#)]);
+    }
+
+    #[tokio::test]
     async fn no_file_or_module_access() {
         let err = build::<RhaiConfig>(serde_json::json!({ "script": "eval(\"1\")" })).err().unwrap();
         assert!(err.message.contains("does not compile"), "{err:?}");
