@@ -194,13 +194,19 @@ impl KafkaInput {
         Ok(())
     }
 
-    fn event(&self, message: &BorrowedMessage<'_>, now: Timestamp, token: AckToken) -> (Event, bool) {
+    fn event(
+        &self,
+        message: &BorrowedMessage<'_>,
+        now: Timestamp,
+        token: AckToken,
+        stream: &Arc<str>,
+    ) -> (Event, bool) {
         let payload = message.payload().unwrap_or_default();
         let (data, valid) = match conflux_api::sonic_rs::from_slice::<Value>(payload) {
             Ok(v) => (v, true),
             Err(_) => (Value::from(String::from_utf8_lossy(payload).as_ref()), false),
         };
-        let mut event = Event::with_time(data, now).with_ack(token);
+        let mut event = Event::with_time(data, now).with_ack(token).at(stream, message.offset().max(0) as u64);
         event.meta.insert("kafka.topic", Value::from(message.topic()));
         event.meta.insert("kafka.partition", Value::from(message.partition()));
         event.meta.insert("kafka.offset", Value::from(message.offset()));
@@ -295,12 +301,14 @@ impl Input for KafkaInput {
             }
             let mut events: Vec<Option<(Event, bool)>> = (0..messages.len()).map(|_| None).collect();
             for (tp, first, last, indexes) in runs {
+                // Offsets only grow within a partition: the position checkpointing stages compare.
+                let stream: Arc<str> = Arc::from(format!("kafka:{}/{}", tp.0, tp.1));
                 let generation = self.tracker.lock().expect("tracker").track(&tp, first, last);
                 let tracker = self.tracker.clone();
                 let token =
                     AckToken::new(move |status| tracker.lock().expect("tracker").done(&tp, first, generation, status));
                 for i in indexes {
-                    events[i] = Some(self.event(&messages[i], now, token.clone()));
+                    events[i] = Some(self.event(&messages[i], now, token.clone(), &stream));
                 }
             }
             drop(messages);

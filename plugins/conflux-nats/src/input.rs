@@ -236,7 +236,7 @@ impl Input for NatsInput {
                             return Err(PluginError::not_connected("JetStream message stream ended"));
                         }
                     };
-                    let info = message.info().ok().map(|i| (i.stream_sequence, i.delivered));
+                    let info = message.info().ok().map(|i| (i.stream_sequence, i.delivered, i.stream.to_string()));
                     let tx = acks.clone();
                     let payload = message.payload.clone();
                     let subject = message.subject.to_string();
@@ -252,14 +252,24 @@ impl Input for NatsInput {
     }
 }
 
-fn emit(out: &mut Emitter, payload: &[u8], subject: &str, now: Timestamp, token: AckToken, info: Option<(u64, i64)>) {
+/// `info`: JetStream's stream sequence, delivery count and stream name.
+fn emit(
+    out: &mut Emitter,
+    payload: &[u8],
+    subject: &str,
+    now: Timestamp,
+    token: AckToken,
+    info: Option<(u64, i64, String)>,
+) {
     let (data, valid) = match conflux_api::sonic_rs::from_slice::<Value>(payload) {
         Ok(v) => (v, true),
         Err(_) => (Value::from(String::from_utf8_lossy(payload).as_ref()), false),
     };
     let mut event = Event::with_time(data, now).with_ack(token);
     event.meta.insert("nats.subject", Value::from(subject));
-    if let Some((sequence, delivered)) = info {
+    if let Some((sequence, delivered, stream)) = info {
+        // Stream sequences only grow: the position checkpointing stages compare.
+        event = event.at(&std::sync::Arc::from(format!("jetstream:{stream}")), sequence);
         event.meta.insert("nats.stream_sequence", Value::from(sequence));
         event.meta.insert("nats.delivered", Value::from(delivered));
     }

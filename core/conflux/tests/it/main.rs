@@ -21,11 +21,12 @@ pub fn setup() {
     conflux_kafka::link();
 }
 
-/// A unique key per test, so parallel tests keep their testkit state apart.
+/// A unique key per test and run, so parallel tests keep their testkit state
+/// apart and a broker left running by an earlier run holds no stale topic.
 pub fn key(name: &str) -> String {
     use std::sync::atomic::{AtomicUsize, Ordering};
     static NEXT: AtomicUsize = AtomicUsize::new(0);
-    format!("{name}-{}", NEXT.fetch_add(1, Ordering::Relaxed))
+    format!("{name}-{}-{}", std::process::id(), NEXT.fetch_add(1, Ordering::Relaxed))
 }
 
 /// A minimal HTTP/1.1 GET against loopback: (status, body).
