@@ -9,6 +9,7 @@
 
 mod handle;
 mod helpers;
+mod native;
 mod script;
 mod stages;
 

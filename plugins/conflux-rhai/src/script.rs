@@ -8,6 +8,7 @@ use schemars::JsonSchema;
 use serde::Deserialize;
 
 use crate::handle::{to_dynamic, to_value, EventHandle};
+use crate::native::{Bail, Ending, Native};
 
 /// Limits that keep a runaway script from hurting the process. A script that
 /// exceeds one fails the event it was running on, not the pipeline.
@@ -97,6 +98,8 @@ pub struct Script {
     ast: AST,
     /// Whether the source mentions `meta`; if not, metadata is not converted.
     uses_meta: bool,
+    /// The same program evaluated natively, when it fits that subset.
+    native: Option<Native>,
 }
 
 /// What one caller keeps from run to run of a script, so that a run does not
@@ -146,19 +149,51 @@ impl Script {
     pub fn compile(source: &str, limits: &Limits) -> Result<Self, ScriptError> {
         let engine = sandboxed_engine(limits);
         let ast = engine.compile(source).map_err(compile_error)?;
-        Ok(Script::new(engine, ast, source))
+        let mut script = Script::new(engine, ast, source);
+        if !script.uses_meta {
+            script.native = Native::script(&script.ast, limits);
+        }
+        Ok(script)
     }
 
     /// Compiles a single expression (conditions: `event.type == "booking_created"`).
     pub fn compile_expression(source: &str, limits: &Limits) -> Result<Self, ScriptError> {
         let engine = sandboxed_engine(limits);
         let ast = engine.compile_expression(source).map_err(compile_error)?;
-        Ok(Script::new(engine, ast, source))
+        let mut script = Script::new(engine, ast, source);
+        if !script.uses_meta {
+            script.native = Native::expression(&script.ast, limits);
+        }
+        Ok(script)
     }
 
     fn new(mut engine: Engine, ast: AST, source: &str) -> Self {
         register_properties(&mut engine, &ast);
-        Script { engine: Arc::new(engine), ast, uses_meta: source.contains("meta") }
+        Script { engine: Arc::new(engine), ast, uses_meta: source.contains("meta"), native: None }
+    }
+
+    /// Whether events usually skip the interpreter (see `native.rs`).
+    pub fn is_native(&self) -> bool {
+        self.native.is_some()
+    }
+
+    /// The same script without its native form: every event interpreted
+    /// (tests compare the two).
+    #[cfg(test)]
+    pub(crate) fn native_form(&self) -> Option<&Native> {
+        self.native.as_ref()
+    }
+
+    #[cfg(test)]
+    pub(crate) fn interpreted(mut self) -> Self {
+        self.native = None;
+        self
+    }
+
+    /// Runs the native form on a script's event: `Err(Bail)` (nothing
+    /// changed) when there is none or the event needs the interpreter.
+    pub(crate) fn run_native(&self, event: &mut Event) -> Result<Ending, Bail> {
+        self.native.as_ref().ok_or(Bail)?.run(&mut event.data)
     }
 
     /// Fresh state for running this script; keep it and pass it to every run.
@@ -279,8 +314,24 @@ impl Condition {
         &self.source
     }
 
+    /// Whether events usually skip the interpreter (see `native.rs`).
+    pub fn is_native(&self) -> bool {
+        self.script.is_native()
+    }
+
+    #[cfg(test)]
+    pub(crate) fn interpreted(self) -> Self {
+        let script = self.script.interpreted();
+        Condition { state: script.state(), script, source: self.source }
+    }
+
     /// Evaluates to a value (numbers for alert rules, anything for templates).
     pub fn evaluate(&mut self, event: &mut Event) -> Result<Dynamic, String> {
+        if let Some(native) = &self.script.native {
+            if let Ok(value) = native.evaluate(&event.data) {
+                return Ok(value.to_dynamic());
+            }
+        }
         let run = self.script.run(&mut self.state, event)?;
         let result = if run.result.is::<EventHandle>() { Dynamic::from_map(Map::new()) } else { run.result.clone() };
         *event.data = run.take_payload();
@@ -289,6 +340,11 @@ impl Condition {
 
     /// Whether the event matches; a non-boolean result is an error.
     pub fn matches(&mut self, event: &mut Event) -> Result<bool, String> {
+        if let Some(native) = &self.script.native {
+            if let Ok(crate::native::Val::Bool(b)) = native.evaluate(&event.data) {
+                return Ok(b);
+            }
+        }
         let value = self.evaluate(event)?;
         value.as_bool().map_err(|t| format!("condition `{}` returned {t}, not a boolean", self.source))
     }

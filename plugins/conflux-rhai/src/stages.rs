@@ -8,6 +8,7 @@ use rhai::Array;
 use schemars::JsonSchema;
 use serde::Deserialize;
 
+use crate::native::{Bail, Ending};
 use crate::script::{Condition, Limits, RunState, Script};
 
 /// Runs a Rhai script on every event.
@@ -61,6 +62,15 @@ struct RhaiStage {
 impl Stage for RhaiStage {
     async fn process(&mut self, batch: Batch, out: &mut Emitter) {
         for mut event in batch {
+            match self.script.run_native(&mut event) {
+                Ok(Ending::Event) => {
+                    out.emit(event);
+                    continue;
+                }
+                // Dropped on purpose: the acknowledgement goes back as delivered.
+                Ok(Ending::Drop) => continue,
+                Err(Bail) => {}
+            }
             let run = match self.script.run(&mut self.state, &mut event) {
                 Ok(run) => run,
                 Err(reason) => {

@@ -1,0 +1,771 @@
+//! A native evaluator for the straight-line Rhai most pipeline scripts are
+//! written in: field reads and writes on `event`, `let`, `if`, comparisons,
+//! `&&`/`||`/`!` and arithmetic.
+//!
+//! Rhai's interpreter costs microseconds per event even for a one-line
+//! condition (scope, dynamic dispatch, a value per field). A script inside
+//! this subset is translated once, at build time, into a small tree that
+//! reads the payload where it lies (the parsed JSON is never converted, and
+//! a filter that only reads keeps the payload's original text).
+//!
+//! Correctness rule: the native run answers only when Rhai's answer is
+//! obvious (both operands numbers, both strings, both booleans, every object
+//! on a written path present). Anything else — a missing field compared, a
+//! type mismatch, an overflow, a division by zero — makes it [`Bail`], and the
+//! caller runs the real interpreter on that event. Writes are held until the
+//! run has finished, so a bail never leaves a half-changed event behind.
+
+use std::borrow::Cow;
+
+use conflux_api::sonic_rs::{JsonValueMutTrait, JsonValueTrait};
+use conflux_api::{Payload, Value};
+use rhai::{ASTFlags, Dynamic, Expr, ImmutableString, Stmt, AST};
+
+use crate::script::Limits;
+
+/// This event needs the interpreter.
+#[derive(Debug, PartialEq, Eq)]
+pub struct Bail;
+
+/// What a native run of a whole script ended with.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Ending {
+    /// The script returned `event` (its writes are applied).
+    Event,
+    /// The script returned `()`: drop the event.
+    Drop,
+}
+
+/// A scalar value during a run; strings borrow from the payload or the script.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Val<'a> {
+    Unit,
+    Bool(bool),
+    Int(i64),
+    Float(f64),
+    Str(Cow<'a, str>),
+}
+
+impl Val<'_> {
+    /// The script value Rhai would have produced.
+    pub fn to_dynamic(&self) -> Dynamic {
+        match self {
+            Val::Unit => Dynamic::UNIT,
+            Val::Bool(b) => Dynamic::from_bool(*b),
+            Val::Int(i) => Dynamic::from_int(*i),
+            Val::Float(f) => Dynamic::from_float(*f),
+            Val::Str(s) => Dynamic::from(ImmutableString::from(s.as_ref())),
+        }
+    }
+
+    /// The payload value the `event` setter would have written.
+    fn to_value(&self) -> Value {
+        match self {
+            Val::Unit => Value::new_null(),
+            Val::Bool(b) => Value::from(*b),
+            Val::Int(i) => Value::from(*i),
+            Val::Float(f) => Value::try_from(*f).unwrap_or_default(),
+            Val::Str(s) => Value::from(s.as_ref()),
+        }
+    }
+}
+
+type Path = Box<[ImmutableString]>;
+
+#[derive(Debug, Clone, Copy)]
+enum Cmp {
+    Eq,
+    Ne,
+    Lt,
+    Le,
+    Gt,
+    Ge,
+}
+
+#[derive(Debug, Clone, Copy)]
+enum Arith {
+    Add,
+    Sub,
+    Mul,
+    Div,
+}
+
+#[derive(Debug)]
+enum Node {
+    Const(Val<'static>),
+    /// `event.a.b` / `event["a"]`.
+    Read(Path),
+    /// A `let` variable, by slot.
+    Local(usize),
+    Not(Box<Node>),
+    Neg(Box<Node>),
+    And(Vec<Node>),
+    Or(Vec<Node>),
+    Cmp(Cmp, Box<Node>, Box<Node>),
+    Arith(Arith, Box<Node>, Box<Node>),
+}
+
+#[derive(Debug)]
+enum Step {
+    Let(usize, Node),
+    Write(Path, Node),
+    If(Node, Vec<Step>, Vec<Step>),
+    /// The script's result is known: stop here.
+    Finish(Ending),
+}
+
+/// A script (or condition) translated to native steps.
+#[derive(Debug)]
+pub struct Native {
+    /// A script's statements; running off their end means `()`.
+    steps: Vec<Step>,
+    /// A condition's expression.
+    value: Option<Node>,
+    slots: usize,
+    /// Strings at most this long are handled natively; longer ones (which
+    /// may meet the sandbox's string limit) go to the interpreter.
+    max_string: usize,
+}
+
+/// Most nodes a translated script may have. A run takes at most one
+/// operation per node, so with `max_operations` at least four times this
+/// the native run never does work Rhai would refuse.
+const MAX_NODES: usize = 256;
+
+/// Longest string a native run handles.
+const MAX_STRING: usize = 4096;
+
+/// Builds the native form while walking Rhai's syntax tree.
+struct Translator {
+    /// Visible `let` names with their slots, innermost last.
+    scope: Vec<(ImmutableString, usize)>,
+    slots: usize,
+    /// Every path written so far, in program order.
+    written: Vec<Path>,
+    nodes: usize,
+}
+
+/// Whether one path is a prefix of the other (or equal).
+fn overlaps(a: &[ImmutableString], b: &[ImmutableString]) -> bool {
+    a.iter().zip(b).all(|(x, y)| x == y)
+}
+
+fn max_string(limits: &Limits) -> usize {
+    MAX_STRING.min(limits.max_string_size)
+}
+
+impl Translator {
+    fn new(ast: &AST, limits: &Limits) -> Option<Self> {
+        if ast.has_functions() || limits.max_operations < 4 * MAX_NODES as u64 {
+            return None;
+        }
+        Some(Translator { scope: Vec::new(), slots: 0, written: Vec::new(), nodes: 0 })
+    }
+
+    fn count(&mut self) -> Option<()> {
+        self.nodes += 1;
+        (self.nodes <= MAX_NODES).then_some(())
+    }
+
+    fn is_event(expr: &Expr) -> bool {
+        matches!(expr, Expr::Variable(v, ..) if v.1 == "event" && v.2.is_empty())
+    }
+
+    /// The field path of `event.a["b"].c`, or None for anything else.
+    fn path(expr: &Expr) -> Option<Vec<ImmutableString>> {
+        match expr {
+            Expr::Dot(bin, flags, _) if !flags.contains(ASTFlags::NEGATED) && Self::is_event(&bin.lhs) => {
+                let mut path = Vec::new();
+                Self::chain(&bin.rhs, &mut path)?;
+                Some(path)
+            }
+            Expr::Index(bin, flags, _) if !flags.contains(ASTFlags::NEGATED) => {
+                let mut path = if Self::is_event(&bin.lhs) { Vec::new() } else { Self::path(&bin.lhs)? };
+                match &bin.rhs {
+                    Expr::StringConstant(name, _) => path.push(name.clone()),
+                    _ => return None,
+                }
+                Some(path)
+            }
+            _ => None,
+        }
+    }
+
+    /// The rest of a property chain after `event`.
+    fn chain(expr: &Expr, path: &mut Vec<ImmutableString>) -> Option<()> {
+        match expr {
+            Expr::Property(p, _) => path.push(p.2.clone()),
+            Expr::Dot(bin, flags, _) if !flags.contains(ASTFlags::NEGATED) => {
+                Self::chain(&bin.lhs, path)?;
+                Self::chain(&bin.rhs, path)?;
+            }
+            Expr::Index(bin, flags, _) if !flags.contains(ASTFlags::NEGATED) => {
+                Self::chain(&bin.lhs, path)?;
+                match &bin.rhs {
+                    Expr::StringConstant(name, _) => path.push(name.clone()),
+                    _ => return None,
+                }
+            }
+            _ => return None,
+        }
+        Some(())
+    }
+
+    fn expr(&mut self, expr: &Expr) -> Option<Node> {
+        self.count()?;
+        Some(match expr {
+            Expr::BoolConstant(b, _) => Node::Const(Val::Bool(*b)),
+            Expr::IntegerConstant(i, _) => Node::Const(Val::Int(*i)),
+            Expr::FloatConstant(f, _) => Node::Const(Val::Float(**f)),
+            Expr::StringConstant(s, _) => Node::Const(Val::Str(Cow::Owned(s.to_string()))),
+            Expr::Unit(_) => Node::Const(Val::Unit),
+            Expr::Variable(v, ..) if v.2.is_empty() => {
+                let slot = self.scope.iter().rev().find(|(name, _)| *name == v.1)?.1;
+                Node::Local(slot)
+            }
+            Expr::Dot(..) | Expr::Index(..) => {
+                let path = Self::path(expr)?;
+                // A read must not see a write this run has not applied yet.
+                if self.written.iter().any(|w| overlaps(w, &path)) {
+                    return None;
+                }
+                Node::Read(path.into())
+            }
+            Expr::And(items, _) => Node::And(items.iter().map(|e| self.expr(e)).collect::<Option<_>>()?),
+            Expr::Or(items, _) => Node::Or(items.iter().map(|e| self.expr(e)).collect::<Option<_>>()?),
+            Expr::FnCall(call, _) if call.is_operator_call() && call.namespace.is_empty() => {
+                let mut args = call.args.iter().map(|e| self.expr(e).map(Box::new));
+                match (call.name.as_str(), call.args.len()) {
+                    ("!", 1) => Node::Not(args.next()??),
+                    ("-", 1) => Node::Neg(args.next()??),
+                    (op, 2) => {
+                        let (a, b) = (args.next()??, args.next()??);
+                        match op {
+                            "==" => Node::Cmp(Cmp::Eq, a, b),
+                            "!=" => Node::Cmp(Cmp::Ne, a, b),
+                            "<" => Node::Cmp(Cmp::Lt, a, b),
+                            "<=" => Node::Cmp(Cmp::Le, a, b),
+                            ">" => Node::Cmp(Cmp::Gt, a, b),
+                            ">=" => Node::Cmp(Cmp::Ge, a, b),
+                            "+" => Node::Arith(Arith::Add, a, b),
+                            "-" => Node::Arith(Arith::Sub, a, b),
+                            "*" => Node::Arith(Arith::Mul, a, b),
+                            "/" => Node::Arith(Arith::Div, a, b),
+                            _ => return None,
+                        }
+                    }
+                    _ => return None,
+                }
+            }
+            _ => return None,
+        })
+    }
+
+    fn block(&mut self, stmts: &[Stmt]) -> Option<Vec<Step>> {
+        let depth = self.scope.len();
+        let steps = stmts.iter().map(|s| self.stmt(s)).collect::<Option<Vec<_>>>()?;
+        self.scope.truncate(depth);
+        Some(steps.into_iter().flatten().collect())
+    }
+
+    /// One statement; `None` inside means "nothing to do" (a no-op).
+    fn stmt(&mut self, stmt: &Stmt) -> Option<Option<Step>> {
+        self.count()?;
+        Some(Some(match stmt {
+            Stmt::Noop(_) => return Some(None),
+            Stmt::Var(var, ..) => {
+                let (ident, value, _) = &**var;
+                if ident.name == "event" || ident.name == "meta" {
+                    return None;
+                }
+                let node = self.expr(value)?;
+                let slot = self.slots;
+                self.slots += 1;
+                self.scope.push((ident.name.clone(), slot));
+                Step::Let(slot, node)
+            }
+            Stmt::Assignment(assign) => {
+                let (op, bin) = &**assign;
+                let path = Self::path(&bin.lhs)?;
+                if path.is_empty() {
+                    return None;
+                }
+                let value = self.expr(&bin.rhs)?;
+                let value = match op.get_op_assignment_info() {
+                    None => value,
+                    Some((.., token, _)) => {
+                        let arith = match token.literal_syntax() {
+                            "+" => Arith::Add,
+                            "-" => Arith::Sub,
+                            "*" => Arith::Mul,
+                            "/" => Arith::Div,
+                            _ => return None,
+                        };
+                        if self.written.iter().any(|w| overlaps(w, &path)) {
+                            return None;
+                        }
+                        Node::Arith(arith, Box::new(Node::Read(path.clone().into())), Box::new(value))
+                    }
+                };
+                // Later writes must not create or replace an object an
+                // earlier write goes through (writes land after the run).
+                if self.written.iter().any(|w| overlaps(w, &path) && **w != *path) {
+                    return None;
+                }
+                self.written.push(path.clone().into());
+                Step::Write(path.into(), value)
+            }
+            Stmt::If(flow, _) => {
+                let condition = self.expr(&flow.expr)?;
+                let then = self.block(flow.body.statements())?;
+                let otherwise = self.block(flow.branch.statements())?;
+                Step::If(condition, then, otherwise)
+            }
+            Stmt::Return(None, flags, _) if flags.is_empty() => Step::Finish(Ending::Drop),
+            Stmt::Return(Some(e), flags, _) if flags.is_empty() => Step::Finish(Self::ending(e)?),
+            _ => return None,
+        }))
+    }
+
+    /// What returning this expression means for the event, if simple.
+    fn ending(expr: &Expr) -> Option<Ending> {
+        match expr {
+            e if Self::is_event(e) => Some(Ending::Event),
+            Expr::Unit(_) => Some(Ending::Drop),
+            _ => None,
+        }
+    }
+
+    /// A block whose value is the script's result (the end of the script,
+    /// or a branch of an `if` there).
+    fn tail_block(&mut self, stmts: &[Stmt]) -> Option<Vec<Step>> {
+        let depth = self.scope.len();
+        let Some((last, body)) = stmts.split_last() else { return Some(Vec::new()) };
+        let mut steps: Vec<Step> = body.iter().map(|s| self.stmt(s)).collect::<Option<Vec<_>>>()?.into_iter().flatten().collect();
+        match last {
+            Stmt::Expr(e) => steps.push(Step::Finish(Self::ending(e)?)),
+            Stmt::If(flow, _) => {
+                self.count()?;
+                let condition = self.expr(&flow.expr)?;
+                let then = self.tail_block(flow.body.statements())?;
+                let otherwise = self.tail_block(flow.branch.statements())?;
+                steps.push(Step::If(condition, then, otherwise));
+            }
+            // Any other final statement leaves `()`: running off the end.
+            other => steps.extend(self.stmt(other)?),
+        }
+        self.scope.truncate(depth);
+        Some(steps)
+    }
+}
+
+impl Native {
+    /// Translates a whole script whose result is `event` or `()`; None when
+    /// the script uses anything outside the native subset.
+    pub fn script(ast: &AST, limits: &Limits) -> Option<Native> {
+        let mut t = Translator::new(ast, limits)?;
+        let steps = t.tail_block(ast.statements())?;
+        Some(Native { steps, value: None, slots: t.slots, max_string: max_string(limits) })
+    }
+
+    /// Translates a condition (one expression).
+    pub fn expression(ast: &AST, limits: &Limits) -> Option<Native> {
+        let mut t = Translator::new(ast, limits)?;
+        let value = match ast.statements() {
+            [Stmt::Expr(e)] => t.expr(e)?,
+            [Stmt::FnCall(call, pos)] => t.expr(&Expr::FnCall(call.clone(), *pos))?,
+            _ => return None,
+        };
+        Some(Native { steps: Vec::new(), value: Some(value), slots: 0, max_string: max_string(limits) })
+    }
+
+    /// Runs a script: applies its writes to `data` and says how it ended.
+    /// On `Bail` nothing was changed.
+    /// A run that only reads keeps the payload's original JSON text.
+    pub fn run(&self, payload: &mut Payload) -> Result<Ending, Bail> {
+        let mut writes = Vec::new();
+        let ending;
+        {
+            let mut run = Run { data: payload, locals: vec![Val::Unit; self.slots], max_string: self.max_string };
+            ending = run.steps(&self.steps, &mut writes)?.unwrap_or(Ending::Drop);
+        }
+        if !writes.is_empty() {
+            let data: &mut Value = payload;
+            for (path, value) in writes {
+                write(data, path, value);
+            }
+        }
+        Ok(ending)
+    }
+
+    /// Evaluates a condition.
+    pub fn evaluate<'a>(&'a self, data: &'a Value) -> Result<Val<'a>, Bail> {
+        let node = self.value.as_ref().ok_or(Bail)?;
+        Run { data, locals: Vec::new(), max_string: self.max_string }.eval(node)
+    }
+}
+
+/// One run's view of the payload and its `let` variables.
+struct Run<'a> {
+    data: &'a Value,
+    locals: Vec<Val<'a>>,
+    max_string: usize,
+}
+
+impl<'a> Run<'a> {
+    /// Runs steps until one finishes the script.
+    fn steps<'p: 'a>(
+        &mut self,
+        steps: &'p [Step],
+        writes: &mut Vec<(&'p [ImmutableString], Value)>,
+    ) -> Result<Option<Ending>, Bail> {
+        for step in steps {
+            match step {
+                Step::Let(slot, node) => self.locals[*slot] = self.eval(node)?,
+                Step::Write(path, node) => {
+                    let value = self.eval(node)?;
+                    // Every object on the way must already be there, as
+                    // Rhai's getters need; the root must be an object.
+                    let mut target = self.data;
+                    if !target.is_object() {
+                        return Err(Bail);
+                    }
+                    for segment in &path[..path.len() - 1] {
+                        target = target.get(segment.as_str()).filter(|v| v.is_object()).ok_or(Bail)?;
+                    }
+                    writes.push((path, value.to_value()));
+                }
+                Step::If(condition, then, otherwise) => {
+                    let branch = match self.eval(condition)? {
+                        Val::Bool(true) => then,
+                        Val::Bool(false) => otherwise,
+                        _ => return Err(Bail),
+                    };
+                    if let Some(ending) = self.steps(branch, writes)? {
+                        return Ok(Some(ending));
+                    }
+                }
+                Step::Finish(ending) => return Ok(Some(*ending)),
+            }
+        }
+        Ok(None)
+    }
+
+    /// Reads a field the way the `event` getter converts it; objects and
+    /// arrays (handles and script arrays in Rhai) are left to the interpreter.
+    fn read(&self, path: &[ImmutableString]) -> Result<Val<'a>, Bail> {
+        let mut current = self.data;
+        for (i, segment) in path.iter().enumerate() {
+            if !current.is_object() {
+                // A property of a scalar is an error in Rhai.
+                return Err(Bail);
+            }
+            match current.get(segment.as_str()) {
+                Some(next) => current = next,
+                None if i + 1 == path.len() => return Ok(Val::Unit),
+                // ...and so is a property of `()`.
+                None => return Err(Bail),
+            }
+        }
+        if let Some(s) = current.as_str() {
+            return self.string(Cow::Borrowed(s));
+        }
+        if let Some(i) = current.as_i64() {
+            return Ok(Val::Int(i));
+        }
+        if let Some(f) = current.as_f64() {
+            return Ok(Val::Float(f));
+        }
+        if let Some(b) = current.as_bool() {
+            return Ok(Val::Bool(b));
+        }
+        if current.is_null() {
+            return Ok(Val::Unit);
+        }
+        Err(Bail)
+    }
+
+    fn string(&self, s: Cow<'a, str>) -> Result<Val<'a>, Bail> {
+        if s.len() > self.max_string {
+            return Err(Bail);
+        }
+        Ok(Val::Str(s))
+    }
+
+    fn eval<'p: 'a>(&self, node: &'p Node) -> Result<Val<'a>, Bail> {
+        Ok(match node {
+            Node::Const(Val::Str(s)) => Val::Str(Cow::Borrowed(s.as_ref())),
+            Node::Const(v) => v.clone(),
+            Node::Read(path) => self.read(path)?,
+            Node::Local(slot) => self.locals[*slot].clone(),
+            Node::Not(inner) => match self.eval(inner)? {
+                Val::Bool(b) => Val::Bool(!b),
+                _ => return Err(Bail),
+            },
+            Node::Neg(inner) => match self.eval(inner)? {
+                Val::Int(i) => Val::Int(i.checked_neg().ok_or(Bail)?),
+                Val::Float(f) => Val::Float(-f),
+                _ => return Err(Bail),
+            },
+            Node::And(items) => {
+                for item in items {
+                    match self.eval(item)? {
+                        Val::Bool(true) => {}
+                        Val::Bool(false) => return Ok(Val::Bool(false)),
+                        _ => return Err(Bail),
+                    }
+                }
+                Val::Bool(true)
+            }
+            Node::Or(items) => {
+                for item in items {
+                    match self.eval(item)? {
+                        Val::Bool(false) => {}
+                        Val::Bool(true) => return Ok(Val::Bool(true)),
+                        _ => return Err(Bail),
+                    }
+                }
+                Val::Bool(false)
+            }
+            Node::Cmp(op, a, b) => Val::Bool(compare(*op, &self.eval(a)?, &self.eval(b)?)?),
+            Node::Arith(op, a, b) => match arith(*op, self.eval(a)?, self.eval(b)?)? {
+                Val::Str(s) => self.string(s)?,
+                v => v,
+            },
+        })
+    }
+}
+
+/// Writes one value at a path whose parents were checked to be objects.
+fn write(data: &mut Value, path: &[ImmutableString], value: Value) {
+    let Some((name, parents)) = path.split_last() else { return };
+    let mut target = data;
+    for segment in parents {
+        match target.get_mut(segment.as_str()) {
+            Some(next) => target = next,
+            None => return,
+        }
+    }
+    if let Some(object) = target.as_object_mut() {
+        object.insert(name.as_str(), value);
+    }
+}
+
+fn compare(op: Cmp, a: &Val, b: &Val) -> Result<bool, Bail> {
+    use std::cmp::Ordering;
+    let ordering: Option<Ordering> = match (a, b) {
+        (Val::Int(x), Val::Int(y)) => Some(x.cmp(y)),
+        (Val::Float(x), Val::Float(y)) => x.partial_cmp(y),
+        (Val::Int(x), Val::Float(y)) => (*x as f64).partial_cmp(y),
+        (Val::Float(x), Val::Int(y)) => x.partial_cmp(&(*y as f64)),
+        (Val::Str(x), Val::Str(y)) => Some(x.as_ref().cmp(y.as_ref())),
+        (Val::Bool(x), Val::Bool(y)) if matches!(op, Cmp::Eq | Cmp::Ne) => Some(x.cmp(y)),
+        _ => return Err(Bail),
+    };
+    // NaN compares unequal and unordered, as f64 does.
+    let Some(ordering) = ordering else { return Ok(matches!(op, Cmp::Ne)) };
+    Ok(match op {
+        Cmp::Eq => ordering.is_eq(),
+        Cmp::Ne => ordering.is_ne(),
+        Cmp::Lt => ordering.is_lt(),
+        Cmp::Le => ordering.is_le(),
+        Cmp::Gt => ordering.is_gt(),
+        Cmp::Ge => ordering.is_ge(),
+    })
+}
+
+fn arith<'a>(op: Arith, a: Val<'a>, b: Val<'a>) -> Result<Val<'a>, Bail> {
+    let float = |x: f64, y: f64| -> Result<Val<'a>, Bail> {
+        Ok(Val::Float(match op {
+            Arith::Add => x + y,
+            Arith::Sub => x - y,
+            Arith::Mul => x * y,
+            Arith::Div if y != 0.0 => x / y,
+            Arith::Div => return Err(Bail),
+        }))
+    };
+    match (a, b) {
+        (Val::Int(x), Val::Int(y)) => Ok(Val::Int(
+            match op {
+                Arith::Add => x.checked_add(y),
+                Arith::Sub => x.checked_sub(y),
+                Arith::Mul => x.checked_mul(y),
+                Arith::Div => x.checked_div(y),
+            }
+            .ok_or(Bail)?,
+        )),
+        (Val::Float(x), Val::Float(y)) => float(x, y),
+        (Val::Int(x), Val::Float(y)) => float(x as f64, y),
+        (Val::Float(x), Val::Int(y)) => float(x, y as f64),
+        (Val::Str(x), Val::Str(y)) if matches!(op, Arith::Add) => Ok(Val::Str(Cow::Owned(format!("{x}{y}")))),
+        _ => Err(Bail),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::script::{Condition, Script};
+    use conflux_api::Event;
+
+    fn events() -> Vec<&'static str> {
+        vec![
+            r#"{"type":"booking_created","data":{"guests":6,"zone":"terrace","price":12.5,"name":"Anna"}}"#,
+            r#"{"type":"booking_cancelled","data":{"guests":2,"zone":"hall","price":0,"name":"Bo"}}"#,
+            r#"{"type":"booking_created","data":{"guests":9223372036854775807,"zone":"terrace","price":-1.5}}"#,
+            r#"{"type":"booking_created","data":{"guests":"6","zone":null}}"#,
+            r#"{"type":"booking_created","data":"not an object"}"#,
+            r#"{"type":7,"data":{"guests":4.0,"zone":"x"}}"#,
+            r#"{"data":{"guests":0,"zone":"terrace","nested":{"a":1}}}"#,
+            r#"{"type":"x","data":{"guests":1e300,"zone":true}}"#,
+            r#"{"type":true}"#,
+            r#"[1,2,3]"#,
+            r#""just a string""#,
+            r#"{}"#,
+        ]
+    }
+
+    fn event(json: &str) -> Event {
+        Event::new(conflux_api::sonic_rs::from_str(json).unwrap())
+    }
+
+    /// JSON with sorted keys: a written object's field order is not part of
+    /// the result (sonic may reorder an object it makes writable).
+    fn normal(value: &Value) -> String {
+        serde_json::from_str::<serde_json::Value>(&value.to_string()).unwrap().to_string()
+    }
+
+    /// What an interpreted run of a whole script made of an event.
+    fn interpret(script: &Script, json: &str) -> String {
+        let mut state = script.state();
+        let mut e = event(json);
+        match script.run(&mut state, &mut e) {
+            Err(reason) => format!("error: {reason}"),
+            Ok(run) if run.result.is_unit() => "drop".into(),
+            Ok(run) if run.returned_event() => format!("event {}", normal(&run.take_payload())),
+            Ok(run) => format!("other {}", run.result.type_name()),
+        }
+    }
+
+    const SCRIPTS: &[&str] = &[
+        "event",
+        "()",
+        "let guests = event.data.guests;\nevent.data.large = guests > 4 && event.data.zone == \"terrace\";\nevent",
+        "event.data.total = event.data.guests * 2 + 1; event",
+        "event.data.price2 = event.data.price / 2; event.data.neg = -event.data.guests; event",
+        "event.data.guests += 1; event",
+        "event.data.ratio = event.data.guests / 0; event",
+        "if event.data.guests > 4 { event.data.size = \"large\" } else { event.data.size = \"small\" } event",
+        "if event.type == \"booking_cancelled\" { () } else { event }",
+        "let t = event[\"type\"]; event.kind = t + \"!\"; event",
+        "event.data.nested.b = event.data.nested.a; event",
+        "event.label = event.data.name; event",
+        "event.flag = !(event.data.guests >= 2 || event.data.zone != \"hall\"); event",
+        "event.top = 1; event.top = 2; event",
+        "let x = 1; let x = x + event.data.guests; event.x = x; event",
+        "event.data.guests = 1",
+        "return event;",
+    ];
+
+    #[test]
+    fn scripts_agree_with_the_interpreter_on_every_event() {
+        let limits = Limits::default();
+        let (mut native_count, mut answered) = (0, 0);
+        for source in SCRIPTS {
+            let script = Script::compile(source, &limits).unwrap();
+            let Some(native) = script.native_form() else {
+                eprintln!("not native: {source:?}");
+                continue;
+            };
+            native_count += 1;
+            for json in events() {
+                let expected = interpret(&script, json);
+                let mut e = event(json);
+                let got = match native.run(&mut e.data) {
+                    Err(Bail) => {
+                        assert_eq!(e.data.to_string(), event(json).data.to_string(), "bail changed {json} ({source})");
+                        continue;
+                    }
+                    Ok(Ending::Drop) => "drop".to_string(),
+                    Ok(Ending::Event) => format!("event {}", normal(&e.data)),
+                };
+                answered += 1;
+                assert_eq!(got, expected, "script {source:?} on {json}");
+            }
+        }
+        assert_eq!(native_count, SCRIPTS.len(), "every script here is in the native subset");
+        assert!(answered > SCRIPTS.len() * 4, "most runs answered natively, not bailed: {answered}");
+    }
+
+    const CONDITIONS: &[&str] = &[
+        "event.type != \"booking_cancelled\"",
+        "event.type == \"booking_created\" && event.data.guests >= 4",
+        "event.data.guests > 4.5 || event.data.zone == \"hall\"",
+        "!(event.data.price < 0)",
+        "event.data.guests + 1",
+        "event.data.price * 2.0 - 1",
+        "event.data.zone",
+        "event.data.guests == 6 && event.data.zone",
+        "event.type < \"c\"",
+        "event.data.zone == true",
+        "event.data.guests != 4",
+        "-event.data.guests < -5",
+    ];
+
+    #[test]
+    fn conditions_agree_with_the_interpreter_on_every_event() {
+        let limits = Limits::default();
+        for source in CONDITIONS {
+            let mut native = Condition::compile(source, &limits).unwrap();
+            assert!(native.is_native(), "{source}");
+            let mut interpreted = Condition::compile(source, &limits).unwrap().interpreted();
+            for json in events() {
+                let show = |r: Result<Dynamic, String>| match r {
+                    Ok(v) => format!("{} {v}", v.type_name()),
+                    Err(e) => format!("error {e}"),
+                };
+                let got = show(native.evaluate(&mut event(json)));
+                let expected = show(interpreted.evaluate(&mut event(json)));
+                assert_eq!(got, expected, "condition {source:?} on {json}");
+                let got = native.matches(&mut event(json));
+                let expected = interpreted.matches(&mut event(json));
+                assert_eq!(got, expected, "matches {source:?} on {json}");
+            }
+        }
+    }
+
+    #[test]
+    fn scripts_outside_the_subset_stay_interpreted() {
+        let limits = Limits::default();
+        for source in [
+            "let e = event; e",
+            "event.items.map(|i| i)",
+            "fn f() { 1 } event.x = f(); event",
+            "for i in 0..3 { event.n = i } event",
+            "event.data.zone = \"x\"; event.z = event.data.zone; event",
+            "event.data = #{}; event.data.x = 1; event",
+            "event.x = hash(event.id); event",
+            "#{ a: 1 }",
+            "meta.x = 1; event",
+            "42",
+        ] {
+            let script = Script::compile(source, &limits).unwrap();
+            assert!(!script.is_native(), "{source} should not be native");
+        }
+        let tight = Limits { max_operations: 100, ..Limits::default() };
+        assert!(!Script::compile("event", &tight).unwrap().is_native(), "a tight operation budget is Rhai's to enforce");
+    }
+
+    #[test]
+    fn reading_keeps_the_original_text() {
+        let limits = Limits::default();
+        let script = Script::compile("if event.data.guests > 100 { () } else { event }", &limits).unwrap();
+        let mut e = Event::new(Value::default());
+        e.data = conflux_api::Payload::parsed(
+            conflux_api::sonic_rs::from_str(r#"{"data":{"guests":2}}"#).unwrap(),
+            br#"{"data":{"guests":2}}"#,
+        );
+        assert_eq!(script.run_native(&mut e), Ok(Ending::Event));
+        assert!(e.data.raw_json().is_some(), "a read-only run kept the payload text");
+    }
+}
