@@ -10,8 +10,11 @@ RUNS=${RUNS:-3}
 EVENTS=${EVENTS:-1000000}
 WORK=${BENCH_DIR:-/tmp/conflux-bench}
 mkdir -p "$WORK"
-cargo build --release -q -p conflux
-BIN=${CARGO_TARGET_DIR:-$PWD/target}/release/conflux
+# CONFLUX_BIN benches a given binary (say, a copy of an earlier build) as is.
+if [ -z "${CONFLUX_BIN:-}" ]; then
+  cargo build --release -q -p conflux
+fi
+BIN=${CONFLUX_BIN:-${CARGO_TARGET_DIR:-$PWD/target}/release/conflux}
 export CONFLUX_LOG=warn
 
 # Runs a command, prints "<seconds> <peak RSS KiB>", polling /proc for VmHWM.

@@ -2,10 +2,12 @@
 
 use std::collections::BTreeMap;
 use std::ops::{Deref, DerefMut};
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
+
+use bytes::Bytes;
 
 use crate::ack::AckToken;
-use sonic_rs::Value;
+use sonic_rs::{JsonValueMutTrait, Value};
 
 /// Events move between components in batches: every hop carries one.
 pub type Batch = Vec<Event>;
@@ -89,27 +91,32 @@ impl Event {
 }
 
 /// An event's payload: the parsed value, plus the JSON text it was parsed
-/// from for as long as the value is unchanged. Stages that hand the payload
-/// on as JSON (the `wasm` stage) copy that text instead of serializing the
-/// value again. Reading goes through `Deref`; any mutable access
-/// (`DerefMut`, so `*event.data = v` or `event.data.as_object_mut()` too)
-/// drops the text first, so it can never disagree with the value.
-#[derive(Clone, Default)]
+/// from for as long as the two agree. Stages and outputs that hand the
+/// payload on as JSON copy that text instead of serializing the value.
+/// Reading goes through `Deref`; any mutable access (`DerefMut`, so
+/// `*event.data = v` or `event.data.as_object_mut()` too) drops the text
+/// first, so it can never disagree with the value. [`Payload::set_fields`]
+/// edits the text instead and parses it again only when someone reads the
+/// value: a script that adds a field to events bound for a file or a topic
+/// never pays for a tree.
+#[derive(Clone)]
 pub struct Payload {
-    value: Value,
-    raw: Option<Arc<[u8]>>,
+    /// Always set when `raw` is None; else parsed from `raw` on first read.
+    value: OnceLock<Value>,
+    /// `Bytes`: an edited text becomes the new text without a copy.
+    raw: Option<Bytes>,
 }
 
 impl Payload {
     /// A payload together with the JSON text it was parsed from. `raw` must
     /// be that very text: it stands in for the value wherever JSON is wanted.
     pub fn parsed(value: Value, raw: &[u8]) -> Self {
-        Payload { value, raw: Some(raw.into()) }
+        Payload { value: OnceLock::from(value), raw: Some(Bytes::copy_from_slice(raw)) }
     }
 
     /// The JSON text the value was parsed from, if it is still unchanged.
     pub fn raw_json(&self) -> Option<&[u8]> {
-        self.raw.as_deref()
+        self.raw.as_ref().map(|raw| &raw[..])
     }
 
     /// Appends the payload as JSON: the original text when there is one.
@@ -117,56 +124,112 @@ impl Payload {
         match &self.raw {
             Some(raw) => out.extend_from_slice(raw),
             // Serializing a `Value` into a Vec cannot fail.
-            None => sonic_rs::to_writer(&mut *out, &self.value).expect("a Value serializes"),
+            None => sonic_rs::to_writer(&mut *out, self.value()).expect("a Value serializes"),
         }
     }
 
-    pub fn into_value(self) -> Value {
-        self.value
+    pub fn into_value(mut self) -> Value {
+        self.value();
+        self.value.take().unwrap_or_default()
+    }
+
+    fn value(&self) -> &Value {
+        self.value.get_or_init(|| match &self.raw {
+            // The text is either what an input parsed or an edit of it that
+            // `json_edit` keeps well-formed (its tests parse every edit).
+            Some(raw) => sonic_rs::from_slice(raw).unwrap_or_else(|e| {
+                tracing::error!(error = %e, "edited payload text does not parse; the payload is null");
+                Value::new_null()
+            }),
+            None => Value::new_null(),
+        })
+    }
+
+    /// Sets fields, each given by its path of object keys; the parents must
+    /// already be objects (a write whose parent is not is skipped). A payload
+    /// with text has its text edited (field order kept), and the value is
+    /// parsed again from it on the next read; without text, the value is
+    /// changed in place.
+    pub fn set_fields<P: AsRef<str>>(&mut self, writes: Vec<(&[P], Value)>) {
+        if let Some(raw) = &self.raw {
+            let mut text = Vec::with_capacity(raw.len() + 64);
+            text.extend_from_slice(raw);
+            let mut encoded = Vec::new();
+            let edited = writes.iter().all(|(path, value)| {
+                encoded.clear();
+                sonic_rs::to_writer(&mut encoded, value).is_ok() && crate::json_edit::set(&mut text, path, &encoded)
+            });
+            if edited {
+                self.value = OnceLock::new();
+                self.raw = Some(Bytes::from(text));
+                return;
+            }
+        }
+        let data: &mut Value = self;
+        'writes: for (path, value) in writes {
+            let Some((name, parents)) = path.split_last() else { continue };
+            let mut target = &mut *data;
+            for segment in parents {
+                match target.get_mut(segment.as_ref()) {
+                    Some(next) => target = next,
+                    None => continue 'writes,
+                }
+            }
+            if let Some(object) = target.as_object_mut() {
+                object.insert(name.as_ref(), value);
+            }
+        }
+    }
+}
+
+impl Default for Payload {
+    fn default() -> Self {
+        Value::default().into()
     }
 }
 
 impl From<Value> for Payload {
     fn from(value: Value) -> Self {
-        Payload { value, raw: None }
+        Payload { value: OnceLock::from(value), raw: None }
     }
 }
 
 impl Deref for Payload {
     type Target = Value;
     fn deref(&self) -> &Value {
-        &self.value
+        self.value()
     }
 }
 
 impl DerefMut for Payload {
     fn deref_mut(&mut self) -> &mut Value {
+        self.value();
         self.raw = None;
-        &mut self.value
+        self.value.get_mut().expect("value() initialised it")
     }
 }
 
 impl PartialEq for Payload {
     fn eq(&self, other: &Self) -> bool {
-        self.value == other.value
+        **self == **other
     }
 }
 
 impl std::fmt::Debug for Payload {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        self.value.fmt(f)
+        (**self).fmt(f)
     }
 }
 
 impl std::fmt::Display for Payload {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        self.value.fmt(f)
+        (**self).fmt(f)
     }
 }
 
 impl serde::Serialize for Payload {
     fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
-        self.value.serialize(serializer)
+        (**self).serialize(serializer)
     }
 }
 
@@ -373,10 +436,29 @@ mod tests {
         assert_eq!(e.data.raw_json(), None);
         out.clear();
         e.data.write_json(&mut out);
-        assert_eq!(out, br#"{"a":1,"b":2}"#);
+        assert_eq!(sonic_rs::from_slice::<Value>(&out).unwrap(), sonic_rs::from_str::<Value>(r#"{"a":1,"b":2}"#).unwrap());
         let mut other = copy.clone();
         *other.data = Value::from(3);
         assert_eq!(other.data.raw_json(), None);
         assert_eq!(copy.data.raw_json(), Some(&text[..]), "clones are independent");
+    }
+
+    #[test]
+    fn set_fields_edits_the_text_and_parses_on_read() {
+        use sonic_rs::JsonValueTrait;
+        let text = br#"{"a": 1, "d": {"x": true}}"#;
+        let mut p = Payload::parsed(sonic_rs::from_slice(text).unwrap(), text);
+        let (a, dy): (&[&str], &[&str]) = (&["a"], &["d", "y"]);
+        p.set_fields(vec![(a, Value::from(2)), (dy, Value::from("z"))]);
+        assert_eq!(p.raw_json(), Some(&br#"{"a": 2, "d": {"x": true,"y":"z"}}"#[..]), "text edited in place, order kept");
+        assert_eq!(p.get("d").and_then(|d| d.get("y")).and_then(|y| y.as_str()), Some("z"), "parsed on read");
+
+        // Without text (or where the text cannot be edited plainly) the value changes.
+        let mut p = Payload::from(sonic_rs::from_str::<Value>(r#"{"d":{}}"#).unwrap());
+        p.set_fields(vec![(dy, Value::from(1)), (&["missing", "k"][..], Value::from(1))]);
+        assert_eq!(p.to_string(), r#"{"d":{"y":1}}"#, "a write under a missing parent is skipped");
+        let mut p = Payload::parsed(sonic_rs::from_str(r#"{"d":3}"#).unwrap(), br#"{"d":3}"#);
+        p.set_fields(vec![(a, Value::from(1))]);
+        assert_eq!(p.raw_json(), Some(&br#"{"d":3,"a":1}"#[..]));
     }
 }

@@ -11,6 +11,7 @@ pub mod component;
 pub mod config;
 pub mod error;
 pub mod event;
+pub mod json_edit;
 pub mod metrics;
 pub mod path;
 pub mod registry;

@@ -17,7 +17,7 @@
 
 use std::borrow::Cow;
 
-use conflux_api::sonic_rs::{JsonValueMutTrait, JsonValueTrait};
+use conflux_api::sonic_rs::JsonValueTrait;
 use conflux_api::{Payload, Value};
 use rhai::{ASTFlags, Dynamic, Expr, ImmutableString, Stmt, AST};
 
@@ -390,10 +390,7 @@ impl Native {
             ending = run.steps(&self.steps, &mut writes)?.unwrap_or(Ending::Drop);
         }
         if !writes.is_empty() {
-            let data: &mut Value = payload;
-            for (path, value) in writes {
-                write(data, path, value);
-            }
+            payload.set_fields(writes);
         }
         Ok(ending)
     }
@@ -536,21 +533,6 @@ impl<'a> Run<'a> {
     }
 }
 
-/// Writes one value at a path whose parents were checked to be objects.
-fn write(data: &mut Value, path: &[ImmutableString], value: Value) {
-    let Some((name, parents)) = path.split_last() else { return };
-    let mut target = data;
-    for segment in parents {
-        match target.get_mut(segment.as_str()) {
-            Some(next) => target = next,
-            None => return,
-        }
-    }
-    if let Some(object) = target.as_object_mut() {
-        object.insert(name.as_str(), value);
-    }
-}
-
 fn compare(op: Cmp, a: &Val, b: &Val) -> Result<bool, Bail> {
     use std::cmp::Ordering;
     let ordering: Option<Ordering> = match (a, b) {
@@ -629,6 +611,12 @@ mod tests {
         Event::new(conflux_api::sonic_rs::from_str(json).unwrap())
     }
 
+    fn with_text(json: &str) -> Event {
+        let mut e = Event::new(Value::default());
+        e.data = conflux_api::Payload::parsed(conflux_api::sonic_rs::from_str(json).unwrap(), json.as_bytes());
+        e
+    }
+
     /// JSON with sorted keys: a written object's field order is not part of
     /// the result (sonic may reorder an object it makes writable).
     fn normal(value: &Value) -> String {
@@ -680,17 +668,23 @@ mod tests {
             native_count += 1;
             for json in events() {
                 let expected = interpret(&script, json);
-                let mut e = event(json);
-                let got = match native.run(&mut e.data) {
-                    Err(Bail) => {
-                        assert_eq!(e.data.to_string(), event(json).data.to_string(), "bail changed {json} ({source})");
-                        continue;
+                // With the payload's text (edited in place) and without it.
+                for mut e in [event(json), with_text(json)] {
+                    let got = match native.run(&mut e.data) {
+                        Err(Bail) => {
+                            assert_eq!(normal(&e.data), normal(&event(json).data), "bail changed {json} ({source})");
+                            continue;
+                        }
+                        Ok(Ending::Drop) => "drop".to_string(),
+                        Ok(Ending::Event) => format!("event {}", normal(&e.data)),
+                    };
+                    if let Some(text) = e.data.raw_json() {
+                        let reparsed: Value = conflux_api::sonic_rs::from_slice(text).unwrap();
+                        assert_eq!(normal(&reparsed), normal(&e.data), "kept text agrees with the value");
                     }
-                    Ok(Ending::Drop) => "drop".to_string(),
-                    Ok(Ending::Event) => format!("event {}", normal(&e.data)),
-                };
-                answered += 1;
-                assert_eq!(got, expected, "script {source:?} on {json}");
+                    answered += 1;
+                    assert_eq!(got, expected, "script {source:?} on {json}");
+                }
             }
         }
         assert_eq!(native_count, SCRIPTS.len(), "every script here is in the native subset");
@@ -760,12 +754,17 @@ mod tests {
     fn reading_keeps_the_original_text() {
         let limits = Limits::default();
         let script = Script::compile("if event.data.guests > 100 { () } else { event }", &limits).unwrap();
-        let mut e = Event::new(Value::default());
-        e.data = conflux_api::Payload::parsed(
-            conflux_api::sonic_rs::from_str(r#"{"data":{"guests":2}}"#).unwrap(),
-            br#"{"data":{"guests":2}}"#,
-        );
+        let mut e = with_text(r#"{"data":{"guests":2}}"#);
         assert_eq!(script.run_native(&mut e), Ok(Ending::Event));
         assert!(e.data.raw_json().is_some(), "a read-only run kept the payload text");
+
+        let script = Script::compile("event.data.large = event.data.guests > 1; event.a = \"x\"; event", &limits).unwrap();
+        let mut e = with_text(r#"{"z":0,"data":{"guests":2,"b":[]}}"#);
+        assert_eq!(script.run_native(&mut e), Ok(Ending::Event));
+        assert_eq!(
+            e.data.raw_json().map(|t| std::str::from_utf8(t).unwrap()),
+            Some(r#"{"z":0,"data":{"guests":2,"b":[],"large":true},"a":"x"}"#),
+            "writes edit the text: field order kept"
+        );
     }
 }

@@ -1,0 +1,242 @@
+//! Setting a field inside JSON text without parsing it into a tree.
+//!
+//! Making sonic's parsed objects writable copies every field into a hash
+//! map (about a microsecond for a booking event) and loses the field order.
+//! When a payload still has its text, setting a few fields by editing the
+//! text and parsing it once again is cheaper, keeps the order, and leaves
+//! the payload with text that outputs copy instead of serializing.
+
+/// Sets `path` to `value` (JSON text) inside `json`, in place. Every parent
+/// on the path must exist and be an object. Returns false, with `json`
+/// untouched, when the text does not allow a plain edit: a parent is
+/// missing or not an object, a key is written with escapes. A key that
+/// appears twice is found at its first place, as sonic's `get` finds it.
+pub fn set(json: &mut Vec<u8>, path: &[impl AsRef<str>], value: &[u8]) -> bool {
+    let Some((name, parents)) = path.split_last() else { return false };
+    let mut object = skip_ws(json, 0);
+    for parent in parents {
+        match find(json, object, parent.as_ref().as_bytes()) {
+            Some(Found::Member { value_start, .. }) if json.get(value_start) == Some(&b'{') => object = value_start,
+            _ => return false,
+        }
+    }
+    match find(json, object, name.as_ref().as_bytes()) {
+        Some(Found::Member { value_start, value_end }) => {
+            json.splice(value_start..value_end, value.iter().copied());
+        }
+        Some(Found::Absent { close, empty }) => {
+            let mut member = Vec::with_capacity(name.as_ref().len() + value.len() + 4);
+            if !empty {
+                member.push(b',');
+            }
+            member.push(b'"');
+            member.extend_from_slice(name.as_ref().as_bytes());
+            member.extend_from_slice(b"\":");
+            member.extend_from_slice(value);
+            json.splice(close..close, member);
+        }
+        None => return false,
+    }
+    true
+}
+
+enum Found {
+    /// The key is there; its value spans `value_start..value_end`.
+    Member { value_start: usize, value_end: usize },
+    /// The key is not there; the object closes at `close`.
+    Absent { close: usize, empty: bool },
+}
+
+/// Looks for `key` among the members of the object starting at `open`,
+/// stopping at the first match. None for anything but a well-formed object
+/// whose keys up to the match (or all, if absent) are plain.
+fn find(json: &[u8], open: usize, key: &[u8]) -> Option<Found> {
+    if json.get(open) != Some(&b'{') || key.contains(&b'"') || key.contains(&b'\\') {
+        return None;
+    }
+    let mut i = skip_ws(json, open + 1);
+    if json.get(i) == Some(&b'}') {
+        return Some(Found::Absent { close: i, empty: true });
+    }
+    loop {
+        if json.get(i) != Some(&b'"') {
+            return None;
+        }
+        let key_end = skip_string(json, i)?;
+        let raw_key = &json[i + 1..key_end - 1];
+        if raw_key.contains(&b'\\') {
+            return None;
+        }
+        i = skip_ws(json, key_end);
+        if json.get(i) != Some(&b':') {
+            return None;
+        }
+        let value_start = skip_ws(json, i + 1);
+        let value_end = skip_value(json, value_start)?;
+        if raw_key == key {
+            return Some(Found::Member { value_start, value_end });
+        }
+        i = skip_ws(json, value_end);
+        match json.get(i) {
+            Some(b',') => i = skip_ws(json, i + 1),
+            Some(b'}') => return Some(Found::Absent { close: i, empty: false }),
+            _ => return None,
+        }
+    }
+}
+
+fn skip_ws(json: &[u8], mut i: usize) -> usize {
+    while matches!(json.get(i), Some(b' ' | b'\t' | b'\n' | b'\r')) {
+        i += 1;
+    }
+    i
+}
+
+/// The index after the string opening at `i`.
+fn skip_string(json: &[u8], mut i: usize) -> Option<usize> {
+    i += 1;
+    loop {
+        // Most strings in events are short: a plain loop beats memchr's setup.
+        i += json.get(i..)?.iter().position(|&b| b == b'"' || b == b'\\')?;
+        if json[i] == b'"' {
+            return Some(i + 1);
+        }
+        i += 2;
+    }
+}
+
+/// Bytes that matter when skipping over an object or array.
+const STRUCTURAL: [bool; 256] = {
+    let mut table = [false; 256];
+    table[b'"' as usize] = true;
+    table[b'{' as usize] = true;
+    table[b'[' as usize] = true;
+    table[b'}' as usize] = true;
+    table[b']' as usize] = true;
+    table
+};
+
+/// Bytes that end a number, `true`, `false` or `null`.
+const SCALAR_END: [bool; 256] = {
+    let mut table = [false; 256];
+    let mut i = 0;
+    let ends = b",}] \t\n\r";
+    while i < ends.len() {
+        table[ends[i] as usize] = true;
+        i += 1;
+    }
+    table
+};
+
+/// The index after the value starting at `i`.
+fn skip_value(json: &[u8], i: usize) -> Option<usize> {
+    match json.get(i)? {
+        b'"' => skip_string(json, i),
+        b'{' | b'[' => {
+            let mut depth = 0usize;
+            let mut j = i;
+            loop {
+                j += json.get(j..)?.iter().position(|b| STRUCTURAL[*b as usize])?;
+                match json[j] {
+                    b'"' => {
+                        j = skip_string(json, j)?;
+                        continue;
+                    }
+                    b'{' | b'[' => depth += 1,
+                    _ => {
+                        depth -= 1;
+                        if depth == 0 {
+                            return Some(j + 1);
+                        }
+                    }
+                }
+                j += 1;
+            }
+        }
+        _ => {
+            let len = json[i..].iter().position(|b| SCALAR_END[*b as usize]).unwrap_or(json.len() - i);
+            (len > 0).then_some(i + len)
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn edit(json: &str, path: &[&str], value: &str) -> Option<String> {
+        let mut text = json.as_bytes().to_vec();
+        set(&mut text, path, value.as_bytes()).then(|| String::from_utf8(text).unwrap())
+    }
+
+    #[test]
+    fn adds_and_replaces_keeping_the_order() {
+        let json = r#"{"type":"a","data":{"guests":6,"zone":"t"},"n":[1,{"x":"}"}]}"#;
+        assert_eq!(
+            edit(json, &["data", "large"], "true").unwrap(),
+            r#"{"type":"a","data":{"guests":6,"zone":"t","large":true},"n":[1,{"x":"}"}]}"#
+        );
+        assert_eq!(
+            edit(json, &["data", "guests"], "7").unwrap(),
+            r#"{"type":"a","data":{"guests":7,"zone":"t"},"n":[1,{"x":"}"}]}"#
+        );
+        assert_eq!(edit(json, &["n"], "null").unwrap(), r#"{"type":"a","data":{"guests":6,"zone":"t"},"n":null}"#);
+        assert_eq!(edit("{}", &["a"], "1").unwrap(), r#"{"a":1}"#);
+        assert_eq!(edit(" { \"a\" : \"q\\\"}\" , \"b\":{ } } ", &["b", "c"], "2").unwrap(), " { \"a\" : \"q\\\"}\" , \"b\":{ \"c\":2} } ");
+    }
+
+    #[test]
+    fn refuses_what_it_cannot_edit_plainly() {
+        let json = r#"{"type":"a","data":"text","dup":1,"dup":2,"esc\u0061pe":1}"#;
+        assert_eq!(edit(json, &["data", "x"], "1"), None, "parent not an object");
+        assert_eq!(edit(json, &["missing", "x"], "1"), None, "parent missing");
+        assert_eq!(edit(json, &["new"], "1"), None, "an escaped key elsewhere in the object");
+        assert_eq!(
+            edit(json, &["dup"], "0").unwrap(),
+            r#"{"type":"a","data":"text","dup":0,"dup":2,"esc\u0061pe":1}"#,
+            "the first of a repeated key, the one sonic reads"
+        );
+        assert_eq!(edit("[1,2]", &["a"], "1"), None, "not an object");
+        assert_eq!(edit(r#"{"a":1"#, &["b"], "1"), None, "truncated");
+        let empty: &[&str] = &[];
+        assert_eq!(edit("{}", empty, "1"), None);
+    }
+
+    /// Every edit of many documents parses, and equals the same change made
+    /// on the parsed value (payloads are parsed again from edited text).
+    #[test]
+    fn edits_parse_and_agree_with_value_edits() {
+        use sonic_rs::{JsonContainerTrait, JsonValueMutTrait, JsonValueTrait, Value};
+        let docs = [
+            r#"{}"#,
+            r#"{"a":1}"#,
+            r#" {"a" : { } , "b":[{"a":"}]"}], "c":"\\"}"#,
+            r#"{"type":"x","data":{"n":-1.5e3,"s":"a,b}","o":{"p":null,"q":[true,false]}}}"#,
+            "{\n\t\"a\":\t{\"b\" :\r\n2 }\n}",
+            r#"{"u":"\u00e9\ud83d\ude00","data":{}}"#,
+        ];
+        let paths: [&[&str]; 7] = [&["a"], &["new"], &["data", "n"], &["data", "added"], &["data", "o", "p"], &["a", "b"], &["u"]];
+        let values = ["1", "\"t\\\"q\"", "null", "[1,{\"x\":2}]", "{}", "-0.25", "true"];
+        let mut checked = 0;
+        for doc in docs {
+            for (i, path) in paths.iter().enumerate() {
+                let value_text = values[i % values.len()];
+                let mut text = doc.as_bytes().to_vec();
+                if !set(&mut text, path, value_text.as_bytes()) {
+                    continue;
+                }
+                let edited: Value = sonic_rs::from_slice(&text).unwrap_or_else(|e| panic!("{doc} {path:?}: {e}"));
+                let mut expected: Value = sonic_rs::from_str(doc).unwrap();
+                let mut target = &mut expected;
+                for segment in &path[..path.len() - 1] {
+                    target = target.get_mut(*segment).unwrap();
+                }
+                target.as_object_mut().unwrap().insert(path[path.len() - 1], sonic_rs::from_str::<Value>(value_text).unwrap());
+                assert_eq!(edited, expected, "{doc} {path:?}");
+                assert!(edited.is_object() && edited.as_object().is_some_and(|o| !o.is_empty()));
+                checked += 1;
+            }
+        }
+        assert!(checked >= 20, "{checked} edits checked");
+    }
+}
