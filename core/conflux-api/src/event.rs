@@ -155,9 +155,12 @@ impl Payload {
             let mut text = Vec::with_capacity(raw.len() + 64);
             text.extend_from_slice(raw);
             let mut encoded = Vec::new();
+            // The parsed value describes the text for the first edit only.
+            let mut first = Some(self.value.get());
             let edited = writes.iter().all(|(path, value)| {
                 encoded.clear();
-                sonic_rs::to_writer(&mut encoded, value).is_ok() && crate::json_edit::set(&mut text, path, &encoded)
+                sonic_rs::to_writer(&mut encoded, value).is_ok()
+                    && crate::json_edit::set(&mut text, path, &encoded, first.take().flatten())
             });
             if edited {
                 self.value = OnceLock::new();
@@ -436,7 +439,10 @@ mod tests {
         assert_eq!(e.data.raw_json(), None);
         out.clear();
         e.data.write_json(&mut out);
-        assert_eq!(sonic_rs::from_slice::<Value>(&out).unwrap(), sonic_rs::from_str::<Value>(r#"{"a":1,"b":2}"#).unwrap());
+        assert_eq!(
+            sonic_rs::from_slice::<Value>(&out).unwrap(),
+            sonic_rs::from_str::<Value>(r#"{"a":1,"b":2}"#).unwrap()
+        );
         let mut other = copy.clone();
         *other.data = Value::from(3);
         assert_eq!(other.data.raw_json(), None);
@@ -450,7 +456,11 @@ mod tests {
         let mut p = Payload::parsed(sonic_rs::from_slice(text).unwrap(), text);
         let (a, dy): (&[&str], &[&str]) = (&["a"], &["d", "y"]);
         p.set_fields(vec![(a, Value::from(2)), (dy, Value::from("z"))]);
-        assert_eq!(p.raw_json(), Some(&br#"{"a": 2, "d": {"x": true,"y":"z"}}"#[..]), "text edited in place, order kept");
+        assert_eq!(
+            p.raw_json(),
+            Some(&br#"{"a": 2, "d": {"x": true,"y":"z"}}"#[..]),
+            "text edited in place, order kept"
+        );
         assert_eq!(p.get("d").and_then(|d| d.get("y")).and_then(|y| y.as_str()), Some("z"), "parsed on read");
 
         // Without text (or where the text cannot be edited plainly) the value changes.

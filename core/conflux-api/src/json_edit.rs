@@ -6,13 +6,28 @@
 //! text and parsing it once again is cheaper, keeps the order, and leaves
 //! the payload with text that outputs copy instead of serializing.
 
+use sonic_rs::{JsonContainerTrait, Value};
+
 /// Sets `path` to `value` (JSON text) inside `json`, in place. Every parent
 /// on the path must exist and be an object. Returns false, with `json`
 /// untouched, when the text does not allow a plain edit: a parent is
 /// missing or not an object, a key is written with escapes. A key that
 /// appears twice is found at its first place, as sonic's `get` finds it.
-pub fn set(json: &mut Vec<u8>, path: &[impl AsRef<str>], value: &[u8]) -> bool {
+///
+/// `parsed`, the value `json` was parsed from if at hand, lets a new key in
+/// an object that closes the document (the root, or a last member such as
+/// `data` in `{"type":…,"data":{…}}`) be placed from the end of the text
+/// without scanning it.
+pub fn set(json: &mut Vec<u8>, path: &[impl AsRef<str>], value: &[u8], parsed: Option<&Value>) -> bool {
     let Some((name, parents)) = path.split_last() else { return false };
+    if !is_plain_key(name.as_ref()) {
+        return false;
+    }
+    if let Some(close) = parsed.and_then(|doc| closing_brace_of_new_key(json, doc, path)) {
+        let empty = json[..close].trim_ascii_end().ends_with(b"{");
+        insert_member(json, close, empty, name.as_ref(), value);
+        return true;
+    }
     let mut object = skip_ws(json, 0);
     for parent in parents {
         match find(json, object, parent.as_ref().as_bytes()) {
@@ -24,20 +39,57 @@ pub fn set(json: &mut Vec<u8>, path: &[impl AsRef<str>], value: &[u8]) -> bool {
         Some(Found::Member { value_start, value_end }) => {
             json.splice(value_start..value_end, value.iter().copied());
         }
-        Some(Found::Absent { close, empty }) => {
-            let mut member = Vec::with_capacity(name.as_ref().len() + value.len() + 4);
-            if !empty {
-                member.push(b',');
-            }
-            member.push(b'"');
-            member.extend_from_slice(name.as_ref().as_bytes());
-            member.extend_from_slice(b"\":");
-            member.extend_from_slice(value);
-            json.splice(close..close, member);
-        }
+        Some(Found::Absent { close, empty }) => insert_member(json, close, empty, name.as_ref(), value),
         None => return false,
     }
     true
+}
+
+fn insert_member(json: &mut Vec<u8>, close: usize, empty: bool, name: &str, value: &[u8]) {
+    let mut member = Vec::with_capacity(name.len() + value.len() + 4);
+    if !empty {
+        member.push(b',');
+    }
+    member.push(b'"');
+    member.extend_from_slice(name.as_bytes());
+    member.extend_from_slice(b"\":");
+    member.extend_from_slice(value);
+    json.splice(close..close, member);
+}
+
+/// Where the object to receive a new key closes, when the parsed value shows
+/// that the key is new and that every object on the path is the last member
+/// of its parent (so the objects close, innermost first, at the text's end).
+fn closing_brace_of_new_key(json: &[u8], doc: &Value, path: &[impl AsRef<str>]) -> Option<usize> {
+    let (name, parents) = path.split_last()?;
+    if !is_plain_key(name.as_ref()) {
+        return None;
+    }
+    let mut object = doc.as_object()?;
+    for parent in parents {
+        let (last_key, last) = object.iter().last()?;
+        // `get` must find that very member (a repeated key is read at its first place).
+        if last_key != parent.as_ref() || !std::ptr::eq(object.get(&parent.as_ref())?, last) {
+            return None;
+        }
+        object = last.as_object()?;
+    }
+    if object.get(&name.as_ref()).is_some() {
+        return None;
+    }
+    let mut end = json.len();
+    for _ in 0..=parents.len() {
+        end = json[..end].trim_ascii_end().len();
+        if end == 0 || json[end - 1] != b'}' {
+            return None;
+        }
+        end -= 1;
+    }
+    Some(end)
+}
+
+fn is_plain_key(key: &str) -> bool {
+    !key.bytes().any(|b| b == b'"' || b == b'\\' || b < 0x20)
 }
 
 enum Found {
@@ -51,7 +103,7 @@ enum Found {
 /// stopping at the first match. None for anything but a well-formed object
 /// whose keys up to the match (or all, if absent) are plain.
 fn find(json: &[u8], open: usize, key: &[u8]) -> Option<Found> {
-    if json.get(open) != Some(&b'{') || key.contains(&b'"') || key.contains(&b'\\') {
+    if json.get(open) != Some(&b'{') {
         return None;
     }
     let mut i = skip_ws(json, open + 1);
@@ -166,7 +218,21 @@ mod tests {
 
     fn edit(json: &str, path: &[&str], value: &str) -> Option<String> {
         let mut text = json.as_bytes().to_vec();
-        set(&mut text, path, value.as_bytes()).then(|| String::from_utf8(text).unwrap())
+        // With the parsed value at hand, the result is the same where the
+        // scan succeeds; the end-of-text path may also take what it refuses.
+        if let Ok(parsed) = sonic_rs::from_str::<Value>(json) {
+            let mut fast = text.clone();
+            if set(&mut fast, path, value.as_bytes(), Some(&parsed)) {
+                sonic_rs::from_slice::<Value>(&fast).expect("an edit parses");
+            } else {
+                fast = text.clone();
+            }
+            let mut slow = text.clone();
+            if set(&mut slow, path, value.as_bytes(), None) {
+                assert_eq!(String::from_utf8_lossy(&fast), String::from_utf8_lossy(&slow), "{json} {path:?}");
+            }
+        }
+        set(&mut text, path, value.as_bytes(), None).then(|| String::from_utf8(text).unwrap())
     }
 
     #[test]
@@ -182,7 +248,10 @@ mod tests {
         );
         assert_eq!(edit(json, &["n"], "null").unwrap(), r#"{"type":"a","data":{"guests":6,"zone":"t"},"n":null}"#);
         assert_eq!(edit("{}", &["a"], "1").unwrap(), r#"{"a":1}"#);
-        assert_eq!(edit(" { \"a\" : \"q\\\"}\" , \"b\":{ } } ", &["b", "c"], "2").unwrap(), " { \"a\" : \"q\\\"}\" , \"b\":{ \"c\":2} } ");
+        assert_eq!(
+            edit(" { \"a\" : \"q\\\"}\" , \"b\":{ } } ", &["b", "c"], "2").unwrap(),
+            " { \"a\" : \"q\\\"}\" , \"b\":{ \"c\":2} } "
+        );
     }
 
     #[test]
@@ -206,7 +275,7 @@ mod tests {
     /// on the parsed value (payloads are parsed again from edited text).
     #[test]
     fn edits_parse_and_agree_with_value_edits() {
-        use sonic_rs::{JsonContainerTrait, JsonValueMutTrait, JsonValueTrait, Value};
+        use sonic_rs::{JsonValueMutTrait, JsonValueTrait};
         let docs = [
             r#"{}"#,
             r#"{"a":1}"#,
@@ -215,14 +284,17 @@ mod tests {
             "{\n\t\"a\":\t{\"b\" :\r\n2 }\n}",
             r#"{"u":"\u00e9\ud83d\ude00","data":{}}"#,
         ];
-        let paths: [&[&str]; 7] = [&["a"], &["new"], &["data", "n"], &["data", "added"], &["data", "o", "p"], &["a", "b"], &["u"]];
+        let paths: [&[&str]; 7] =
+            [&["a"], &["new"], &["data", "n"], &["data", "added"], &["data", "o", "p"], &["a", "b"], &["u"]];
         let values = ["1", "\"t\\\"q\"", "null", "[1,{\"x\":2}]", "{}", "-0.25", "true"];
         let mut checked = 0;
         for doc in docs {
             for (i, path) in paths.iter().enumerate() {
                 let value_text = values[i % values.len()];
                 let mut text = doc.as_bytes().to_vec();
-                if !set(&mut text, path, value_text.as_bytes()) {
+                let parsed: Value = sonic_rs::from_str(doc).unwrap();
+                let hint = (i % 2 == 0).then_some(&parsed);
+                if !set(&mut text, path, value_text.as_bytes(), hint) {
                     continue;
                 }
                 let edited: Value = sonic_rs::from_slice(&text).unwrap_or_else(|e| panic!("{doc} {path:?}: {e}"));
@@ -231,12 +303,34 @@ mod tests {
                 for segment in &path[..path.len() - 1] {
                     target = target.get_mut(*segment).unwrap();
                 }
-                target.as_object_mut().unwrap().insert(path[path.len() - 1], sonic_rs::from_str::<Value>(value_text).unwrap());
+                target
+                    .as_object_mut()
+                    .unwrap()
+                    .insert(path[path.len() - 1], sonic_rs::from_str::<Value>(value_text).unwrap());
                 assert_eq!(edited, expected, "{doc} {path:?}");
                 assert!(edited.is_object() && edited.as_object().is_some_and(|o| !o.is_empty()));
                 checked += 1;
             }
         }
         assert!(checked >= 20, "{checked} edits checked");
+    }
+}
+
+#[cfg(test)]
+mod fast_path {
+    use super::*;
+
+    #[test]
+    fn a_new_key_in_a_closing_object_is_placed_from_the_end() {
+        let json = br#"{"id":"e","data":{"guests":6,"zone":"t"}} "#;
+        let parsed: Value = sonic_rs::from_slice(json).unwrap();
+        assert_eq!(closing_brace_of_new_key(json, &parsed, &["data", "large"]), Some(json.len() - 3));
+        assert_eq!(closing_brace_of_new_key(json, &parsed, &["large"]), Some(json.len() - 2));
+        assert_eq!(
+            closing_brace_of_new_key(json, &parsed, &["data", "zone"]),
+            None,
+            "an existing key is replaced by a scan"
+        );
+        assert_eq!(closing_brace_of_new_key(json, &parsed, &["id", "x"]), None, "not the last member");
     }
 }

@@ -341,7 +341,8 @@ impl Translator {
     fn tail_block(&mut self, stmts: &[Stmt]) -> Option<Vec<Step>> {
         let depth = self.scope.len();
         let Some((last, body)) = stmts.split_last() else { return Some(Vec::new()) };
-        let mut steps: Vec<Step> = body.iter().map(|s| self.stmt(s)).collect::<Option<Vec<_>>>()?.into_iter().flatten().collect();
+        let mut steps: Vec<Step> =
+            body.iter().map(|s| self.stmt(s)).collect::<Option<Vec<_>>>()?.into_iter().flatten().collect();
         match last {
             Stmt::Expr(e) => steps.push(Step::Finish(Self::ending(e)?)),
             Stmt::If(flow, _) => {
@@ -747,7 +748,10 @@ mod tests {
             assert!(!script.is_native(), "{source} should not be native");
         }
         let tight = Limits { max_operations: 100, ..Limits::default() };
-        assert!(!Script::compile("event", &tight).unwrap().is_native(), "a tight operation budget is Rhai's to enforce");
+        assert!(
+            !Script::compile("event", &tight).unwrap().is_native(),
+            "a tight operation budget is Rhai's to enforce"
+        );
     }
 
     #[test]
@@ -758,7 +762,8 @@ mod tests {
         assert_eq!(script.run_native(&mut e), Ok(Ending::Event));
         assert!(e.data.raw_json().is_some(), "a read-only run kept the payload text");
 
-        let script = Script::compile("event.data.large = event.data.guests > 1; event.a = \"x\"; event", &limits).unwrap();
+        let script =
+            Script::compile("event.data.large = event.data.guests > 1; event.a = \"x\"; event", &limits).unwrap();
         let mut e = with_text(r#"{"z":0,"data":{"guests":2,"b":[]}}"#);
         assert_eq!(script.run_native(&mut e), Ok(Ending::Event));
         assert_eq!(
