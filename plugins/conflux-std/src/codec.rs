@@ -99,97 +99,56 @@ impl<R: AsyncRead + Unpin + Send> LineReader<R> {
         self.fill().await?;
         let now = Timestamp::now();
         let mut consumed = 0;
-        // (line number, line) of every non-blank line in this batch.
-        let mut lines: Vec<(u64, &[u8])> = Vec::with_capacity(self.batch_size.min(4096));
-        let mut start = self.start;
-        while consumed < self.batch_size && start < self.buf.len() {
-            let rest = &self.buf[start..];
+        let mut batch = Vec::with_capacity(self.batch_size.min(4096));
+        while consumed < self.batch_size && self.start < self.buf.len() {
+            let rest = &self.buf[self.start..];
             let (line, advance) = match memchr::memchr(b'\n', rest) {
                 Some(i) => (&rest[..i], i + 1),
                 None if self.eof => (rest, rest.len()),
                 None => break,
             };
-            start += advance;
+            self.start += advance;
             self.line_no += 1;
             consumed += 1;
             let line = line.strip_suffix(b"\r").unwrap_or(line);
-            if !line.iter().all(u8::is_ascii_whitespace) {
-                lines.push((self.line_no, line));
+            if line.iter().all(u8::is_ascii_whitespace) {
+                continue;
             }
-        }
-        let mut batch = Vec::with_capacity(lines.len());
-        match self.codec {
-            Codec::Json => {
-                for ((line_no, line), parsed) in lines.iter().zip(parse_lines(&lines)) {
-                    match parsed {
-                        Ok(data) => batch.push(positioned(&self.stream, *line_no, Event::with_time(data, now))),
-                        Err(reason) => {
-                            let mut e = Event::with_time(Value::from(String::from_utf8_lossy(line).as_ref()), now);
-                            e.meta.insert(
-                                ERROR_META,
-                                format!("{source} line {line_no}: invalid JSON: {reason}").as_str(),
-                            );
-                            out.emit_to(INVALID_PORT, e);
-                        }
+            match self.codec {
+                Codec::Json => match sonic_rs_from_slice(line) {
+                    // The line is kept beside the value: stages that pass payloads
+                    // on as JSON (wasm) and the JSON outputs copy it instead of
+                    // serializing the value again.
+                    Ok(data) => {
+                        batch.push(self.positioned(Event::with_time(Payload::parsed(data, line.trim_ascii()), now)))
                     }
-                }
-            }
-            Codec::Lines => {
-                for (line_no, line) in &lines {
-                    let data = Value::from(String::from_utf8_lossy(line).as_ref());
-                    batch.push(positioned(&self.stream, *line_no, Event::with_time(data, now)));
-                }
+                    Err(reason) => {
+                        let mut e = Event::with_time(Value::from(String::from_utf8_lossy(line).as_ref()), now);
+                        e.meta.insert(
+                            ERROR_META,
+                            format!("{source} line {}: invalid JSON: {reason}", self.line_no).as_str(),
+                        );
+                        out.emit_to(INVALID_PORT, e);
+                    }
+                },
+                Codec::Lines => batch
+                    .push(self.positioned(Event::with_time(Value::from(String::from_utf8_lossy(line).as_ref()), now))),
             }
         }
-        self.start = start;
         out.emit_batch(batch);
         Ok(consumed)
     }
-}
 
-/// Stamps an event with its line number in a replayable `stream`.
-fn positioned(stream: &Option<std::sync::Arc<str>>, line_no: u64, event: Event) -> Event {
-    match stream {
-        Some(stream) => event.at(stream, line_no),
-        None => event,
-    }
-}
-
-/// Fewest lines worth a second thread: below this, starting one costs more
-/// than it saves.
-const PARALLEL_LINES: usize = 512;
-
-/// Parses JSON lines in order. A large batch is split in two and the halves
-/// are parsed on two threads: parsing is most of what a file pipeline costs,
-/// and one reader task would otherwise leave the second core to the stages.
-fn parse_lines(lines: &[(u64, &[u8])]) -> Vec<Result<Payload, String>> {
-    let parse = |lines: &[(u64, &[u8])]| -> Vec<Result<Payload, String>> {
-        lines
-            .iter()
-            .map(|(_, line)| {
-                // The line is kept beside the value: stages that pass payloads
-                // on as JSON (wasm) and the JSON outputs copy it instead of
-                // serializing the value again.
-                conflux_api::sonic_rs::from_slice(line)
-                    .map(|data| Payload::parsed(data, line.trim_ascii()))
-                    .map_err(|e| e.to_string())
-            })
-            .collect()
-    };
-    if lines.len() < PARALLEL_LINES || std::thread::available_parallelism().map_or(1, |n| n.get()) < 2 {
-        return parse(lines);
-    }
-    let (first, second) = lines.split_at(lines.len() / 2);
-    std::thread::scope(|scope| {
-        let other = scope.spawn(|| parse(second));
-        let mut parsed = parse(first);
-        match other.join() {
-            Ok(rest) => parsed.extend(rest),
-            // A panic while parsing is not expected; parse the half again here.
-            Err(_) => parsed.extend(parse(second)),
+    fn positioned(&self, event: Event) -> Event {
+        match &self.stream {
+            Some(stream) => event.at(stream, self.line_no),
+            None => event,
         }
-        parsed
-    })
+    }
+}
+
+fn sonic_rs_from_slice(line: &[u8]) -> Result<Value, String> {
+    conflux_api::sonic_rs::from_slice(line).map_err(|e| e.to_string())
 }
 
 /// Appends an event payload as one JSON line.
@@ -220,37 +179,5 @@ mod tests {
         let last: Vec<(usize, Vec<Event>)> = out.drain().collect();
         assert_eq!(last[0].1.len(), 1, "unterminated last line still counts");
         assert!(reader.finished());
-    }
-
-    #[tokio::test]
-    async fn large_batches_keep_order_and_line_numbers() {
-        use conflux_api::sonic_rs::JsonValueTrait;
-        // Enough lines for the two-thread parse, with blank and bad lines in both halves.
-        let mut text = Vec::new();
-        for n in 1..=2000 {
-            match n {
-                7 | 1500 => text.extend_from_slice(b"{broken\n"),
-                8 | 1501 => text.extend_from_slice(b"   \n"),
-                _ => text.extend_from_slice(format!("{{\"n\":{n}}}\n").as_bytes()),
-            }
-        }
-        let mut reader = LineReader::new(&text[..], Codec::Json, 4096).with_positions("file:t");
-        let mut out = Emitter::new(2);
-        assert_eq!(reader.read_batch(&mut out, "t").await.unwrap(), 2000);
-        let mut ports: Vec<(usize, Vec<Event>)> = out.drain().collect();
-        ports.sort_by_key(|(port, _)| *port);
-        let good = &ports[0].1;
-        assert_eq!(good.len(), 1996);
-        for e in good {
-            let n = e.data.get("n").and_then(|n| n.as_u64()).unwrap();
-            assert_eq!(e.position.as_ref().map(|p| p.offset), Some(n), "position is the line number");
-            assert_eq!(e.data.raw_json(), Some(format!("{{\"n\":{n}}}").as_bytes()), "text kept");
-        }
-        assert!(good
-            .windows(2)
-            .all(|w| w[0].position.as_ref().unwrap().offset < w[1].position.as_ref().unwrap().offset));
-        let bad: Vec<String> = ports[1].1.iter().map(|e| e.meta.get(ERROR_META).unwrap().to_string()).collect();
-        assert_eq!(bad.len(), 2);
-        assert!(bad[0].contains("line 7:") && bad[1].contains("line 1500:"), "{bad:?}");
     }
 }
