@@ -305,6 +305,18 @@ YAML
   timeout 3 "$BIN" run "$WORK/js-drop.yaml" >/dev/null 2>&1 || true
   "$BIN" run "$WORK/js-fill.yaml"
   drain_rate "JetStream → drop" "$EVENTS" "$WORK/js-drop.yaml" 19465
+  js_delete_stream "$stream"
+}
+
+# Deletes a stream through the JetStream API over the NATS protocol (no CLI needed): runs
+# leave 1M-message streams behind otherwise, and a server holding many of them drains slower.
+js_delete_stream() { # name
+  local url=${NATS_URL:-nats://127.0.0.1:4222} hostport
+  hostport=${url#nats://}
+  exec 3<>"/dev/tcp/${hostport%:*}/${hostport##*:}" || return 0
+  printf 'CONNECT {"verbose":false}\r\nSUB _bench.del 1\r\nPUB $JS.API.STREAM.DELETE.%s _bench.del 0\r\n\r\nPING\r\n' "$1" >&3
+  timeout 2 head -c 512 <&3 >/dev/null || true
+  exec 3>&-
 }
 
 echo "conflux bench: $(nproc) cores, RUNS=$RUNS, EVENTS=$EVENTS"

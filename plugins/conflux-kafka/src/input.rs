@@ -2,15 +2,16 @@
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
-use std::time::Duration as StdDuration;
+use std::time::{Duration as StdDuration, Instant};
 
 use conflux_api::config::Duration;
+use conflux_api::metrics::{Counter, Gauge};
 use conflux_api::sonic_rs::JsonValueMutTrait;
 use conflux_api::{
     async_trait, inventory, AckToken, BuildContext, BuildError, BuiltInput, Emitter, Event, Input, InputConfig,
     PluginError, PortId, Registration, Timestamp, Value,
 };
-use futures_util::FutureExt;
+use futures_util::{FutureExt, StreamExt};
 use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance, StreamConsumer};
 use rdkafka::message::{BorrowedMessage, Headers};
@@ -18,7 +19,7 @@ use rdkafka::{ClientContext, Message, Offset, TopicPartitionList};
 use schemars::JsonSchema;
 use serde::Deserialize;
 
-use crate::tracker::{Tp, Tracker};
+use crate::tracker::{Backoff, Tp, Tracker};
 
 /// Where a group with no committed offset starts reading.
 #[derive(Debug, Clone, Copy, Default, Deserialize, JsonSchema)]
@@ -35,10 +36,13 @@ pub enum StartAt {
 ///
 /// Offsets are committed only for events the pipeline acknowledged, in
 /// order per partition: an unacknowledged event holds back the commit of
-/// everything after it. A failed event makes the partition seek back to it
-/// (redelivery); rejected events count as done. With more than
-/// `max_unacked` events in flight the input pauses its partitions until the
-/// pipeline catches up. Partitions revoked in a rebalance commit what is
+/// everything after it. A failed event pauses its partition, which reads
+/// again from that event after `redelivery_backoff` (doubling with each
+/// consecutive failure up to `max_redelivery_backoff`, back to the start
+/// after a success), so a failing output does not spin the consumer;
+/// rejected events count as done. At most `max_unacked` events are in
+/// flight: at that point the input pauses its partitions until the pipeline
+/// has acknowledged half of them. Partitions revoked in a rebalance commit what is
 /// done and forget the rest (the next owner reads it again). Metadata:
 /// `kafka.topic`, `kafka.partition`, `kafka.offset`, `kafka.key`,
 /// `kafka.headers`, `kafka.timestamp` (ms). Payloads that are not JSON go
@@ -64,6 +68,12 @@ pub struct KafkaInputConfig {
     /// How often acknowledged offsets are committed.
     #[serde(default)]
     pub commit_interval: Option<Duration>,
+    /// Wait before reading a failed event again (default 100ms); doubles with each consecutive failure.
+    #[serde(default)]
+    pub redelivery_backoff: Option<Duration>,
+    /// Longest wait before reading a failed event again (default 10s).
+    #[serde(default)]
+    pub max_redelivery_backoff: Option<Duration>,
     /// Extra librdkafka consumer properties (values are never logged).
     #[serde(default)]
     pub options: BTreeMap<String, String>,
@@ -79,7 +89,7 @@ fn default_max_unacked() -> usize {
 
 impl InputConfig for KafkaInputConfig {
     const TYPE: &'static str = "kafka";
-    fn build(self, _cx: &BuildContext) -> Result<BuiltInput, BuildError> {
+    fn build(self, cx: &BuildContext) -> Result<BuiltInput, BuildError> {
         if self.brokers.is_empty() {
             return Err(BuildError::at(["brokers"], "give at least one broker"));
         }
@@ -89,12 +99,23 @@ impl InputConfig for KafkaInputConfig {
         if self.batch_size == 0 || self.max_unacked == 0 {
             return Err(BuildError::new("batch_size and max_unacked must be at least 1"));
         }
+        let backoff = Backoff {
+            initial: self.redelivery_backoff.map_or(StdDuration::from_millis(100), |d| d.0),
+            max: self.max_redelivery_backoff.map_or(StdDuration::from_secs(10), |d| d.0),
+        };
+        if backoff.initial > backoff.max {
+            return Err(BuildError::at(["redelivery_backoff"], "must not exceed max_redelivery_backoff"));
+        }
         Ok(BuiltInput::new(KafkaInput {
             config: self,
             consumer: None,
             tracker: Arc::new(Mutex::new(Tracker::default())),
-            last_commit: std::time::Instant::now(),
-            paused: None,
+            last_commit: Instant::now(),
+            held: false,
+            backoff,
+            paused_partitions: cx
+                .gauge("kafka_paused_partitions", "Partitions paused: pipeline full, or waiting after a failure"),
+            redeliveries: cx.counter("kafka_redeliveries", "Seeks back to read a failed event again"),
         })
         .with_ports(&["invalid"]))
     }
@@ -113,14 +134,22 @@ impl ConsumerContext for Context {
     fn pre_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
         let Rebalance::Revoke(revoked) = rebalance else { return };
         let mut commit = TopicPartitionList::new();
+        let mut waiting = TopicPartitionList::new();
         {
             let mut tracker = self.tracker.lock().expect("tracker");
             for elem in revoked.elements() {
                 let tp: Tp = (Arc::from(elem.topic()), elem.partition());
+                if tracker.waiting(&tp) {
+                    waiting.add_partition(elem.topic(), elem.partition());
+                }
                 if let Some(offset) = tracker.reset(&tp, false) {
                     let _ = commit.add_partition_offset(elem.topic(), elem.partition(), Offset::Offset(offset));
                 }
             }
+        }
+        // Forgotten with their state, so no pause of ours may outlive them (the next owner starts fresh).
+        if waiting.count() > 0 {
+            let _ = consumer.resume(&waiting);
         }
         if commit.count() > 0 {
             if let Err(e) = consumer.commit(&commit, CommitMode::Sync) {
@@ -135,30 +164,46 @@ struct KafkaInput {
     config: KafkaInputConfig,
     consumer: Option<StreamConsumer<Context>>,
     tracker: Arc<Mutex<Tracker>>,
-    last_commit: std::time::Instant,
-    paused: Option<TopicPartitionList>,
+    last_commit: Instant,
+    /// Every partition paused because `max_unacked` events are in flight.
+    held: bool,
+    backoff: Backoff,
+    paused_partitions: Gauge,
+    redeliveries: Counter,
 }
 
 const INVALID: PortId = PortId(1);
+
+/// Consecutive offsets of one partition read in one batch.
+struct Run {
+    tp: Tp,
+    first: i64,
+    last: i64,
+}
 
 impl KafkaInput {
     fn commit_interval(&self) -> StdDuration {
         self.config.commit_interval.map_or(StdDuration::from_secs(1), |d| d.0)
     }
 
-    /// Commits what is due, seeks failed partitions back, pauses or resumes.
+    /// Commits what is due, pauses failed partitions and reads them again
+    /// once their wait is over, pauses or resumes everything for backpressure.
     fn maintain(&mut self, mode: CommitMode) -> Result<(), PluginError> {
         let Some(consumer) = &self.consumer else { return Ok(()) };
+        let now = Instant::now();
         let (due, failed, unacked) = {
             let mut tracker = self.tracker.lock().expect("tracker");
-            let failed = tracker.take_failed();
+            let failed = tracker.take_failed(now, self.backoff);
             (tracker.due(), failed, tracker.unacked)
         };
-        for ((topic, partition), offset) in failed {
-            tracing::warn!(topic = %topic, partition, offset, "delivery failed; reading again from the failed offset");
-            if let Err(e) = consumer.seek(&topic, partition, Offset::Offset(offset), StdDuration::from_secs(5)) {
-                return Err(PluginError::retryable(format!("cannot seek back to redeliver: {e}")));
-            }
+        for ((topic, partition), offset, wait) in failed {
+            tracing::warn!(topic = %topic, partition, offset, retry_in = ?wait, "delivery failed; the partition reads it again after a pause");
+            self.redeliveries.inc();
+            let mut list = TopicPartitionList::new();
+            list.add_partition(&topic, partition);
+            consumer
+                .pause(&list)
+                .map_err(|e| PluginError::retryable(format!("cannot pause a failed partition: {e}")))?;
         }
         if !due.is_empty() && (matches!(mode, CommitMode::Sync) || self.last_commit.elapsed() >= self.commit_interval())
         {
@@ -175,22 +220,53 @@ impl KafkaInput {
                 }
                 Err(e) => tracing::warn!(error = %e, "offset commit failed; retrying later"),
             }
-            self.last_commit = std::time::Instant::now();
+            self.last_commit = now;
         }
         let max = self.config.max_unacked;
-        match &self.paused {
-            None if unacked >= max => {
-                let assignment = consumer.assignment().map_err(|e| PluginError::retryable(e.to_string()))?;
-                consumer.pause(&assignment).map_err(|e| PluginError::retryable(e.to_string()))?;
-                tracing::debug!(unacked, "pausing consumption until the pipeline catches up");
-                self.paused = Some(assignment);
+        if !self.held && unacked >= max {
+            let assignment = consumer.assignment().map_err(|e| PluginError::retryable(e.to_string()))?;
+            consumer.pause(&assignment).map_err(|e| PluginError::retryable(e.to_string()))?;
+            tracing::debug!(unacked, "pausing consumption until the pipeline catches up");
+            self.held = true;
+        } else if self.held && unacked <= max / 2 {
+            // Partitions still waiting after a failure stay paused.
+            let assignment = consumer.assignment().map_err(|e| PluginError::retryable(e.to_string()))?;
+            let mut resume = TopicPartitionList::new();
+            {
+                let tracker = self.tracker.lock().expect("tracker");
+                for elem in assignment.elements() {
+                    if !tracker.waiting(&(Arc::from(elem.topic()), elem.partition())) {
+                        resume.add_partition(elem.topic(), elem.partition());
+                    }
+                }
             }
-            Some(list) if unacked <= max / 2 => {
-                consumer.resume(list).map_err(|e| PluginError::retryable(e.to_string()))?;
-                self.paused = None;
-            }
-            _ => {}
+            consumer.resume(&resume).map_err(|e| PluginError::retryable(e.to_string()))?;
+            self.held = false;
         }
+        if !self.held {
+            let retries = self.tracker.lock().expect("tracker").due_retries(now);
+            for ((topic, partition), offset) in retries {
+                let mut list = TopicPartitionList::new();
+                list.add_partition(&topic, partition);
+                // Seek after resuming: a resume restarts fetching where the application stopped reading.
+                let seek = consumer
+                    .resume(&list)
+                    .and_then(|()| consumer.seek(&topic, partition, Offset::Offset(offset), StdDuration::from_secs(5)));
+                if let Err(e) = seek {
+                    // Reading on past the failed offset would lose it: stay paused and try again.
+                    let _ = consumer.pause(&list);
+                    let retry_at = Instant::now() + self.backoff.initial;
+                    self.tracker.lock().expect("tracker").retry_later(&(topic, partition), offset, retry_at);
+                    return Err(PluginError::retryable(format!("cannot seek back to redeliver: {e}")));
+                }
+            }
+        }
+        let paused = if self.held {
+            consumer.assignment().map_or(0, |a| a.count())
+        } else {
+            self.tracker.lock().expect("tracker").waiting_count()
+        };
+        self.paused_partitions.set(paused as i64);
         Ok(())
     }
 
@@ -249,7 +325,10 @@ impl Input for KafkaInput {
                     StartAt::Latest => "latest",
                 },
             )
-            .set("queued.max.messages.kbytes", "32768");
+            .set("queued.max.messages.kbytes", "32768")
+            // With a full prefetch queue librdkafka stops fetching for this long (default 1 s): the
+            // queue drains in far less, and the consumer then sat idle for most of each second.
+            .set("fetch.queue.backoff.ms", "10");
         for (k, v) in &self.config.options {
             config.set(k, v);
         }
@@ -267,52 +346,77 @@ impl Input for KafkaInput {
         let tick = self.commit_interval().min(StdDuration::from_millis(200));
         loop {
             self.maintain(CommitMode::Async)?;
-            if self.paused.is_some() {
+            if self.held {
                 tokio::time::sleep(StdDuration::from_millis(10)).await;
                 continue;
             }
+            let (room, next_retry, any_waiting) = {
+                let tracker = self.tracker.lock().expect("tracker");
+                let next = tracker.next_retry();
+                (self.config.max_unacked.saturating_sub(tracker.unacked), next, next.is_some())
+            };
+            // Wake up for the next partition due to read a failed event again, or to commit.
+            let wait = next_retry.map_or(tick, |at| at.saturating_duration_since(Instant::now()).min(tick));
             let consumer = self.consumer.as_ref().ok_or_else(|| PluginError::not_connected("not connected"))?;
+            // One stream for the whole batch: creating one per message registers a waker each time.
+            let mut stream = consumer.stream();
             let first = tokio::select! {
-                m = consumer.recv() => m,
-                _ = tokio::time::sleep(tick) => continue,
+                m = stream.next() => m.expect("Kafka streams never end"),
+                _ = tokio::time::sleep(wait) => continue,
             };
             let first = first.map_err(|e| PluginError::retryable(format!("Kafka receive failed: {e}")))?;
-            let mut messages = vec![first];
-            while messages.len() < self.config.batch_size {
-                match consumer.recv().now_or_never() {
-                    Some(Ok(m)) => messages.push(m),
+            // Never more than `max_unacked` in flight: the batch takes only what is left of it.
+            let limit = self.config.batch_size.min(room).max(1);
+            let mut messages = Vec::with_capacity(limit.min(1024));
+            messages.push(first);
+            while messages.len() < limit {
+                match stream.next().now_or_never() {
+                    Some(Some(Ok(m))) => messages.push(m),
                     _ => break,
                 }
             }
+            drop(stream);
+            if any_waiting {
+                // Read before a failed partition paused: it will be read again from the failed offset.
+                let tracker = self.tracker.lock().expect("tracker");
+                messages.retain(|m| !tracker.waiting(&(Arc::from(m.topic()), m.partition())));
+            }
             // One token per run of consecutive offsets of a partition: the unit Kafka can commit.
-            let now = Timestamp::now();
-            let mut runs: Vec<(Tp, i64, i64, Vec<usize>)> = Vec::new();
-            for (i, m) in messages.iter().enumerate() {
-                match runs
-                    .iter_mut()
-                    .find(|(tp, _, last, _)| &*tp.0 == m.topic() && tp.1 == m.partition() && *last + 1 == m.offset())
-                {
-                    Some(run) => {
-                        run.2 = m.offset();
-                        run.3.push(i);
+            let mut runs: Vec<Run> = Vec::new();
+            let mut run_of: Vec<usize> = Vec::with_capacity(messages.len());
+            for m in &messages {
+                let (partition, offset) = (m.partition(), m.offset());
+                let topic = m.topic();
+                let found = runs.iter().rposition(|r| r.tp.1 == partition && r.last + 1 == offset && &*r.tp.0 == topic);
+                match found {
+                    Some(r) => {
+                        runs[r].last = offset;
+                        run_of.push(r);
                     }
-                    None => runs.push(((Arc::from(m.topic()), m.partition()), m.offset(), m.offset(), vec![i])),
+                    None => {
+                        let tp: Tp = (Arc::from(topic), partition);
+                        runs.push(Run { tp, first: offset, last: offset });
+                        run_of.push(runs.len() - 1);
+                    }
                 }
             }
-            let mut events: Vec<Option<(Event, bool)>> = (0..messages.len()).map(|_| None).collect();
-            for (tp, first, last, indexes) in runs {
-                // Offsets only grow within a partition: the position checkpointing stages compare.
-                let stream: Arc<str> = Arc::from(format!("kafka:{}/{}", tp.0, tp.1));
-                let generation = self.tracker.lock().expect("tracker").track(&tp, first, last);
-                let tracker = self.tracker.clone();
-                let token =
-                    AckToken::new(move |status| tracker.lock().expect("tracker").done(&tp, first, generation, status));
-                for i in indexes {
-                    events[i] = Some(self.event(&messages[i], now, token.clone(), &stream));
+            let mut tokens = Vec::with_capacity(runs.len());
+            let mut streams = Vec::with_capacity(runs.len());
+            {
+                let mut tracker = self.tracker.lock().expect("tracker");
+                for Run { tp, first, last } in runs {
+                    let generation = tracker.track(&tp, first, last);
+                    // Offsets only grow within a partition: the position checkpointing stages compare.
+                    streams.push(Arc::<str>::from(format!("kafka:{}/{}", tp.0, tp.1)));
+                    let shared = self.tracker.clone();
+                    tokens.push(AckToken::new(move |status| {
+                        shared.lock().expect("tracker").done(&tp, first, generation, status)
+                    }));
                 }
             }
-            drop(messages);
-            for (event, valid) in events.into_iter().flatten() {
+            let now = Timestamp::now();
+            for (m, r) in messages.iter().zip(run_of) {
+                let (event, valid) = self.event(m, now, tokens[r].clone(), &streams[r]);
                 if valid {
                     out.emit(event);
                 } else {

@@ -15,7 +15,7 @@ use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
 use schemars::JsonSchema;
 use serde::Deserialize;
 
-/// Compression of produced batches.
+/// Compression of produced batches (consumers decompress transparently).
 #[derive(Debug, Clone, Copy, Default, Deserialize, JsonSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum Compression {
@@ -24,6 +24,21 @@ pub enum Compression {
     Gzip,
     Snappy,
     Lz4,
+    /// Best ratio for JSON at little CPU cost; needs brokers from Kafka 2.1 on.
+    Zstd,
+}
+
+impl Compression {
+    /// librdkafka's `compression.type` value.
+    fn codec(self) -> &'static str {
+        match self {
+            Compression::None => "none",
+            Compression::Gzip => "gzip",
+            Compression::Snappy => "snappy",
+            Compression::Lz4 => "lz4",
+            Compression::Zstd => "zstd",
+        }
+    }
 }
 
 /// Produces each event's payload as JSON to Kafka.
@@ -118,15 +133,7 @@ impl Output for KafkaOutput {
             .set("bootstrap.servers", c.brokers.join(","))
             .set("enable.idempotence", c.idempotent.to_string())
             .set("acks", "all")
-            .set(
-                "compression.type",
-                match c.compression {
-                    Compression::None => "none",
-                    Compression::Gzip => "gzip",
-                    Compression::Snappy => "snappy",
-                    Compression::Lz4 => "lz4",
-                },
-            )
+            .set("compression.type", c.compression.codec())
             .set("linger.ms", c.linger.map_or(5, |d| d.0.as_millis()).to_string())
             .set("batch.num.messages", c.batch_messages.to_string())
             .set("message.timeout.ms", c.delivery_timeout.map_or(30_000, |d| d.0.as_millis()).to_string());

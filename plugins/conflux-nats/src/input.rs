@@ -1,5 +1,6 @@
 //! `nats` input.
 
+use std::sync::Arc;
 use std::time::Duration as StdDuration;
 
 use async_nats::jetstream::consumer::pull::{Config as PullConfig, Stream as PullStream};
@@ -111,7 +112,12 @@ inventory::submit!(Registration::input::<NatsInputConfig>());
 
 enum Source {
     Core(SelectAll<async_nats::Subscriber>),
-    JetStream { messages: Box<PullStream>, acks: mpsc::UnboundedSender<(async_nats::jetstream::Message, AckStatus)> },
+    JetStream {
+        messages: Box<PullStream>,
+        acks: mpsc::UnboundedSender<(async_nats::jetstream::Message, AckStatus)>,
+        /// `jetstream:<stream>`, the position stream of every event (built once, not per event).
+        position: Arc<str>,
+    },
 }
 
 struct NatsInput {
@@ -184,7 +190,8 @@ impl Input for NatsInput {
                 let (acks, rx) = mpsc::unbounded_channel();
                 let nak_delay = js_config.nak_delay.map_or(StdDuration::from_secs(1), |d| d.0);
                 tokio::spawn(acknowledge(client, rx, nak_delay));
-                Source::JetStream { messages: Box::new(messages), acks }
+                let position = Arc::from(format!("jetstream:{}", js_config.stream));
+                Source::JetStream { messages: Box::new(messages), acks, position }
             }
         };
         self.source = Some(source);
@@ -201,16 +208,20 @@ impl Input for NatsInput {
                     return Err(PluginError::not_connected("subscriptions ended"));
                 };
                 let now = Timestamp::now();
-                emit(out, &first.payload, first.subject.as_str(), now, AckToken::untracked(), None);
+                let (e, valid) = event(&first.payload, first.subject.as_str(), now, None);
+                route(out, e, valid);
                 for _ in 1..batch_size {
                     match subs.next().now_or_never() {
-                        Some(Some(m)) => emit(out, &m.payload, m.subject.as_str(), now, AckToken::untracked(), None),
+                        Some(Some(m)) => {
+                            let (e, valid) = event(&m.payload, m.subject.as_str(), now, None);
+                            route(out, e, valid);
+                        }
                         _ => break,
                     }
                 }
                 Ok(true)
             }
-            Some(Source::JetStream { messages, acks }) => {
+            Some(Source::JetStream { messages, acks, position }) => {
                 let mut taken = 0;
                 let now = Timestamp::now();
                 while taken < batch_size {
@@ -236,14 +247,14 @@ impl Input for NatsInput {
                             return Err(PluginError::not_connected("JetStream message stream ended"));
                         }
                     };
-                    let info = message.info().ok().map(|i| (i.stream_sequence, i.delivered, i.stream.to_string()));
+                    let info = message.info().ok().map(|i| (i.stream_sequence, i.delivered, &*position));
+                    // The event is built from the borrowed message, which then moves into its token.
+                    let (event, valid) = event(&message.payload, message.subject.as_str(), now, info);
                     let tx = acks.clone();
-                    let payload = message.payload.clone();
-                    let subject = message.subject.to_string();
                     let token = AckToken::new(move |status| {
                         let _ = tx.send((message, status));
                     });
-                    emit(out, &payload, &subject, now, token, info);
+                    route(out, event.with_ack(token), valid);
                     taken += 1;
                 }
                 Ok(true)
@@ -252,27 +263,26 @@ impl Input for NatsInput {
     }
 }
 
-/// `info`: JetStream's stream sequence, delivery count and stream name.
-fn emit(
-    out: &mut Emitter,
-    payload: &[u8],
-    subject: &str,
-    now: Timestamp,
-    token: AckToken,
-    info: Option<(u64, i64, String)>,
-) {
+/// An untracked event and whether its payload is JSON. `info`: JetStream's
+/// stream sequence, delivery count and position stream.
+fn event(payload: &[u8], subject: &str, now: Timestamp, info: Option<(u64, i64, &Arc<str>)>) -> (Event, bool) {
     let (data, valid) = match conflux_api::sonic_rs::from_slice::<Value>(payload) {
         Ok(v) => (v, true),
         Err(_) => (Value::from(String::from_utf8_lossy(payload).as_ref()), false),
     };
-    let mut event = Event::with_time(data, now).with_ack(token);
+    let mut event = Event::with_time(data, now);
     event.meta.insert("nats.subject", Value::from(subject));
-    if let Some((sequence, delivered, stream)) = info {
+    if let Some((sequence, delivered, position)) = info {
         // Stream sequences only grow: the position checkpointing stages compare.
-        event = event.at(&std::sync::Arc::from(format!("jetstream:{stream}")), sequence);
+        event = event.at(position, sequence);
         event.meta.insert("nats.stream_sequence", Value::from(sequence));
         event.meta.insert("nats.delivered", Value::from(delivered));
     }
+    (event, valid)
+}
+
+/// Sends an event on, or to port `invalid` when its payload is not JSON.
+fn route(out: &mut Emitter, mut event: Event, valid: bool) {
     if valid {
         out.emit(event);
     } else {

@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use conflux_api::AckStatus;
 use conflux_engine::runtime::RunContext;
-use conflux_testkit::{acks, delivered, run_yaml};
+use conflux_testkit::{acks, attempts, delivered, release, run_yaml};
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::client::DefaultClientContext;
 use rdkafka::config::ClientConfig;
@@ -80,13 +80,26 @@ async fn wait_for(mut done: impl FnMut() -> bool, what: &str) {
 }
 
 async fn produce(brokers: &str, topic: &str, count: usize) {
+    produce_with(brokers, topic, count, "lz4").await;
+}
+
+async fn produce_with(brokers: &str, topic: &str, count: usize, compression: &str) {
     let src = key("producer");
     let yaml = format!(
-        "inputs:\n  src: {{ type: test_source, key: {src}, count: {count}, batch_size: 500 }}\noutputs:\n  out: {{ type: kafka, brokers: [\"{brokers}\"], topic: {topic}, key: \"{{{{ n }}}}\", headers: {{ origin: test }}, compression: lz4, from: src }}\n"
+        "inputs:\n  src: {{ type: test_source, key: {src}, count: {count}, batch_size: 500 }}\noutputs:\n  out: {{ type: kafka, brokers: [\"{brokers}\"], topic: {topic}, key: \"{{{{ n }}}}\", headers: {{ origin: test }}, compression: {compression}, from: src }}\n"
     );
     run_yaml(&yaml, RunContext::new()).await;
     let statuses = acks(&src);
     assert_eq!(statuses, vec![AckStatus::Delivered; count], "every event confirmed by its delivery report");
+}
+
+/// A metric of component `in` from the engine's exposition (plugin metrics included).
+fn metric(cx: &RunContext, name: &str) -> Option<f64> {
+    cx.metrics
+        .encode()
+        .lines()
+        .find(|l| l.starts_with(&format!("{name}{{")) && l.contains("component=\"in\""))
+        .and_then(|l| l.rsplit(' ').next()?.parse().ok())
 }
 
 fn consumer_yaml(brokers: &str, topic: &str, group: &str, sink: &str, extra_sink: &str) -> String {
@@ -212,4 +225,96 @@ async fn kafka_output_rides_out_broker_errors_and_fails_back_when_the_broker_is_
     run_yaml(&yaml, RunContext::new()).await;
     assert_eq!(acks(&src), vec![AckStatus::Errored; 10]);
     mock.broker_up(1).unwrap();
+}
+
+#[tokio::test]
+async fn kafka_input_pauses_at_max_unacked_and_resumes_once_acknowledged() {
+    setup();
+    let brokers = brokers().await;
+    let (topic, group, sink) = (key("bp").replace('-', "_"), key("g"), key("sink"));
+    create_topic(&brokers, &topic, 1).await;
+    produce(&brokers, &topic, 1000).await;
+    let cx = RunContext::new();
+    let yaml = format!(
+        "runtime: {{ shutdown_timeout: 200ms, channel_capacity: 8 }}\ninputs:\n  in: {{ type: kafka, brokers: [\"{brokers}\"], topics: [{topic}], group: {group}, batch_size: 30, max_unacked: 100, commit_interval: 100ms, options: {{ session.timeout.ms: \"6000\" }} }}\noutputs:\n  out: {{ type: test_sink, key: {sink}, gated: true, from: in }}\n"
+    );
+    let run = tokio::spawn({
+        let cx = cx.clone();
+        async move { run_yaml(&yaml, cx).await }
+    });
+    // The output holds every write: the input reads up to max_unacked, then pauses its partition.
+    wait_for(|| metric(&cx, "conflux_kafka_paused_partitions") == Some(1.0), "the partition to pause").await;
+    let in_flight = metric(&cx, "conflux_input_unacked_events");
+    assert_eq!(in_flight, Some(100.0), "exactly max_unacked events in flight");
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    assert_eq!(metric(&cx, "conflux_input_unacked_events"), in_flight, "nothing more read while paused");
+    assert_eq!(metric(&cx, "conflux_kafka_paused_partitions"), Some(1.0));
+    assert!(delivered(&sink).is_empty());
+
+    release(&sink, 10_000);
+    wait_for(|| delivered(&sink).len() >= 1000, "all 1000 events once the output writes again").await;
+    wait_for(|| metric(&cx, "conflux_kafka_paused_partitions") == Some(0.0), "the partition to resume").await;
+    wait_for(|| committed(&brokers, &group, &topic, 1) == 1000, "every offset committed").await;
+    cx.stop.cancel();
+    run.await.unwrap();
+    assert_eq!(ns(&delivered(&sink)), (0..1000).collect());
+}
+
+#[tokio::test]
+async fn a_failing_output_makes_the_partition_wait_longer_before_each_redelivery() {
+    setup();
+    let brokers = brokers().await;
+    let (topic, group, sink) = (key("backoff").replace('-', "_"), key("g"), key("sink"));
+    create_topic(&brokers, &topic, 1).await;
+    produce(&brokers, &topic, 10).await;
+    let cx = RunContext::new();
+    // Four failed writes, then success: waits of 100 + 200 + 400 + 400 ms before the four redeliveries.
+    let yaml = format!(
+        "runtime: {{ shutdown_timeout: 200ms }}\ninputs:\n  in: {{ type: kafka, brokers: [\"{brokers}\"], topics: [{topic}], group: {group}, commit_interval: 100ms, redelivery_backoff: 100ms, max_redelivery_backoff: 400ms, options: {{ session.timeout.ms: \"6000\" }} }}\noutputs:\n  out: {{ type: test_sink, key: {sink}, fail_first: 4, retry: {{ initial_backoff: 1ms, max_attempts: 1 }}, from: in }}\n"
+    );
+    let run = tokio::spawn({
+        let cx = cx.clone();
+        async move { run_yaml(&yaml, cx).await }
+    });
+    wait_for(|| attempts(&sink) >= 1, "the first write").await;
+    let first = std::time::Instant::now();
+    wait_for(|| delivered(&sink).len() >= 10, "the events once the output recovers").await;
+    let took = first.elapsed();
+    assert!(took >= Duration::from_millis(1000), "redelivered after growing waits, not at once: {took:?}");
+    assert_eq!(attempts(&sink), 5, "one write per redelivery, no spinning");
+    assert_eq!(metric(&cx, "conflux_kafka_redeliveries_total"), Some(4.0));
+    wait_for(|| committed(&brokers, &group, &topic, 1) == 10, "the offsets committed after success").await;
+    cx.stop.cancel();
+    run.await.unwrap();
+    assert_eq!(ns(&delivered(&sink)), (0..10).collect());
+}
+
+#[tokio::test]
+async fn every_compression_codec_round_trips_through_the_broker() {
+    setup();
+    let brokers = brokers().await;
+    let (group, sink) = (key("g"), key("sink"));
+    let codecs = ["none", "gzip", "snappy", "lz4", "zstd"];
+    let base = key("codec").replace('-', "_");
+    let mut topics = Vec::new();
+    for codec in codecs {
+        let topic = format!("{base}_{codec}");
+        create_topic(&brokers, &topic, 1).await;
+        produce_with(&brokers, &topic, 50, codec).await;
+        topics.push(topic);
+    }
+    let cx = RunContext::new();
+    let yaml = consumer_yaml(&brokers, &topics.join(", "), &group, &sink, "");
+    let run = tokio::spawn({
+        let cx = cx.clone();
+        async move { run_yaml(&yaml, cx).await }
+    });
+    wait_for(|| delivered(&sink).len() >= 250, "50 events from each codec's topic").await;
+    cx.stop.cancel();
+    run.await.unwrap();
+    let got = delivered(&sink);
+    assert_eq!(got.len(), 250);
+    for n in 0..50u64 {
+        assert_eq!(got.iter().filter(|v| v["n"] == n).count(), 5, "event {n} once per codec");
+    }
 }
