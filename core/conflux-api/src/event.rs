@@ -114,6 +114,19 @@ impl Payload {
         Payload { value: OnceLock::from(value), raw: Some(Bytes::copy_from_slice(raw)) }
     }
 
+    /// Parses a message body. A single-line body is kept as the payload's
+    /// text (outputs copy it); one with line breaks is not, so that writing
+    /// the payload as a JSON line stays one line.
+    pub fn from_json(text: &[u8]) -> Result<Self, sonic_rs::Error> {
+        let value = sonic_rs::from_slice(text)?;
+        let text = text.trim_ascii();
+        Ok(if memchr::memchr2(b'\n', b'\r', text).is_some() {
+            Payload::from(value)
+        } else {
+            Payload::parsed(value, text)
+        })
+    }
+
     /// The JSON text the value was parsed from, if it is still unchanged.
     pub fn raw_json(&self) -> Option<&[u8]> {
         self.raw.as_ref().map(|raw| &raw[..])
@@ -447,6 +460,18 @@ mod tests {
         *other.data = Value::from(3);
         assert_eq!(other.data.raw_json(), None);
         assert_eq!(copy.data.raw_json(), Some(&text[..]), "clones are independent");
+    }
+
+    #[test]
+    fn message_bodies_keep_their_text_when_it_is_one_line() {
+        let p = Payload::from_json(b" {\"a\": [1, 2]}\n").unwrap();
+        assert_eq!(p.raw_json(), Some(&b"{\"a\": [1, 2]}"[..]), "trimmed, kept");
+        let p = Payload::from_json(b"{\n  \"a\": 1\n}").unwrap();
+        assert_eq!(p.raw_json(), None, "a pretty-printed body would break a JSON-lines output");
+        let mut out = Vec::new();
+        p.write_json(&mut out);
+        assert_eq!(out, br#"{"a":1}"#);
+        assert!(Payload::from_json(b"{bad").is_err());
     }
 
     #[test]

@@ -278,9 +278,9 @@ impl KafkaInput {
         stream: &Arc<str>,
     ) -> (Event, bool) {
         let payload = message.payload().unwrap_or_default();
-        let (data, valid) = match conflux_api::sonic_rs::from_slice::<Value>(payload) {
+        let (data, valid) = match conflux_api::Payload::from_json(payload) {
             Ok(v) => (v, true),
-            Err(_) => (Value::from(String::from_utf8_lossy(payload).as_ref()), false),
+            Err(_) => (Value::from(String::from_utf8_lossy(payload).as_ref()).into(), false),
         };
         let mut event = Event::with_time(data, now).with_ack(token).at(stream, message.offset().max(0) as u64);
         event.meta.insert("kafka.topic", Value::from(message.topic()));

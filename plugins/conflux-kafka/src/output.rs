@@ -152,8 +152,9 @@ impl Output for KafkaOutput {
         for event in batch {
             let topic = self.topic.render(&event.data).map_err(|e| fatal("topic", e))?;
             let key = self.key.as_ref().map(|k| k.render(&event.data)).transpose().map_err(|e| fatal("key", e))?;
-            let payload = conflux_api::sonic_rs::to_vec(&event.data)
-                .map_err(|e| PluginError::fatal_from("cannot serialize an event", e))?;
+            // The payload's own text when it still has it.
+            let mut payload = Vec::new();
+            event.data.write_json(&mut payload);
             let mut headers = OwnedHeaders::new_with_capacity(self.headers.len());
             for (name, template) in &self.headers {
                 let value = template.render(&event.data).map_err(|e| fatal("header", e))?;

@@ -266,9 +266,9 @@ impl Input for NatsInput {
 /// An untracked event and whether its payload is JSON. `info`: JetStream's
 /// stream sequence, delivery count and position stream.
 fn event(payload: &[u8], subject: &str, now: Timestamp, info: Option<(u64, i64, &Arc<str>)>) -> (Event, bool) {
-    let (data, valid) = match conflux_api::sonic_rs::from_slice::<Value>(payload) {
+    let (data, valid) = match conflux_api::Payload::from_json(payload) {
         Ok(v) => (v, true),
-        Err(_) => (Value::from(String::from_utf8_lossy(payload).as_ref()), false),
+        Err(_) => (Value::from(String::from_utf8_lossy(payload).as_ref()).into(), false),
     };
     let mut event = Event::with_time(data, now);
     event.meta.insert("nats.subject", Value::from(subject));

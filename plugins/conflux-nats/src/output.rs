@@ -58,8 +58,9 @@ impl Output for NatsOutput {
         let mut pending: Vec<PublishAckFuture> = Vec::new();
         for event in batch {
             let subject = self.subject.render(&event.data).map_err(|e| PluginError::fatal(format!("subject: {e}")))?;
-            let payload = conflux_api::sonic_rs::to_vec(&event.data)
-                .map_err(|e| PluginError::fatal_from("cannot serialize an event", e))?;
+            // The payload's own text when it still has it.
+            let mut payload = Vec::new();
+            event.data.write_json(&mut payload);
             if self.config.jetstream {
                 let ack = js
                     .publish(subject, payload.into())
