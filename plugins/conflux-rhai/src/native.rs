@@ -223,14 +223,7 @@ impl Translator {
                 let slot = self.scope.iter().rev().find(|(name, _)| *name == v.1)?.1;
                 Node::Local(slot)
             }
-            Expr::Dot(..) | Expr::Index(..) => {
-                let path = Self::path(expr)?;
-                // A read must not see a write this run has not applied yet.
-                if self.written.iter().any(|w| overlaps(w, &path)) {
-                    return None;
-                }
-                Node::Read(path.into())
-            }
+            Expr::Dot(..) | Expr::Index(..) => self.read(Self::path(expr)?)?,
             Expr::And(items, _) => Node::And(items.iter().map(|e| self.expr(e)).collect::<Option<_>>()?),
             Expr::Or(items, _) => Node::Or(items.iter().map(|e| self.expr(e)).collect::<Option<_>>()?),
             Expr::FnCall(call, _) if call.is_operator_call() && call.namespace.is_empty() => {
@@ -261,11 +254,27 @@ impl Translator {
         })
     }
 
+    /// Statements in order, no-ops left out.
+    fn statements(&mut self, stmts: &[Stmt]) -> Option<Vec<Step>> {
+        let steps = stmts.iter().map(|s| self.stmt(s)).collect::<Option<Vec<_>>>()?;
+        Some(steps.into_iter().flatten().collect())
+    }
+
+    /// A block: its `let`s end with it.
     fn block(&mut self, stmts: &[Stmt]) -> Option<Vec<Step>> {
         let depth = self.scope.len();
-        let steps = stmts.iter().map(|s| self.stmt(s)).collect::<Option<Vec<_>>>()?;
+        let steps = self.statements(stmts)?;
         self.scope.truncate(depth);
-        Some(steps.into_iter().flatten().collect())
+        Some(steps)
+    }
+
+    /// A read of a field, unless this run wrote over it before (writes land
+    /// after the run, so the read would see the old value).
+    fn read(&self, path: Vec<ImmutableString>) -> Option<Node> {
+        if self.written.iter().any(|w| overlaps(w, &path)) {
+            return None;
+        }
+        Some(Node::Read(path.into()))
     }
 
     /// One statement; `None` inside means "nothing to do" (a no-op).
@@ -301,10 +310,7 @@ impl Translator {
                             "/" => Arith::Div,
                             _ => return None,
                         };
-                        if self.written.iter().any(|w| overlaps(w, &path)) {
-                            return None;
-                        }
-                        Node::Arith(arith, Box::new(Node::Read(path.clone().into())), Box::new(value))
+                        Node::Arith(arith, Box::new(self.read(path.clone())?), Box::new(value))
                     }
                 };
                 // Later writes must not create or replace an object an
@@ -341,8 +347,7 @@ impl Translator {
     fn tail_block(&mut self, stmts: &[Stmt]) -> Option<Vec<Step>> {
         let depth = self.scope.len();
         let Some((last, body)) = stmts.split_last() else { return Some(Vec::new()) };
-        let mut steps: Vec<Step> =
-            body.iter().map(|s| self.stmt(s)).collect::<Option<Vec<_>>>()?.into_iter().flatten().collect();
+        let mut steps = self.statements(body)?;
         match last {
             Stmt::Expr(e) => steps.push(Step::Finish(Self::ending(e)?)),
             Stmt::If(flow, _) => {
@@ -385,11 +390,8 @@ impl Native {
     /// A run that only reads keeps the payload's original JSON text.
     pub fn run(&self, payload: &mut Payload) -> Result<Ending, Bail> {
         let mut writes = Vec::new();
-        let ending;
-        {
-            let mut run = Run { data: payload, locals: vec![Val::Unit; self.slots], max_string: self.max_string };
-            ending = run.steps(&self.steps, &mut writes)?.unwrap_or(Ending::Drop);
-        }
+        let mut run = Run { data: payload, locals: vec![Val::Unit; self.slots], max_string: self.max_string };
+        let ending = run.steps(&self.steps, &mut writes)?.unwrap_or(Ending::Drop);
         if !writes.is_empty() {
             payload.set_fields(writes);
         }
@@ -505,25 +507,17 @@ impl<'a> Run<'a> {
                 Val::Float(f) => Val::Float(-f),
                 _ => return Err(Bail),
             },
-            Node::And(items) => {
+            Node::And(items) | Node::Or(items) => {
+                // `&&` stops at the first false, `||` at the first true.
+                let stop_at = matches!(node, Node::Or(_));
                 for item in items {
                     match self.eval(item)? {
-                        Val::Bool(true) => {}
-                        Val::Bool(false) => return Ok(Val::Bool(false)),
+                        Val::Bool(b) if b == stop_at => return Ok(Val::Bool(b)),
+                        Val::Bool(_) => {}
                         _ => return Err(Bail),
                     }
                 }
-                Val::Bool(true)
-            }
-            Node::Or(items) => {
-                for item in items {
-                    match self.eval(item)? {
-                        Val::Bool(false) => {}
-                        Val::Bool(true) => return Ok(Val::Bool(true)),
-                        _ => return Err(Bail),
-                    }
-                }
-                Val::Bool(false)
+                Val::Bool(!stop_at)
             }
             Node::Cmp(op, a, b) => Val::Bool(compare(*op, &self.eval(a)?, &self.eval(b)?)?),
             Node::Arith(op, a, b) => match arith(*op, self.eval(a)?, self.eval(b)?)? {
