@@ -7,6 +7,7 @@ use std::sync::{Arc, OnceLock};
 use bytes::Bytes;
 
 use crate::ack::AckToken;
+use crate::field::Field;
 use sonic_rs::{JsonValueMutTrait, Value};
 
 /// Events move between components in batches: every hop carries one.
@@ -14,8 +15,9 @@ pub type Batch = Vec<Event>;
 
 /// One event flowing through a pipeline.
 ///
-/// `data` is the structured payload, parsed once at the input and never
-/// re-parsed by later stages (it reads as a [`Value`] through `Deref`). `meta` carries where it came from (topic,
+/// `data` is the payload: JSON text checked at the input, read field by
+/// field from the text ([`Payload::field`]), parsed at most once, where a
+/// stage first needs the whole tree (it reads as a [`Value`] through `Deref`). `meta` carries where it came from (topic,
 /// partition, offset, HTTP headers, errors recorded by stages).
 #[derive(Debug, Clone)]
 pub struct Event {
@@ -52,7 +54,7 @@ impl Event {
 
     /// An untracked event with a given ingest time (inputs share one clock
     /// reading per batch instead of reading the clock per event). Inputs that
-    /// parsed the payload from JSON text pass [`Payload::parsed`].
+    /// receive JSON text pass [`Payload::from_json`].
     pub fn with_time(data: impl Into<Payload>, ingest_time: Timestamp) -> Self {
         Event {
             data: data.into(),
@@ -114,17 +116,35 @@ impl Payload {
         Payload { value: OnceLock::from(value), raw: Some(Bytes::copy_from_slice(raw)) }
     }
 
-    /// Parses a message body. A single-line body is kept as the payload's
-    /// text (outputs copy it); one with line breaks is not, so that writing
-    /// the payload as a JSON line stays one line.
+    /// Accepts a message body or an input line. A single-line body is
+    /// checked (well-formed JSON, UTF-8) but not parsed: it is kept as the
+    /// payload's text, stages read fields straight from it
+    /// ([`Payload::field`]), the tree is built only if someone asks for it,
+    /// and outputs copy the text. A body with line breaks is parsed and not
+    /// kept, so that writing the payload as a JSON line stays one line.
     pub fn from_json(text: &[u8]) -> Result<Self, sonic_rs::Error> {
-        let value = sonic_rs::from_slice(text)?;
         let text = text.trim_ascii();
-        Ok(if memchr::memchr2(b'\n', b'\r', text).is_some() {
-            Payload::from(value)
-        } else {
-            Payload::parsed(value, text)
-        })
+        if memchr::memchr2(b'\n', b'\r', text).is_some() {
+            return sonic_rs::from_slice::<Value>(text).map(Payload::from);
+        }
+        // Skipping a value with `IgnoredAny` checks all of it and allocates nothing.
+        sonic_rs::from_slice::<serde::de::IgnoredAny>(text)?;
+        Ok(Payload { value: OnceLock::new(), raw: Some(Bytes::copy_from_slice(text)) })
+    }
+
+    /// The whole payload as a [`Field`]: its tree if it was parsed, else its text.
+    pub fn root(&self) -> Field<'_> {
+        match (self.value.get(), &self.raw) {
+            (Some(value), _) => Field::Parsed(value),
+            (None, Some(raw)) => Field::Text(raw),
+            (None, None) => Field::Parsed(self.value()),
+        }
+    }
+
+    /// The value at a path of object keys, read without parsing the payload
+    /// when it has not been parsed yet.
+    pub fn field<S: AsRef<str>>(&self, path: &[S]) -> Option<Field<'_>> {
+        path.iter().try_fold(self.root(), |at, key| at.get(key.as_ref()))
     }
 
     /// The JSON text the value was parsed from, if it is still unchanged.
@@ -308,14 +328,18 @@ impl Timestamp {
     /// number of epoch seconds (< 10^11), milliseconds (< 10^14) or
     /// nanoseconds beyond that.
     pub fn from_value(value: &Value) -> Option<Self> {
-        use sonic_rs::JsonValueTrait;
-        if let Some(text) = value.as_str() {
-            return Self::parse_rfc3339(text);
+        Self::from_field(&Field::Parsed(value))
+    }
+
+    /// [`Timestamp::from_value`] for a field read from a payload.
+    pub fn from_field(field: &Field<'_>) -> Option<Self> {
+        if let Some(text) = field.as_str() {
+            return Self::parse_rfc3339(&text);
         }
-        if let Some(n) = value.as_i64() {
+        if let Some(n) = field.as_i64() {
             return Some(Self::from_epoch_number(n as f64));
         }
-        value.as_f64().map(Self::from_epoch_number)
+        field.as_f64().map(Self::from_epoch_number)
     }
 
     fn from_epoch_number(n: f64) -> Self {

@@ -36,7 +36,8 @@ pub fn set(json: &mut Vec<u8>, path: &[impl AsRef<str>], value: &[u8], parsed: O
         }
     }
     match find(json, object, name.as_ref().as_bytes()) {
-        Some(Found::Member { value_start, value_end }) => {
+        Some(Found::Member { value_start }) => {
+            let Some(value_end) = skip_value(json, value_start) else { return false };
             json.splice(value_start..value_end, value.iter().copied());
         }
         Some(Found::Absent { close, empty }) => insert_member(json, close, empty, name.as_ref(), value),
@@ -88,13 +89,141 @@ fn closing_brace_of_new_key(json: &[u8], doc: &Value, path: &[impl AsRef<str>]) 
     Some(end)
 }
 
+/// The value of member `key` of the object `json` starts with (well-formed
+/// JSON), as the text from where that value starts: the value is not
+/// skipped, so descending into it costs nothing extra. `Some(None)` when
+/// the object has no such member, `None` when a plain scan cannot tell (not
+/// an object, a key written with escapes).
+pub(crate) fn member<'j>(json: &'j [u8], key: &str) -> Option<Option<&'j [u8]>> {
+    if !is_plain_key(key) {
+        return None;
+    }
+    match find(json, 0, key.as_bytes())? {
+        Found::Member { value_start } => Some(Some(&json[value_start..])),
+        Found::Absent { .. } => Some(None),
+    }
+}
+
+/// The length of the value `json` starts with.
+pub(crate) fn value_len(json: &[u8]) -> Option<usize> {
+    skip_value(json, 0)
+}
+
+/// Paths of plain object keys, merged into a tree, to find together in one
+/// pass over a document ([`KeyTree::scan`]).
+#[derive(Debug, Clone, Default)]
+pub(crate) struct KeyTree {
+    /// Member name, the slot its value goes to (if a path ends there), members below it.
+    members: Vec<(Box<[u8]>, Option<usize>, KeyTree)>,
+}
+
+impl KeyTree {
+    /// Adds a path whose value is to go to `slot`; false (tree unchanged)
+    /// for a path a plain scan cannot follow.
+    pub(crate) fn insert(&mut self, path: &[impl AsRef<str>], slot: usize) -> bool {
+        if path.is_empty() || !path.iter().all(|key| is_plain_key(key.as_ref())) {
+            return false;
+        }
+        let mut tree = self;
+        for (i, key) in path.iter().enumerate() {
+            let key = key.as_ref().as_bytes();
+            let at = match tree.members.iter().position(|(name, ..)| &name[..] == key) {
+                Some(at) => at,
+                None => {
+                    tree.members.push((key.into(), None, KeyTree::default()));
+                    tree.members.len() - 1
+                }
+            };
+            let member = &mut tree.members[at];
+            if i + 1 == path.len() {
+                member.1 = Some(slot);
+            }
+            tree = &mut member.2;
+        }
+        true
+    }
+
+    /// Finds every path in the object `json` starts with, writing where each
+    /// value starts into its slot (`found` must hold every slot, all `None`).
+    /// A key that repeats is taken at its first place, as `find` does.
+    /// False when a plain scan cannot read the document (escaped keys, not
+    /// an object): then `found` means nothing.
+    pub(crate) fn scan(&self, json: &[u8], found: &mut [Option<usize>]) -> bool {
+        let mut left = found.len();
+        self.scan_object(json, 0, found, &mut left).is_some()
+    }
+
+    /// Returns where the object opening at `open` ends, or `usize::MAX` once
+    /// every slot is filled (the scan stops there).
+    fn scan_object(&self, json: &[u8], open: usize, found: &mut [Option<usize>], left: &mut usize) -> Option<usize> {
+        if json.get(open) != Some(&b'{') {
+            return None;
+        }
+        // Members of this object already met: later repeats of their key are skipped.
+        let mut met = 0u64;
+        let mut i = skip_ws(json, open + 1);
+        if json.get(i) == Some(&b'}') {
+            return Some(i + 1);
+        }
+        loop {
+            if json.get(i) != Some(&b'"') {
+                return None;
+            }
+            let key_end = skip_string(json, i)?;
+            let raw_key = &json[i + 1..key_end - 1];
+            if raw_key.contains(&b'\\') {
+                return None;
+            }
+            i = skip_ws(json, key_end);
+            if json.get(i) != Some(&b':') {
+                return None;
+            }
+            let value_start = skip_ws(json, i + 1);
+            let member = self
+                .members
+                .iter()
+                .enumerate()
+                .find(|(n, (name, ..))| &name[..] == raw_key && (*n >= 64 || met & (1 << n) == 0));
+            let value_end = match member {
+                Some((n, (_, slot, below))) => {
+                    if n < 64 {
+                        met |= 1 << n;
+                    }
+                    if let Some(slot) = *slot {
+                        found[slot] = Some(value_start);
+                        *left -= 1;
+                        if *left == 0 {
+                            return Some(usize::MAX);
+                        }
+                    }
+                    if !below.members.is_empty() && json.get(value_start) == Some(&b'{') {
+                        below.scan_object(json, value_start, found, left)?
+                    } else {
+                        skip_value(json, value_start)?
+                    }
+                }
+                None => skip_value(json, value_start)?,
+            };
+            if value_end == usize::MAX {
+                return Some(usize::MAX);
+            }
+            i = skip_ws(json, value_end);
+            match json.get(i) {
+                Some(b',') => i = skip_ws(json, i + 1),
+                Some(b'}') => return Some(i + 1),
+                _ => return None,
+            }
+        }
+    }
+}
+
 fn is_plain_key(key: &str) -> bool {
     !key.bytes().any(|b| b == b'"' || b == b'\\' || b < 0x20)
 }
 
 enum Found {
-    /// The key is there; its value spans `value_start..value_end`.
-    Member { value_start: usize, value_end: usize },
+    /// The key is there; its value starts at `value_start`.
+    Member { value_start: usize },
     /// The key is not there; the object closes at `close`.
     Absent { close: usize, empty: bool },
 }
@@ -124,10 +253,10 @@ fn find(json: &[u8], open: usize, key: &[u8]) -> Option<Found> {
             return None;
         }
         let value_start = skip_ws(json, i + 1);
-        let value_end = skip_value(json, value_start)?;
         if raw_key == key {
-            return Some(Found::Member { value_start, value_end });
+            return Some(Found::Member { value_start });
         }
+        let value_end = skip_value(json, value_start)?;
         i = skip_ws(json, value_end);
         match json.get(i) {
             Some(b',') => i = skip_ws(json, i + 1),

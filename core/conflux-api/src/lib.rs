@@ -11,6 +11,7 @@ pub mod component;
 pub mod config;
 pub mod error;
 pub mod event;
+pub mod field;
 pub mod json_edit;
 pub mod metrics;
 pub mod path;
@@ -22,6 +23,7 @@ pub use async_trait::async_trait;
 pub use component::{BuildContext, BuiltInput, BuiltStage, Emitter, Input, Output, PortId, Stage};
 pub use error::{BuildError, PluginError};
 pub use event::{Batch, Event, Metadata, Payload, Position, Timestamp};
+pub use field::Field;
 pub use registry::{InputConfig, Kind, OutputConfig, Registration, StageConfig};
 pub use sonic_rs::{self, Value};
 

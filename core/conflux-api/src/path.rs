@@ -2,6 +2,9 @@
 
 use sonic_rs::{JsonValueMutTrait, JsonValueTrait, Value};
 
+use crate::json_edit::KeyTree;
+use crate::{Field, Payload};
+
 /// A parsed field path; parse once at build time, use per event.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct FieldPath {
@@ -39,6 +42,19 @@ impl FieldPath {
         Some(current)
     }
 
+    /// The value at this path in a payload, read from its text when it was
+    /// not parsed (see [`Field`]). Same steps as [`FieldPath::get`]: a
+    /// number indexes an array, anything else names an object's member.
+    pub fn lookup<'p>(&self, payload: &'p Payload) -> Option<Field<'p>> {
+        self.segments.iter().try_fold(payload.root(), |at, segment| {
+            if at.is_array() {
+                at.index(segment.parse::<usize>().ok()?)
+            } else {
+                at.get(segment)
+            }
+        })
+    }
+
     /// Sets the value at this path, creating objects along the way.
     /// Fails only when a step goes through a non-object value.
     pub fn set(&self, root: &mut Value, value: Value) -> Result<(), String> {
@@ -66,6 +82,60 @@ impl FieldPath {
     }
 }
 
+/// Several field paths read together: a payload that was not parsed is
+/// scanned once for all of them (a stage reading a time, a group and a
+/// metric field does not walk the text three times).
+#[derive(Debug, Clone, Default)]
+pub struct FieldSet {
+    paths: Vec<FieldPath>,
+    /// Where each path's value lands in a scan; `None` for a path looked up
+    /// on its own (a number among its steps may index an array).
+    slots: Vec<Option<usize>>,
+    slot_count: usize,
+    tree: KeyTree,
+}
+
+impl FieldSet {
+    pub fn new(paths: impl IntoIterator<Item = FieldPath>) -> Self {
+        let mut set = FieldSet::default();
+        for path in paths {
+            let same = set.paths.iter().position(|p| *p == path).and_then(|i| set.slots[i]);
+            let slot = match same {
+                Some(slot) => Some(slot),
+                None if path.segments.iter().any(|s| s.parse::<usize>().is_ok()) => None,
+                None if set.tree.insert(&path.segments, set.slot_count) => {
+                    set.slot_count += 1;
+                    Some(set.slot_count - 1)
+                }
+                None => None,
+            };
+            set.paths.push(path);
+            set.slots.push(slot);
+        }
+        set
+    }
+
+    /// The value at each path, in the order the paths were given, as
+    /// [`FieldPath::lookup`] would find it.
+    pub fn lookup<'p>(&self, payload: &'p Payload) -> Vec<Option<Field<'p>>> {
+        if let Field::Text(text) = payload.root() {
+            let mut found = vec![None; self.slot_count];
+            if self.tree.scan(text, &mut found) {
+                return self
+                    .paths
+                    .iter()
+                    .zip(&self.slots)
+                    .map(|(path, slot)| match slot {
+                        Some(slot) => found[*slot].map(|start| Field::Text(&text[start..])),
+                        None => path.lookup(payload),
+                    })
+                    .collect();
+            }
+        }
+        self.paths.iter().map(|path| path.lookup(payload)).collect()
+    }
+}
+
 impl std::fmt::Display for FieldPath {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str(&self.text)
@@ -82,9 +152,50 @@ mod tests {
         assert_eq!(FieldPath::parse("data.id").unwrap().get(&v).and_then(|v| v.as_str()), Some("r1"));
         assert_eq!(FieldPath::parse("data.items.0.sku").unwrap().get(&v).and_then(|v| v.as_str()), Some("a"));
         assert!(FieldPath::parse("data.nope").unwrap().get(&v).is_none());
+        let text = Payload::from_json(br#"{"data":{"id":"r1","items":[{"sku":"a"}],"0":"zero"}}"#).unwrap();
+        let sku = FieldPath::parse("data.items.0.sku").unwrap();
+        assert_eq!(sku.lookup(&text).and_then(|f| f.as_str()).as_deref(), Some("a"), "read from the text");
+        let zero = FieldPath::parse("data.0").unwrap();
+        assert_eq!(zero.lookup(&text).and_then(|f| f.as_str()).as_deref(), Some("zero"), "a number names a member");
+        assert!(FieldPath::parse("data.items.x").unwrap().lookup(&text).is_none());
         FieldPath::parse("data.extra.deep").unwrap().set(&mut v, Value::from(3)).unwrap();
         assert_eq!(FieldPath::parse("data.extra.deep").unwrap().get(&v).and_then(|v| v.as_i64()), Some(3));
         assert!(FieldPath::parse("data.id.x").unwrap().set(&mut v, Value::from(1)).is_err());
         assert!(FieldPath::parse("a..b").is_err());
+    }
+
+    #[test]
+    fn a_set_finds_what_each_path_finds() {
+        let docs = [
+            r#"{"t":"x","data":{"id":"r1","n":2,"items":[{"sku":"a"}],"0":"zero"},"data":{"id":"second"},"t":"y"}"#,
+            r#"{"data":"scalar","t":1}"#,
+            r#"{"t":{"deep":[1,2]},"data":{"n":{"v":null}}}"#,
+            r#"{"a\u0062":1,"t":2}"#,
+            r#"[1,2]"#,
+            r#"{}"#,
+        ];
+        let paths = ["t", "data.id", "data.n", "data.items.0.sku", "data.0", "data.id", "data.n.v", "nope.x", "t.deep"];
+        let set = FieldSet::new(paths.iter().map(|p| FieldPath::parse(p).unwrap()));
+        for doc in docs {
+            for payload in
+                [Payload::from_json(doc.as_bytes()).unwrap(), Payload::from(sonic_rs::from_str::<Value>(doc).unwrap())]
+            {
+                let together: Vec<String> = set
+                    .lookup(&payload)
+                    .iter()
+                    .map(|f| format!("{:?}", f.map(|f| f.to_value().into_owned())))
+                    .collect();
+                let one_by_one: Vec<String> = paths
+                    .iter()
+                    .map(|p| {
+                        format!(
+                            "{:?}",
+                            FieldPath::parse(p).unwrap().lookup(&payload).map(|f| f.to_value().into_owned())
+                        )
+                    })
+                    .collect();
+                assert_eq!(together, one_by_one, "{doc}");
+            }
+        }
     }
 }

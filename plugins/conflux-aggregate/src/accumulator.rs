@@ -117,9 +117,14 @@ pub fn detached(value: &Value) -> Value {
 /// Hash of a payload value for distinct counting and top-k keys.
 pub fn value_hash(value: &Value) -> u64 {
     match value.as_str() {
-        Some(s) => xxhash_rust::xxh3::xxh3_64(s.as_bytes()),
+        Some(s) => string_hash(s),
         None => xxhash_rust::xxh3::xxh3_64(value.to_string().as_bytes()),
     }
+}
+
+/// [`value_hash`] of a string value.
+pub fn string_hash(s: &str) -> u64 {
+    xxhash_rust::xxh3::xxh3_64(s.as_bytes())
 }
 
 /// Approximate heavy hitters (space-saving): keeps `capacity` counters.

@@ -1,18 +1,18 @@
 //! The `aggregate` stage at run time.
 
+use std::borrow::Cow;
 use std::collections::{BTreeMap, HashMap};
 use std::time::Instant;
 
-use conflux_api::path::FieldPath;
-use conflux_api::sonic_rs::JsonValueTrait;
+use conflux_api::path::{FieldPath, FieldSet};
 use conflux_api::{
-    async_trait, inventory, AckToken, Batch, BuildContext, BuildError, BuiltStage, Emitter, Event, PortId,
+    async_trait, inventory, AckToken, Batch, BuildContext, BuildError, BuiltStage, Emitter, Event, Field, PortId,
     Registration, Stage, StageConfig, Timestamp, Value,
 };
 use conflux_rhai::Condition;
 use tracing::{debug, error, info, warn};
 
-use crate::accumulator::{array, detached, float, object, quantile, value_hash, Acc, Distinct, Sum, TopK};
+use crate::accumulator::{array, detached, float, object, quantile, string_hash, value_hash, Acc, Distinct, Sum, TopK};
 use crate::checkpoint::Store;
 use crate::config::{AggregateConfig, Emit, MissingGroup, WindowConfig};
 use crate::durable::{Durability, GroupRef, Pending, SavedSnapshot, WindowRef, SNAPSHOT_VERSION};
@@ -108,6 +108,9 @@ pub struct AggregateStage {
     key: String,
     assigned: Vec<(i64, i64)>,
     contributions: Vec<Contribution>,
+    /// Every path read per event, found in one scan: the time field (if
+    /// any), the group paths, then each metric's field.
+    fields: FieldSet,
     /// Set when `checkpoint` is configured.
     durability: Option<Durability>,
     component: String,
@@ -293,7 +296,11 @@ impl StageConfig for AggregateConfig {
             Some(f) => Some(path(&["time", "field"], f)?),
             None => None,
         };
+        let fields = FieldSet::new(
+            time_field.iter().chain(&group_paths).chain(metrics.iter().filter_map(|m| m.field.as_ref())).cloned(),
+        );
         let stage = AggregateStage {
+            fields,
             windower,
             group_paths,
             missing_group: self.missing_group,
@@ -342,30 +349,32 @@ impl AggregateStage {
         max.saturating_add(extra) - self.lateness
     }
 
-    fn event_time(&self, event: &Event) -> Result<i64, String> {
+    /// `found`: the time field as read by `self.fields` (first of its paths).
+    fn event_time(&self, found: Option<Field<'_>>) -> Result<i64, String> {
         match &self.time_field {
             None => Ok(Timestamp::now().0),
-            Some(field) => match field.get(&event.data) {
+            Some(field) => match found {
                 None => Err(format!("no event time: field `{field}` is missing")),
-                Some(v) => Timestamp::from_value(v)
+                Some(v) => Timestamp::from_field(&v)
                     .map(|t| t.0)
-                    .ok_or_else(|| format!("field `{field}` is not a time (RFC 3339 or epoch): {v}")),
+                    .ok_or_else(|| format!("field `{field}` is not a time (RFC 3339 or epoch): {}", v.to_value())),
             },
         }
     }
 
-    /// Writes the group key into `self.key`; false if a field is missing and that is invalid.
-    fn group_key(&mut self, event: &Event) -> bool {
+    /// Writes the group key into `self.key` from the group fields' values;
+    /// false if a field is missing and that is invalid.
+    fn group_key(&mut self, found: &[Option<Field<'_>>]) -> bool {
         self.key.clear();
-        for path in &self.group_paths {
-            let value = match path.get(&event.data) {
+        for found in found {
+            let value = match *found {
                 Some(v) if !v.is_null() => v,
                 _ if self.missing_group == MissingGroup::Invalid => return false,
-                _ => &self.default_group,
+                _ => Field::Parsed(&self.default_group),
             };
             match value.as_str() {
-                Some(s) => self.key.push_str(s),
-                None => self.key.push_str(&value.to_string()),
+                Some(s) => self.key.push_str(&s),
+                None => self.key.push_str(&value.to_value().to_string()),
             }
             self.key.push('\u{1f}');
         }
@@ -376,51 +385,69 @@ impl AggregateStage {
     fn group_values(&self, event: &Event) -> Vec<Value> {
         self.group_paths
             .iter()
-            .map(|path| match path.get(&event.data) {
-                Some(v) if !v.is_null() => detached(v),
+            .map(|path| match path.lookup(&event.data) {
+                Some(v) if !v.is_null() => detached(&v.to_value()),
                 _ => self.default_group.clone(),
             })
             .collect()
     }
 
-    fn contributions(&mut self, event: &mut Event) -> Result<(), String> {
+    /// What each metric would take from the event, from its field's value
+    /// (`found`: the metric fields, in metric order, for metrics with one);
+    /// conditions are applied after, by [`Self::apply_conditions`].
+    fn contributions(&mut self, found: &[Option<Field<'_>>]) {
         self.contributions.clear();
-        for metric in &mut self.metrics {
-            if let Some(condition) = &mut metric.condition {
-                if !condition.matches(event)? {
-                    self.contributions.push(Contribution::Skip);
-                    continue;
-                }
-            }
-            let value = metric.field.as_ref().and_then(|f| f.get(&event.data)).filter(|v| !v.is_null());
-            let c = match (&mut metric.kind, value) {
+        let mut found = found.iter();
+        for metric in &self.metrics {
+            let value = match metric.field {
+                Some(_) => found.next().copied().flatten().filter(|v| !v.is_null()),
+                None => None,
+            };
+            let c = match (&metric.kind, value) {
                 (Kind::Count | Kind::Rate, _) => Contribution::One,
-                (Kind::Gauge { up, down }, v) => {
-                    let amount = match (&metric.field, v) {
-                        (None, _) => 1.0,
-                        (Some(_), Some(v)) => v.as_f64().unwrap_or(0.0),
-                        (Some(_), None) => 0.0,
-                    };
-                    if up.matches(event)? {
-                        Contribution::Delta(amount)
-                    } else if down.matches(event)? {
-                        Contribution::Delta(-amount)
-                    } else {
-                        Contribution::Skip
-                    }
-                }
+                // The amount for an increment; `apply_conditions` picks the sign or skips it.
+                (Kind::Gauge { .. }, v) => Contribution::Delta(match (&metric.field, v) {
+                    (None, _) => 1.0,
+                    (Some(_), Some(v)) => v.as_f64().unwrap_or(0.0),
+                    (Some(_), None) => 0.0,
+                }),
                 (_, None) => Contribution::Skip,
                 (Kind::Sum | Kind::Avg | Kind::Min | Kind::Max | Kind::Percentiles(_), Some(v)) => match v.as_f64() {
                     Some(f) => Contribution::Number(f, v.as_i64()),
                     None => Contribution::Skip,
                 },
-                (Kind::First | Kind::Last, Some(v)) => Contribution::Timed(detached(v)),
-                (Kind::Distinct, Some(v)) => Contribution::Hash(value_hash(v)),
+                (Kind::First | Kind::Last, Some(v)) => Contribution::Timed(detached(&v.to_value())),
+                (Kind::Distinct, Some(v)) => Contribution::Hash(match v.as_str() {
+                    Some(s) => string_hash(&s),
+                    None => value_hash(&v.to_value()),
+                }),
                 (Kind::TopK(_), Some(v)) => {
-                    Contribution::Key(v.as_str().map(str::to_string).unwrap_or_else(|| v.to_string()))
+                    Contribution::Key(v.as_str().map(Cow::into_owned).unwrap_or_else(|| v.to_value().to_string()))
                 }
             };
             self.contributions.push(c);
+        }
+    }
+
+    /// Skips what a metric's `where` condition rules out, and turns gauge
+    /// amounts into increments or decrements by their conditions.
+    fn apply_conditions(&mut self, event: &mut Event) -> Result<(), String> {
+        for (metric, c) in self.metrics.iter_mut().zip(&mut self.contributions) {
+            if let Some(condition) = &mut metric.condition {
+                if !condition.matches(event)? {
+                    *c = Contribution::Skip;
+                    continue;
+                }
+            }
+            if let (Kind::Gauge { up, down }, Contribution::Delta(amount)) = (&mut metric.kind, &mut *c) {
+                if !up.matches(event)? {
+                    if down.matches(event)? {
+                        *amount = -*amount;
+                    } else {
+                        *c = Contribution::Skip;
+                    }
+                }
+            }
         }
         Ok(())
     }
@@ -852,15 +879,21 @@ impl Stage for AggregateStage {
             if self.durability.as_mut().is_some_and(|d| d.already_counted(&event)) {
                 continue;
             }
-            let t = match self.event_time(&event) {
+            let found = self.fields.lookup(&event.data);
+            let times = usize::from(self.time_field.is_some());
+            let groups = times + self.group_paths.len();
+            let t = match self.event_time(found.first().copied().flatten().filter(|_| times == 1)) {
                 Ok(t) => t,
                 Err(reason) => {
                     out.fail(event, reason);
                     continue;
                 }
             };
+            let grouped = self.group_key(&found[times..groups]);
+            self.contributions(&found[groups..]);
+            drop(found);
             event.event_time = Some(Timestamp(t));
-            if !self.group_key(&event) {
+            if !grouped {
                 event.meta.insert(conflux_api::component::ERROR_META, "a group_by field is missing");
                 out.emit_to(INVALID, event);
                 continue;
@@ -890,7 +923,7 @@ impl Stage for AggregateStage {
                     }
                 }
             }
-            if let Err(reason) = self.contributions(&mut event) {
+            if let Err(reason) = self.apply_conditions(&mut event) {
                 out.fail(event, reason);
                 continue;
             }

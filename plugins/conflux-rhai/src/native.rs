@@ -5,8 +5,10 @@
 //! Rhai's interpreter costs microseconds per event even for a one-line
 //! condition (scope, dynamic dispatch, a value per field). A script inside
 //! this subset is translated once, at build time, into a small tree that
-//! reads the payload where it lies (the parsed JSON is never converted, and
-//! a filter that only reads keeps the payload's original text).
+//! reads the payload where it lies: in its JSON text when the payload was
+//! not parsed (a payload from an input never is until someone needs the
+//! tree), else in the parsed tree. Nothing is converted, and a filter that
+//! only reads keeps the payload's original text.
 //!
 //! Correctness rule: the native run answers only when Rhai's answer is
 //! obvious (both operands numbers, both strings, both booleans, every object
@@ -17,8 +19,8 @@
 
 use std::borrow::Cow;
 
-use conflux_api::sonic_rs::JsonValueTrait;
-use conflux_api::{Payload, Value};
+use conflux_api::sonic_rs::JsonType;
+use conflux_api::{Field, Payload, Value};
 use rhai::{ASTFlags, Dynamic, Expr, ImmutableString, Stmt, AST};
 
 use crate::script::Limits;
@@ -390,7 +392,7 @@ impl Native {
     /// A run that only reads keeps the payload's original JSON text.
     pub fn run(&self, payload: &mut Payload) -> Result<Ending, Bail> {
         let mut writes = Vec::new();
-        let mut run = Run { data: payload, locals: vec![Val::Unit; self.slots], max_string: self.max_string };
+        let mut run = Run { data: payload.root(), locals: vec![Val::Unit; self.slots], max_string: self.max_string };
         let ending = run.steps(&self.steps, &mut writes)?.unwrap_or(Ending::Drop);
         if !writes.is_empty() {
             payload.set_fields(writes);
@@ -399,15 +401,16 @@ impl Native {
     }
 
     /// Evaluates a condition.
-    pub fn evaluate<'a>(&'a self, data: &'a Value) -> Result<Val<'a>, Bail> {
+    pub fn evaluate<'a>(&'a self, data: &'a Payload) -> Result<Val<'a>, Bail> {
         let node = self.value.as_ref().ok_or(Bail)?;
-        Run { data, locals: Vec::new(), max_string: self.max_string }.eval(node)
+        Run { data: data.root(), locals: Vec::new(), max_string: self.max_string }.eval(node)
     }
 }
 
-/// One run's view of the payload and its `let` variables.
+/// One run's view of the payload (its tree, or its text when it was not
+/// parsed) and its `let` variables.
 struct Run<'a> {
-    data: &'a Value,
+    data: Field<'a>,
     locals: Vec<Val<'a>>,
     max_string: usize,
 }
@@ -431,7 +434,7 @@ impl<'a> Run<'a> {
                         return Err(Bail);
                     }
                     for segment in &path[..path.len() - 1] {
-                        target = target.get(segment.as_str()).filter(|v| v.is_object()).ok_or(Bail)?;
+                        target = target.get(segment.as_str()).filter(Field::is_object).ok_or(Bail)?;
                     }
                     writes.push((path, value.to_value()));
                 }
@@ -467,22 +470,16 @@ impl<'a> Run<'a> {
                 None => return Err(Bail),
             }
         }
-        if let Some(s) = current.as_str() {
-            return self.string(Cow::Borrowed(s));
+        match current.kind() {
+            JsonType::String => self.string(current.as_str().ok_or(Bail)?),
+            JsonType::Number => match current.as_i64() {
+                Some(i) => Ok(Val::Int(i)),
+                None => current.as_f64().map(Val::Float).ok_or(Bail),
+            },
+            JsonType::Boolean => current.as_bool().map(Val::Bool).ok_or(Bail),
+            JsonType::Null => Ok(Val::Unit),
+            JsonType::Object | JsonType::Array => Err(Bail),
         }
-        if let Some(i) = current.as_i64() {
-            return Ok(Val::Int(i));
-        }
-        if let Some(f) = current.as_f64() {
-            return Ok(Val::Float(f));
-        }
-        if let Some(b) = current.as_bool() {
-            return Ok(Val::Bool(b));
-        }
-        if current.is_null() {
-            return Ok(Val::Unit);
-        }
-        Err(Bail)
     }
 
     fn string(&self, s: Cow<'a, str>) -> Result<Val<'a>, Bail> {
@@ -599,6 +596,7 @@ mod tests {
             r#"[1,2,3]"#,
             r#""just a string""#,
             r#"{}"#,
+            r#"{"type":"booking_\u0063reated","data":{"guests":3,"zone":"ter\"race","name":"\u017b\n"}}"#,
         ]
     }
 
@@ -606,9 +604,10 @@ mod tests {
         Event::new(conflux_api::sonic_rs::from_str(json).unwrap())
     }
 
+    /// An event as inputs make them: its text checked, not parsed.
     fn with_text(json: &str) -> Event {
         let mut e = Event::new(Value::default());
-        e.data = conflux_api::Payload::parsed(conflux_api::sonic_rs::from_str(json).unwrap(), json.as_bytes());
+        e.data = conflux_api::Payload::from_json(json.as_bytes()).unwrap();
         e
     }
 
@@ -713,12 +712,15 @@ mod tests {
                     Ok(v) => format!("{} {v}", v.type_name()),
                     Err(e) => format!("error {e}"),
                 };
-                let got = show(native.evaluate(&mut event(json)));
                 let expected = show(interpreted.evaluate(&mut event(json)));
-                assert_eq!(got, expected, "condition {source:?} on {json}");
-                let got = native.matches(&mut event(json));
-                let expected = interpreted.matches(&mut event(json));
-                assert_eq!(got, expected, "matches {source:?} on {json}");
+                let expected_match = interpreted.matches(&mut event(json));
+                // On the parsed tree and on the text as inputs keep it.
+                for make in [event, with_text] {
+                    let got = show(native.evaluate(&mut make(json)));
+                    assert_eq!(got, expected, "condition {source:?} on {json}");
+                    let got = native.matches(&mut make(json));
+                    assert_eq!(got, expected_match, "matches {source:?} on {json}");
+                }
             }
         }
     }

@@ -115,13 +115,10 @@ impl<R: AsyncRead + Unpin + Send> LineReader<R> {
                 continue;
             }
             match self.codec {
-                Codec::Json => match sonic_rs_from_slice(line) {
-                    // The line is kept beside the value: stages that pass payloads
-                    // on as JSON (wasm) and the JSON outputs copy it instead of
-                    // serializing the value again.
-                    Ok(data) => {
-                        batch.push(self.positioned(Event::with_time(Payload::parsed(data, line.trim_ascii()), now)))
-                    }
+                // The line is checked, not parsed: stages read its fields from
+                // the text, and the JSON outputs copy it.
+                Codec::Json => match Payload::from_json(line) {
+                    Ok(data) => batch.push(self.positioned(Event::with_time(data, now))),
                     Err(reason) => {
                         let mut e = Event::with_time(Value::from(String::from_utf8_lossy(line).as_ref()), now);
                         e.meta.insert(
@@ -145,10 +142,6 @@ impl<R: AsyncRead + Unpin + Send> LineReader<R> {
             None => event,
         }
     }
-}
-
-fn sonic_rs_from_slice(line: &[u8]) -> Result<Value, String> {
-    conflux_api::sonic_rs::from_slice(line).map_err(|e| e.to_string())
 }
 
 /// Appends an event payload as one JSON line.
