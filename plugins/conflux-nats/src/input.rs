@@ -1,6 +1,5 @@
 //! `nats` input.
 
-use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration as StdDuration;
 
@@ -52,28 +51,6 @@ pub struct JetStreamInputConfig {
     /// First redelivery delay after a failure (nak); doubles with each delivery, up to 60 s.
     #[serde(default)]
     pub nak_delay: Option<Duration>,
-    /// How confirmed messages are acknowledged; the consumer is created with this policy.
-    #[serde(default)]
-    pub ack_policy: AckMode,
-}
-
-/// How a JetStream input acknowledges what the pipeline confirmed.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, JsonSchema)]
-#[serde(rename_all = "snake_case")]
-pub enum AckMode {
-    /// One acknowledgement per message (JetStream's `explicit` policy). Safe
-    /// when several instances share the durable consumer.
-    #[default]
-    Explicit,
-    /// JetStream's `all` policy: once every message up to one in stream order
-    /// is confirmed, that one message is acknowledged and covers them all
-    /// (as Kafka commits an offset), a single acknowledgement per run instead
-    /// of one per message. A failed message holds back the acknowledgement of
-    /// later ones until its redelivery is confirmed; if that takes longer than
-    /// `ack_wait`, the later ones are redelivered too (duplicates, no loss).
-    /// Only for a consumer read by one instance: an acknowledgement covers
-    /// earlier messages another instance may still be working on.
-    All,
 }
 
 fn default_max_ack_pending() -> i64 {
@@ -133,21 +110,11 @@ impl InputConfig for NatsInputConfig {
 
 inventory::submit!(Registration::input::<NatsInputConfig>());
 
-/// What the reader and the acknowledgement tokens tell the acknowledging task.
-enum AckEvent {
-    /// A message with this stream sequence was handed to the pipeline (`all` policy only).
-    Delivered(u64),
-    /// The pipeline is done with a message.
-    Done(async_nats::jetstream::Message, AckStatus),
-}
-
 enum Source {
     Core(SelectAll<async_nats::Subscriber>),
     JetStream {
         messages: Box<PullStream>,
-        acks: mpsc::UnboundedSender<AckEvent>,
-        /// Whether the reader announces deliveries (`all` policy).
-        cumulative: bool,
+        acks: mpsc::UnboundedSender<(async_nats::jetstream::Message, AckStatus)>,
         /// `jetstream:<stream>`, the position stream of every event (built once, not per event).
         position: Arc<str>,
     },
@@ -201,10 +168,7 @@ impl Input for NatsInput {
                         &js_config.durable,
                         PullConfig {
                             durable_name: Some(js_config.durable.clone()),
-                            ack_policy: match js_config.ack_policy {
-                                AckMode::Explicit => AckPolicy::Explicit,
-                                AckMode::All => AckPolicy::All,
-                            },
+                            ack_policy: AckPolicy::Explicit,
                             deliver_policy: match js_config.start {
                                 StartAt::All => DeliverPolicy::All,
                                 StartAt::New => DeliverPolicy::New,
@@ -217,18 +181,6 @@ impl Input for NatsInput {
                     )
                     .await
                     .map_err(|e| not_connected("cannot open or create consumer", e))?;
-                let policy = consumer.cached_info().config.ack_policy;
-                let cumulative = match (js_config.ack_policy, policy) {
-                    (AckMode::Explicit, AckPolicy::Explicit) => false,
-                    (AckMode::All, AckPolicy::All) => true,
-                    (wanted, found) => {
-                        return Err(PluginError::fatal(format!(
-                            "JetStream consumer `{}` exists with ack policy {found:?}, but `ack_policy` is {wanted:?}: \
-                             set `ack_policy` to match, or delete the consumer so it is created again",
-                            js_config.durable
-                        )))
-                    }
-                };
                 let messages = consumer
                     .stream()
                     .max_messages_per_batch(self.config.batch_size.max(1))
@@ -237,9 +189,9 @@ impl Input for NatsInput {
                     .map_err(|e| not_connected("cannot pull messages", e))?;
                 let (acks, rx) = mpsc::unbounded_channel();
                 let nak_delay = js_config.nak_delay.map_or(StdDuration::from_secs(1), |d| d.0);
-                tokio::spawn(acknowledge(client, rx, nak_delay, cumulative));
+                tokio::spawn(acknowledge(client, rx, nak_delay));
                 let position = Arc::from(format!("jetstream:{}", js_config.stream));
-                Source::JetStream { messages: Box::new(messages), acks, cumulative, position }
+                Source::JetStream { messages: Box::new(messages), acks, position }
             }
         };
         self.source = Some(source);
@@ -269,7 +221,7 @@ impl Input for NatsInput {
                 }
                 Ok(true)
             }
-            Some(Source::JetStream { messages, acks, cumulative, position }) => {
+            Some(Source::JetStream { messages, acks, position }) => {
                 let mut taken = 0;
                 let now = Timestamp::now();
                 while taken < batch_size {
@@ -296,18 +248,11 @@ impl Input for NatsInput {
                         }
                     };
                     let info = message.info().ok().map(|i| (i.stream_sequence, i.delivered, &*position));
-                    if *cumulative {
-                        // Announced before the event can finish, so the task knows the gap.
-                        let Some((sequence, ..)) = info else {
-                            return Err(PluginError::retryable("a JetStream message without its reply subject"));
-                        };
-                        let _ = acks.send(AckEvent::Delivered(sequence));
-                    }
                     // The event is built from the borrowed message, which then moves into its token.
                     let (event, valid) = event(&message.payload, message.subject.as_str(), now, info);
                     let tx = acks.clone();
                     let token = AckToken::new(move |status| {
-                        let _ = tx.send(AckEvent::Done(message, status));
+                        let _ = tx.send((message, status));
                     });
                     route(out, event.with_ack(token), valid);
                     taken += 1;
@@ -350,75 +295,28 @@ fn route(out: &mut Emitter, mut event: Event, valid: bool) {
 /// after each run so a stop loses as few as possible (the rest are redelivered).
 async fn acknowledge(
     client: async_nats::Client,
-    mut rx: mpsc::UnboundedReceiver<AckEvent>,
+    mut rx: mpsc::UnboundedReceiver<(async_nats::jetstream::Message, AckStatus)>,
     nak_delay: StdDuration,
-    cumulative: bool,
 ) {
-    let mut run = CumulativeAcks::default();
     while let Some(first) = rx.recv().await {
         let mut next = Some(first);
-        while let Some(event) = next {
-            match event {
-                AckEvent::Delivered(sequence) => run.delivered(sequence),
-                AckEvent::Done(message, AckStatus::Errored) => {
+        while let Some((message, status)) = next {
+            let kind = match status {
+                AckStatus::Delivered => AckKind::Ack,
+                AckStatus::Rejected => AckKind::Term,
+                AckStatus::Errored => {
                     let delivered = message.info().map(|i| i.delivered).unwrap_or(1).clamp(1, 16) as u32;
                     let delay = nak_delay.saturating_mul(1 << (delivered - 1)).min(StdDuration::from_secs(60));
-                    send(&message, AckKind::Nak(Some(delay))).await;
+                    AckKind::Nak(Some(delay))
                 }
-                AckEvent::Done(message, _) if cumulative => run.done(message),
-                AckEvent::Done(message, AckStatus::Delivered) => send(&message, AckKind::Ack).await,
-                AckEvent::Done(message, AckStatus::Rejected) => send(&message, AckKind::Term).await,
+            };
+            if let Err(e) = message.ack_with(kind).await {
+                tracing::warn!(error = %e, "cannot acknowledge a JetStream message; it will be redelivered");
             }
             next = rx.try_recv().ok();
-        }
-        if let Some(last) = run.confirmed_run() {
-            send(&last, AckKind::Ack).await;
         }
         if let Err(e) = client.flush().await {
             tracing::warn!(error = %e, "cannot flush JetStream acknowledgements");
         }
-    }
-}
-
-async fn send(message: &async_nats::jetstream::Message, kind: AckKind) {
-    if let Err(e) = message.ack_with(kind).await {
-        tracing::warn!(error = %e, "cannot acknowledge a JetStream message; it will be redelivered");
-    }
-}
-
-/// The `all` policy's bookkeeping: messages handed to the pipeline, by stream
-/// sequence, and which of them are done. Bounded by `max_ack_pending`, since
-/// the server delivers no more than that unacknowledged.
-#[derive(Default)]
-struct CumulativeAcks {
-    /// `None` until the pipeline is done with the message; a failed one
-    /// stays `None` until its redelivery is done.
-    pending: BTreeMap<u64, Option<async_nats::jetstream::Message>>,
-}
-
-impl CumulativeAcks {
-    fn delivered(&mut self, sequence: u64) {
-        self.pending.entry(sequence).or_insert(None);
-    }
-
-    /// Delivered or rejected: either way the message is not to come back.
-    fn done(&mut self, message: async_nats::jetstream::Message) {
-        if let Ok(info) = message.info() {
-            let sequence = info.stream_sequence;
-            self.pending.insert(sequence, Some(message));
-        }
-    }
-
-    /// Takes the longest done run from the lowest sequence up and returns its
-    /// last message: acknowledging it under the `all` policy covers the run.
-    fn confirmed_run(&mut self) -> Option<async_nats::jetstream::Message> {
-        let mut last = None;
-        while let Some(entry) = self.pending.first_entry() {
-            if entry.get().is_none() {
-                break;
-            }
-            last = entry.remove();
-        }
-        last
     }
 }
