@@ -166,19 +166,7 @@ impl KeyTree {
             return Some(i + 1);
         }
         loop {
-            if json.get(i) != Some(&b'"') {
-                return None;
-            }
-            let key_end = skip_string(json, i)?;
-            let raw_key = &json[i + 1..key_end - 1];
-            if raw_key.contains(&b'\\') {
-                return None;
-            }
-            i = skip_ws(json, key_end);
-            if json.get(i) != Some(&b':') {
-                return None;
-            }
-            let value_start = skip_ws(json, i + 1);
+            let (raw_key, value_start) = member_at(json, i)?;
             let member = self
                 .members
                 .iter()
@@ -189,7 +177,7 @@ impl KeyTree {
                     if n < 64 {
                         met |= 1 << n;
                     }
-                    if let Some(slot) = *slot {
+                    if let Some(slot) = slot.filter(|s| found[*s].is_none()) {
                         found[slot] = Some(value_start);
                         *left -= 1;
                         if *left == 0 {
@@ -207,11 +195,9 @@ impl KeyTree {
             if value_end == usize::MAX {
                 return Some(usize::MAX);
             }
-            i = skip_ws(json, value_end);
-            match json.get(i) {
-                Some(b',') => i = skip_ws(json, i + 1),
-                Some(b'}') => return Some(i + 1),
-                _ => return None,
+            match next_member(json, value_end)? {
+                Next::Member(next) => i = next,
+                Next::Close(close) => return Some(close + 1),
             }
         }
     }
@@ -240,29 +226,49 @@ fn find(json: &[u8], open: usize, key: &[u8]) -> Option<Found> {
         return Some(Found::Absent { close: i, empty: true });
     }
     loop {
-        if json.get(i) != Some(&b'"') {
-            return None;
-        }
-        let key_end = skip_string(json, i)?;
-        let raw_key = &json[i + 1..key_end - 1];
-        if raw_key.contains(&b'\\') {
-            return None;
-        }
-        i = skip_ws(json, key_end);
-        if json.get(i) != Some(&b':') {
-            return None;
-        }
-        let value_start = skip_ws(json, i + 1);
+        let (raw_key, value_start) = member_at(json, i)?;
         if raw_key == key {
             return Some(Found::Member { value_start });
         }
-        let value_end = skip_value(json, value_start)?;
-        i = skip_ws(json, value_end);
-        match json.get(i) {
-            Some(b',') => i = skip_ws(json, i + 1),
-            Some(b'}') => return Some(Found::Absent { close: i, empty: false }),
-            _ => return None,
+        match next_member(json, skip_value(json, value_start)?)? {
+            Next::Member(next) => i = next,
+            Next::Close(close) => return Some(Found::Absent { close, empty: false }),
         }
+    }
+}
+
+/// The object member whose key starts at `i`: its key as written and where
+/// its value starts. None for a key written with escapes or a malformed member.
+fn member_at(json: &[u8], i: usize) -> Option<(&[u8], usize)> {
+    if json.get(i) != Some(&b'"') {
+        return None;
+    }
+    let key_end = skip_string(json, i)?;
+    let raw_key = &json[i + 1..key_end - 1];
+    if raw_key.contains(&b'\\') {
+        return None;
+    }
+    let colon = skip_ws(json, key_end);
+    if json.get(colon) != Some(&b':') {
+        return None;
+    }
+    Some((raw_key, skip_ws(json, colon + 1)))
+}
+
+/// What follows a member's value.
+enum Next {
+    /// Another member, starting here.
+    Member(usize),
+    /// The object's closing brace, here.
+    Close(usize),
+}
+
+fn next_member(json: &[u8], value_end: usize) -> Option<Next> {
+    let i = skip_ws(json, value_end);
+    match json.get(i) {
+        Some(b',') => Some(Next::Member(skip_ws(json, i + 1))),
+        Some(b'}') => Some(Next::Close(i)),
+        _ => None,
     }
 }
 
