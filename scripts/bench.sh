@@ -294,17 +294,22 @@ inputs:
 outputs:
   out: { type: nats, url: "${NATS_URL:-nats://127.0.0.1:4222}", jetstream: true, subject: "bench.$stream", from: gen }
 YAML
-  cat >"$WORK/js-drop.yaml" <<YAML
+  # One durable consumer per acknowledgement policy, each draining the same stream.
+  local policy
+  for policy in explicit all; do
+    cat >"$WORK/js-drop-$policy.yaml" <<YAML
 inputs:
   in: { type: nats, url: "${NATS_URL:-nats://127.0.0.1:4222}", subjects: ["bench.$stream"], batch_size: 4096,
-        jetstream: { stream: $stream, durable: bench, max_ack_pending: 100000 } }
+        jetstream: { stream: $stream, durable: bench_$policy, max_ack_pending: 100000, ack_policy: $policy } }
 outputs:
   out: { type: drop, from: in }
 YAML
+  done
   # Creates the stream (the input creates it over its subjects), then fills it.
-  timeout 3 "$BIN" run "$WORK/js-drop.yaml" >/dev/null 2>&1 || true
+  timeout 3 "$BIN" run "$WORK/js-drop-explicit.yaml" >/dev/null 2>&1 || true
   "$BIN" run "$WORK/js-fill.yaml"
-  drain_rate "JetStream → drop" "$EVENTS" "$WORK/js-drop.yaml" 19465
+  drain_rate "JetStream → drop (ack each)" "$EVENTS" "$WORK/js-drop-explicit.yaml" 19465
+  drain_rate "JetStream → drop (ack all)" "$EVENTS" "$WORK/js-drop-all.yaml" 19465
   js_delete_stream "$stream"
 }
 

@@ -123,13 +123,24 @@ impl Payload {
     /// and outputs copy the text. A body with line breaks is parsed and not
     /// kept, so that writing the payload as a JSON line stays one line.
     pub fn from_json(text: &[u8]) -> Result<Self, sonic_rs::Error> {
-        let text = text.trim_ascii();
-        if memchr::memchr2(b'\n', b'\r', text).is_some() {
-            return sonic_rs::from_slice::<Value>(text).map(Payload::from);
+        match check_json_line(text)? {
+            Checked::Line(line) => Ok(Payload { value: OnceLock::new(), raw: Some(Bytes::copy_from_slice(line)) }),
+            Checked::Parsed(value) => Ok(value.into()),
         }
-        // Skipping a value with `IgnoredAny` checks all of it and allocates nothing.
-        sonic_rs::from_slice::<serde::de::IgnoredAny>(text)?;
-        Ok(Payload { value: OnceLock::new(), raw: Some(Bytes::copy_from_slice(text)) })
+    }
+
+    /// [`Payload::from_json`] for a body the caller already holds as
+    /// `Bytes` (a NATS message, a slice of an input's read buffer): a
+    /// single-line body is kept without a copy.
+    pub fn from_json_bytes(body: Bytes) -> Result<Self, sonic_rs::Error> {
+        match check_json_line(&body)? {
+            Checked::Line(line) => {
+                let start = line.as_ptr() as usize - body.as_ptr() as usize;
+                let raw = body.slice(start..start + line.len());
+                Ok(Payload { value: OnceLock::new(), raw: Some(raw) })
+            }
+            Checked::Parsed(value) => Ok(value.into()),
+        }
     }
 
     /// The whole payload as a [`Field`]: its tree if it was parsed, else its text.
@@ -216,6 +227,29 @@ impl Payload {
             }
         }
     }
+}
+
+/// What [`check_json_line`] found: a checked line (trimmed), or a parsed multi-line body.
+enum Checked<'t> {
+    Line(&'t [u8]),
+    Parsed(Value),
+}
+
+/// Trims a body and checks it: single-line text completely (syntax, UTF-8)
+/// without building a tree; a body with line breaks is parsed, so that
+/// writing the payload as a JSON line stays one line.
+fn check_json_line(text: &[u8]) -> Result<Checked<'_>, sonic_rs::Error> {
+    let text = text.trim_ascii();
+    if memchr::memchr2(b'\n', b'\r', text).is_some() {
+        return sonic_rs::from_slice::<Value>(text).map(Checked::Parsed);
+    }
+    // The fast check vouches for the common shapes; for anything else (and
+    // for the error message) skipping with `IgnoredAny` checks all of it,
+    // allocating nothing.
+    if !crate::json_check::is_valid(text) {
+        sonic_rs::from_slice::<serde::de::IgnoredAny>(text)?;
+    }
+    Ok(Checked::Line(text))
 }
 
 impl Default for Payload {
@@ -496,6 +530,21 @@ mod tests {
         p.write_json(&mut out);
         assert_eq!(out, br#"{"a":1}"#);
         assert!(Payload::from_json(b"{bad").is_err());
+    }
+
+    #[test]
+    fn bodies_held_as_bytes_are_kept_without_a_copy() {
+        use sonic_rs::JsonValueTrait;
+        let body = Bytes::from_static(b" {\"a\": [1, 2]}\r\n");
+        let p = Payload::from_json_bytes(body.clone()).unwrap();
+        let raw = p.raw_json().unwrap();
+        assert_eq!(raw, &b"{\"a\": [1, 2]}"[..], "trimmed");
+        assert_eq!(raw.as_ptr(), body[1..].as_ptr(), "a slice of the body, not a copy");
+        let p = Payload::from_json_bytes(Bytes::from_static(b"{\n\"a\": 1}")).unwrap();
+        assert_eq!(p.raw_json(), None, "multi-line bodies are parsed, as with from_json");
+        assert_eq!(p.get("a").and_then(|v| v.as_i64()), Some(1));
+        assert!(Payload::from_json_bytes(Bytes::from_static(b"{\"a\": }")).is_err());
+        assert!(Payload::from_json_bytes(Bytes::from_static(b"\xff")).is_err());
     }
 
     #[test]

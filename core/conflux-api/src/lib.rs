@@ -12,6 +12,7 @@ pub mod config;
 pub mod error;
 pub mod event;
 pub mod field;
+pub mod json_check;
 pub mod json_edit;
 pub mod metrics;
 pub mod path;
@@ -20,6 +21,7 @@ pub mod template;
 
 pub use ack::{AckStatus, AckToken};
 pub use async_trait::async_trait;
+pub use bytes::{self, Bytes};
 pub use component::{BuildContext, BuiltInput, BuiltStage, Emitter, Input, Output, PortId, Stage};
 pub use error::{BuildError, PluginError};
 pub use event::{Batch, Event, Metadata, Payload, Position, Timestamp};

@@ -281,19 +281,27 @@ impl Connectable<'_> {
 }
 
 /// Connects, retrying with backoff; false if `stop` fired first.
-async fn connect_with_backoff(component: &str, stop: &CancellationToken, mut target: Connectable<'_>) -> bool {
+/// Connects, retrying with backoff: `Ok(false)` when stopped first, `Err`
+/// when the plugin says retrying cannot help (a fatal error: bad settings, a
+/// server-side object that contradicts the configuration).
+async fn connect_with_backoff(
+    component: &str,
+    stop: &CancellationToken,
+    mut target: Connectable<'_>,
+) -> Result<bool, String> {
     let retry = RetryConfig::default();
     let mut attempt = 0;
     loop {
         match target.connect().await {
-            Ok(()) => return true,
+            Ok(()) => return Ok(true),
+            Err(e) if !e.is_retryable() => return Err(format!("cannot connect: {}", e.chain())),
             Err(e) => {
                 attempt += 1;
                 let wait = retry.backoff(attempt);
                 warn!(%component, attempt, error = %e.chain(), retry_in = ?wait, "connect failed");
                 tokio::select! {
                     _ = tokio::time::sleep(wait) => {}
-                    _ = stop.cancelled() => return false,
+                    _ = stop.cancelled() => return Ok(false),
                 }
             }
         }
@@ -309,8 +317,10 @@ async fn run_input(
     ready_key: String,
 ) -> Result<(), String> {
     let component = router.name.clone();
-    if !connect_with_backoff(&component, &stop, Connectable::Input(&mut *input)).await {
-        return Ok(());
+    match connect_with_backoff(&component, &stop, Connectable::Input(&mut *input)).await {
+        Ok(true) => {}
+        Ok(false) => return Ok(()),
+        Err(e) => return Err(format!("input failed: {e}")),
     }
     readiness.set_ready(&ready_key);
     debug!(%component, "input started");
@@ -336,10 +346,12 @@ async fn run_input(
                     _ = tokio::time::sleep(wait) => {}
                     _ = stop.cancelled() => break Ok(()),
                 }
-                if matches!(e, PluginError::NotConnected { .. })
-                    && !connect_with_backoff(&component, &stop, Connectable::Input(&mut *input)).await
-                {
-                    break Ok(());
+                if matches!(e, PluginError::NotConnected { .. }) {
+                    match connect_with_backoff(&component, &stop, Connectable::Input(&mut *input)).await {
+                        Ok(true) => {}
+                        Ok(false) => break Ok(()),
+                        Err(e) => break Err(format!("input failed: {e}")),
+                    }
                 }
                 true
             }
@@ -451,10 +463,13 @@ async fn run_output(
     readiness: Arc<Readiness>,
     ready_key: String,
 ) -> Result<(), String> {
-    if !connect_with_backoff(&component, &hard, Connectable::Output(&mut *output)).await {
-        let lost = fail_queue(&mut rx);
-        warn!(%component, events = lost, "output never connected; queued events failed back");
-        return Ok(());
+    match connect_with_backoff(&component, &hard, Connectable::Output(&mut *output)).await {
+        Ok(true) => {}
+        connected => {
+            let lost = fail_queue(&mut rx);
+            warn!(%component, events = lost, "output never connected; queued events failed back");
+            return connected.map(|_| ()).map_err(|e| format!("output failed: {e}"));
+        }
     }
     readiness.set_ready(&ready_key);
     loop {
@@ -526,7 +541,7 @@ async fn write_with_retry(
             }
         }
         if matches!(error, PluginError::NotConnected { .. })
-            && !connect_with_backoff(component, hard, Connectable::Output(&mut *output)).await
+            && connect_with_backoff(component, hard, Connectable::Output(&mut *output)).await != Ok(true)
         {
             fail_batch(&batch, AckStatus::Errored);
             return;

@@ -4,11 +4,11 @@ use std::sync::Arc;
 use std::time::Duration as StdDuration;
 
 use async_nats::jetstream::consumer::pull::{Config as PullConfig, Stream as PullStream};
-use async_nats::jetstream::consumer::{AckPolicy, DeliverPolicy};
+use async_nats::jetstream::consumer::{AckPolicy, DeliverPolicy, PullConsumer};
 use async_nats::jetstream::AckKind;
 use conflux_api::config::Duration;
 use conflux_api::{
-    async_trait, inventory, AckStatus, AckToken, BuildContext, BuildError, BuiltInput, Emitter, Event, Input,
+    async_trait, inventory, AckStatus, AckToken, BuildContext, BuildError, BuiltInput, Bytes, Emitter, Event, Input,
     InputConfig, PluginError, PortId, Registration, Timestamp, Value,
 };
 use futures_util::stream::{select_all, SelectAll};
@@ -16,6 +16,8 @@ use futures_util::{FutureExt, StreamExt};
 use schemars::JsonSchema;
 use serde::Deserialize;
 use tokio::sync::mpsc;
+
+use crate::cumulative::{CumulativeAcks, Sequences};
 
 /// Where a JetStream consumer starts the first time it is created.
 #[derive(Debug, Clone, Copy, Default, Deserialize, JsonSchema)]
@@ -51,6 +53,27 @@ pub struct JetStreamInputConfig {
     /// First redelivery delay after a failure (nak); doubles with each delivery, up to 60 s.
     #[serde(default)]
     pub nak_delay: Option<Duration>,
+    /// How confirmed messages are acknowledged; the consumer is created with this policy.
+    #[serde(default)]
+    pub ack_policy: AckMode,
+}
+
+/// How a JetStream input acknowledges what the pipeline confirmed.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, JsonSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum AckMode {
+    /// One acknowledgement per message (JetStream's `explicit` policy). Safe
+    /// when several instances share the durable consumer.
+    #[default]
+    Explicit,
+    /// JetStream's `all` policy: once every message up to one in stream order
+    /// is confirmed, that message alone is acknowledged and covers them all
+    /// (as Kafka commits an offset). A failed message holds the
+    /// acknowledgement of later ones back until its redelivery is confirmed;
+    /// after a restart nothing is acknowledged until the messages the last
+    /// run left unacknowledged have come back. For a consumer read by one
+    /// instance only, with no `max_deliver` limit.
+    All,
 }
 
 fn default_max_ack_pending() -> i64 {
@@ -110,11 +133,23 @@ impl InputConfig for NatsInputConfig {
 
 inventory::submit!(Registration::input::<NatsInputConfig>());
 
+/// What the reader and the acknowledgement tokens tell the acknowledging task.
+// `Done` is the common case (one per message): boxing it would cost an allocation each.
+#[allow(clippy::large_enum_variant)]
+enum AckEvent {
+    /// A message with this stream sequence was handed to the pipeline (`all` policy only).
+    Delivered(u64),
+    /// The pipeline is done with a message.
+    Done(async_nats::jetstream::Message, AckStatus),
+}
+
 enum Source {
     Core(SelectAll<async_nats::Subscriber>),
     JetStream {
         messages: Box<PullStream>,
-        acks: mpsc::UnboundedSender<(async_nats::jetstream::Message, AckStatus)>,
+        acks: mpsc::UnboundedSender<AckEvent>,
+        /// Whether the reader announces deliveries (`all` policy).
+        cumulative: bool,
         /// `jetstream:<stream>`, the position stream of every event (built once, not per event).
         position: Arc<str>,
     },
@@ -168,7 +203,10 @@ impl Input for NatsInput {
                         &js_config.durable,
                         PullConfig {
                             durable_name: Some(js_config.durable.clone()),
-                            ack_policy: AckPolicy::Explicit,
+                            ack_policy: match js_config.ack_policy {
+                                AckMode::Explicit => AckPolicy::Explicit,
+                                AckMode::All => AckPolicy::All,
+                            },
                             deliver_policy: match js_config.start {
                                 StartAt::All => DeliverPolicy::All,
                                 StartAt::New => DeliverPolicy::New,
@@ -181,6 +219,38 @@ impl Input for NatsInput {
                     )
                     .await
                     .map_err(|e| not_connected("cannot open or create consumer", e))?;
+                let mut consumer = consumer;
+                let info =
+                    consumer.info().await.map_err(|e| not_connected("cannot read the consumer's state", e))?.clone();
+                let cumulative = match (js_config.ack_policy, info.config.ack_policy) {
+                    (AckMode::Explicit, AckPolicy::Explicit) => false,
+                    (AckMode::All, AckPolicy::All) if info.config.max_deliver <= 0 => true,
+                    (AckMode::All, AckPolicy::All) => {
+                        return Err(PluginError::fatal(format!(
+                            "JetStream consumer `{}` has max_deliver {}: with `ack_policy: all` a message the \
+                             server gives up on would be covered by a later acknowledgement; remove the limit \
+                             or use `ack_policy: explicit`",
+                            js_config.durable, info.config.max_deliver
+                        )))
+                    }
+                    (wanted, found) => {
+                        return Err(PluginError::fatal(format!(
+                            "JetStream consumer `{}` exists with ack policy {found:?}, but `ack_policy` is {wanted:?}: \
+                             set `ack_policy` to match, or delete the consumer so it is created again",
+                            js_config.durable
+                        )))
+                    }
+                };
+                let tracker = cumulative.then(|| {
+                    if info.num_ack_pending > 0 {
+                        tracing::info!(
+                            durable = %js_config.durable,
+                            pending = info.num_ack_pending,
+                            "the last run left messages unacknowledged; acknowledgements wait until they are redelivered"
+                        );
+                    }
+                    (CumulativeAcks::new(info.num_ack_pending as u64), consumer.clone())
+                });
                 let messages = consumer
                     .stream()
                     .max_messages_per_batch(self.config.batch_size.max(1))
@@ -189,9 +259,9 @@ impl Input for NatsInput {
                     .map_err(|e| not_connected("cannot pull messages", e))?;
                 let (acks, rx) = mpsc::unbounded_channel();
                 let nak_delay = js_config.nak_delay.map_or(StdDuration::from_secs(1), |d| d.0);
-                tokio::spawn(acknowledge(client, rx, nak_delay));
+                tokio::spawn(acknowledge(client, rx, nak_delay, tracker));
                 let position = Arc::from(format!("jetstream:{}", js_config.stream));
-                Source::JetStream { messages: Box::new(messages), acks, position }
+                Source::JetStream { messages: Box::new(messages), acks, cumulative, position }
             }
         };
         self.source = Some(source);
@@ -221,7 +291,7 @@ impl Input for NatsInput {
                 }
                 Ok(true)
             }
-            Some(Source::JetStream { messages, acks, position }) => {
+            Some(Source::JetStream { messages, acks, cumulative, position }) => {
                 let mut taken = 0;
                 let now = Timestamp::now();
                 while taken < batch_size {
@@ -248,11 +318,18 @@ impl Input for NatsInput {
                         }
                     };
                     let info = message.info().ok().map(|i| (i.stream_sequence, i.delivered, &*position));
+                    if *cumulative {
+                        // Announced before the event can finish, so the task knows of the gap.
+                        let Some((sequence, ..)) = info else {
+                            return Err(PluginError::retryable("a JetStream message without its reply subject"));
+                        };
+                        let _ = acks.send(AckEvent::Delivered(sequence));
+                    }
                     // The event is built from the borrowed message, which then moves into its token.
                     let (event, valid) = event(&message.payload, message.subject.as_str(), now, info);
                     let tx = acks.clone();
                     let token = AckToken::new(move |status| {
-                        let _ = tx.send((message, status));
+                        let _ = tx.send(AckEvent::Done(message, status));
                     });
                     route(out, event.with_ack(token), valid);
                     taken += 1;
@@ -265,8 +342,9 @@ impl Input for NatsInput {
 
 /// An untracked event and whether its payload is JSON. `info`: JetStream's
 /// stream sequence, delivery count and position stream.
-fn event(payload: &[u8], subject: &str, now: Timestamp, info: Option<(u64, i64, &Arc<str>)>) -> (Event, bool) {
-    let (data, valid) = match conflux_api::Payload::from_json(payload) {
+fn event(payload: &Bytes, subject: &str, now: Timestamp, info: Option<(u64, i64, &Arc<str>)>) -> (Event, bool) {
+    // The body is shared with the message, not copied.
+    let (data, valid) = match conflux_api::Payload::from_json_bytes(payload.clone()) {
         Ok(v) => (v, true),
         Err(_) => (Value::from(String::from_utf8_lossy(payload).as_ref()).into(), false),
     };
@@ -293,30 +371,78 @@ fn route(out: &mut Emitter, mut event: Event, valid: bool) {
 
 /// Sends acknowledgements as the pipeline finishes with messages, flushing
 /// after each run so a stop loses as few as possible (the rest are redelivered).
+/// Under the `all` policy, `cumulative` decides which single message to ack.
 async fn acknowledge(
     client: async_nats::Client,
-    mut rx: mpsc::UnboundedReceiver<(async_nats::jetstream::Message, AckStatus)>,
+    mut rx: mpsc::UnboundedReceiver<AckEvent>,
     nak_delay: StdDuration,
+    mut cumulative: Option<(CumulativeAcks<async_nats::jetstream::Message>, PullConsumer)>,
 ) {
-    while let Some(first) = rx.recv().await {
-        let mut next = Some(first);
-        while let Some((message, status)) = next {
-            let kind = match status {
-                AckStatus::Delivered => AckKind::Ack,
-                AckStatus::Rejected => AckKind::Term,
-                AckStatus::Errored => {
+    let mut asked = tokio::time::Instant::now();
+    loop {
+        // While acks wait for an earlier run's pending messages, the server's
+        // pending count is asked for now and then even if nothing arrives.
+        let gated = cumulative.as_ref().is_some_and(|(acks, _)| acks.gated());
+        let mut next = match gated {
+            true => match tokio::time::timeout(GATE_CHECK, rx.recv()).await {
+                Ok(None) => break,
+                Ok(first) => first,
+                Err(_elapsed) => None,
+            },
+            false => match rx.recv().await {
+                None => break,
+                first => first,
+            },
+        };
+        while let Some(event) = next {
+            match event {
+                AckEvent::Delivered(sequence) => {
+                    if let Some((acks, _)) = cumulative.as_mut() {
+                        acks.delivered(sequence);
+                    }
+                }
+                AckEvent::Done(message, AckStatus::Errored) => {
                     let delivered = message.info().map(|i| i.delivered).unwrap_or(1).clamp(1, 16) as u32;
                     let delay = nak_delay.saturating_mul(1 << (delivered - 1)).min(StdDuration::from_secs(60));
-                    AckKind::Nak(Some(delay))
+                    send(&message, AckKind::Nak(Some(delay))).await;
                 }
-            };
-            if let Err(e) = message.ack_with(kind).await {
-                tracing::warn!(error = %e, "cannot acknowledge a JetStream message; it will be redelivered");
+                // Under `all`, a term would count as an ack of everything below
+                // it: a rejected message is covered by the run's ack instead.
+                AckEvent::Done(message, _) if cumulative.is_some() => {
+                    if let (Some((acks, _)), Ok(info)) = (cumulative.as_mut(), message.info()) {
+                        let at = Sequences { stream: info.stream_sequence, delivery: info.consumer_sequence };
+                        acks.done(message, at);
+                    }
+                }
+                AckEvent::Done(message, AckStatus::Delivered) => send(&message, AckKind::Ack).await,
+                AckEvent::Done(message, AckStatus::Rejected) => send(&message, AckKind::Term).await,
             }
             next = rx.try_recv().ok();
+        }
+        if let Some((acks, consumer)) = cumulative.as_mut() {
+            if acks.gated() && asked.elapsed() >= GATE_CHECK {
+                asked = tokio::time::Instant::now();
+                let held = acks.held();
+                match consumer.info().await {
+                    Ok(info) => acks.server_pending(held, info.num_ack_pending as u64),
+                    Err(e) => tracing::debug!(error = %e, "cannot read the consumer's pending count"),
+                }
+            }
+            if let Some(last) = acks.ack_point() {
+                send(&last, AckKind::Ack).await;
+            }
         }
         if let Err(e) = client.flush().await {
             tracing::warn!(error = %e, "cannot flush JetStream acknowledgements");
         }
+    }
+}
+
+/// How often a gated `all` consumer asks the server for its pending count.
+const GATE_CHECK: StdDuration = StdDuration::from_millis(500);
+
+async fn send(message: &async_nats::jetstream::Message, kind: AckKind) {
+    if let Err(e) = message.ack_with(kind).await {
+        tracing::warn!(error = %e, "cannot acknowledge a JetStream message; it will be redelivered");
     }
 }

@@ -3,6 +3,7 @@
 //! with each message) and the `nats` output (core publish, or JetStream
 //! publish confirmed by the server).
 
+mod cumulative;
 mod input;
 mod output;
 

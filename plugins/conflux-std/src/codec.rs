@@ -6,6 +6,8 @@ use schemars::JsonSchema;
 use serde::Deserialize;
 use tokio::io::{AsyncRead, AsyncReadExt};
 
+use conflux_api::Bytes;
+
 /// How lines become events.
 #[derive(Debug, Clone, Copy, Default, Deserialize, JsonSchema, PartialEq, Eq)]
 #[serde(rename_all = "snake_case")]
@@ -32,6 +34,8 @@ pub struct LineReader<R> {
     line_no: u64,
     codec: Codec,
     batch_size: usize,
+    /// The current batch's lines: (offset from the batch's first byte, length).
+    lines: Vec<(usize, usize)>,
     /// Set for replayable sources (a file): events carry their line number as position.
     stream: Option<std::sync::Arc<str>>,
 }
@@ -50,6 +54,7 @@ impl<R: AsyncRead + Unpin + Send> LineReader<R> {
             line_no: 0,
             codec,
             batch_size: batch_size.max(1),
+            lines: Vec::new(),
             stream: None,
         }
     }
@@ -83,10 +88,9 @@ impl<R: AsyncRead + Unpin + Send> LineReader<R> {
                 self.buf.push(b'\n');
                 break;
             }
-            let len = self.buf.len();
-            self.buf.resize(len + CHUNK, 0);
-            let n = self.reader.read(&mut self.buf[len..]).await?;
-            self.buf.truncate(len + n);
+            // Reads into spare capacity: nothing is zeroed first.
+            self.buf.reserve(CHUNK);
+            let n = self.reader.read_buf(&mut self.buf).await?;
             if n == 0 {
                 self.eof = true;
             }
@@ -95,21 +99,31 @@ impl<R: AsyncRead + Unpin + Send> LineReader<R> {
     }
 
     /// Emits up to one batch of events. Returns how many lines were consumed.
+    ///
+    /// The batch's lines are copied out of the read buffer in one piece and
+    /// each event's text is a slice of it: one allocation per batch, not
+    /// one per line.
     pub async fn read_batch(&mut self, out: &mut Emitter, source: &str) -> std::io::Result<usize> {
         self.fill().await?;
         let now = Timestamp::now();
-        let mut consumed = 0;
-        let mut batch = Vec::with_capacity(self.batch_size.min(4096));
-        while consumed < self.batch_size && self.start < self.buf.len() {
+        let first = self.start;
+        self.lines.clear();
+        while self.lines.len() < self.batch_size && self.start < self.buf.len() {
             let rest = &self.buf[self.start..];
-            let (line, advance) = match memchr::memchr(b'\n', rest) {
-                Some(i) => (&rest[..i], i + 1),
-                None if self.eof => (rest, rest.len()),
+            let (len, advance) = match memchr::memchr(b'\n', rest) {
+                Some(i) => (i, i + 1),
+                None if self.eof => (rest.len(), rest.len()),
                 None => break,
             };
+            self.lines.push((self.start - first, len));
             self.start += advance;
+        }
+        let consumed = self.lines.len();
+        let region = Bytes::copy_from_slice(&self.buf[first..self.start]);
+        let mut batch = Vec::with_capacity(consumed);
+        for &(at, len) in &self.lines {
             self.line_no += 1;
-            consumed += 1;
+            let line = &region[at..at + len];
             let line = line.strip_suffix(b"\r").unwrap_or(line);
             if line.iter().all(u8::is_ascii_whitespace) {
                 continue;
@@ -117,7 +131,7 @@ impl<R: AsyncRead + Unpin + Send> LineReader<R> {
             match self.codec {
                 // The line is checked, not parsed: stages read its fields from
                 // the text, and the JSON outputs copy it.
-                Codec::Json => match Payload::from_json(line) {
+                Codec::Json => match Payload::from_json_bytes(region.slice_ref(line)) {
                     Ok(data) => batch.push(self.positioned(Event::with_time(data, now))),
                     Err(reason) => {
                         let mut e = Event::with_time(Value::from(String::from_utf8_lossy(line).as_ref()), now);

@@ -1,7 +1,7 @@
 //! Events to WIT records and outcomes back to routed events.
 
 use conflux_api::sonic_rs::{self, JsonValueTrait};
-use conflux_api::{Batch, Emitter, Event, PortId, Timestamp, Value};
+use conflux_api::{Batch, Emitter, Event, Payload, PortId, Timestamp, Value};
 
 use crate::sandbox::{Outcome, Record};
 
@@ -88,7 +88,8 @@ pub fn route(batch: Batch, outcomes: Vec<Outcome>, out: &mut Emitter, port_of: i
 /// key and timestamp are laid over them, so a split made from scratch still
 /// carries where its source came from.
 fn from_record(source: &Event, record: Record) -> Result<Event, String> {
-    let data: Value = sonic_rs::from_slice(&record.value)
+    // Checked and kept as text (no tree, no copy), as the inputs do.
+    let data = Payload::from_json_bytes(record.value.into())
         .map_err(|e| format!("wasm guest emitted a payload that is not JSON: {e}"))?;
     let mut event = source.derive(data);
     for (name, text) in record.metadata {

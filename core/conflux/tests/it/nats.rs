@@ -86,6 +86,15 @@ async fn stream_state(url: &str, stream: &str, durable: &str) -> (u64, u64, usiz
 
 #[tokio::test]
 async fn jetstream_publish_waits_for_the_server_and_consume_acks_after_delivery() {
+    publish_then_consume("explicit").await;
+}
+
+#[tokio::test]
+async fn jetstream_cumulative_acks_cover_everything_delivered() {
+    publish_then_consume("all").await;
+}
+
+async fn publish_then_consume(policy: &str) {
     setup();
     let url = nats_url().await;
     let (src, sink, tag) = (key("src"), key("sink"), key("js").replace('-', "_"));
@@ -107,7 +116,7 @@ async fn jetstream_publish_waits_for_the_server_and_consume_acks_after_delivery(
     assert_eq!(info, 1000, "every acknowledged event is in the stream");
 
     let consumer = format!(
-        "inputs:\n  in: {{ type: nats, url: \"{url}\", jetstream: {{ stream: {stream}, durable: d1, max_ack_pending: 200 }}, batch_size: 100 }}\noutputs:\n  out: {{ type: test_sink, key: {sink}, from: in }}\n"
+        "inputs:\n  in: {{ type: nats, url: \"{url}\", jetstream: {{ stream: {stream}, durable: d1, max_ack_pending: 200, ack_policy: {policy} }}, batch_size: 100 }}\noutputs:\n  out: {{ type: test_sink, key: {sink}, from: in }}\n"
     );
     let cx = RunContext::new();
     let run = tokio::spawn({
@@ -131,6 +140,15 @@ async fn jetstream_publish_waits_for_the_server_and_consume_acks_after_delivery(
 
 #[tokio::test]
 async fn jetstream_naks_failed_events_and_a_restarted_consumer_loses_nothing() {
+    failures_and_restart("explicit").await;
+}
+
+#[tokio::test]
+async fn jetstream_cumulative_acks_hold_back_at_a_failure_and_lose_nothing_on_restart() {
+    failures_and_restart("all").await;
+}
+
+async fn failures_and_restart(policy: &str) {
     setup();
     let url = nats_url().await;
     let (first, second, tag) = (key("first"), key("second"), key("jsr").replace('-', "_"));
@@ -155,7 +173,7 @@ async fn jetstream_naks_failed_events_and_a_restarted_consumer_loses_nothing() {
     // stopped mid-stream with a short drain so some events are cut off.
     let yaml = |sink: &str, extra: &str| {
         format!(
-            "runtime: {{ shutdown_timeout: 100ms, channel_capacity: 2 }}\ninputs:\n  in: {{ type: nats, url: \"{url}\", jetstream: {{ stream: {stream}, durable: worker, ack_wait: 2s, nak_delay: 50ms, max_ack_pending: 500 }}, batch_size: 50 }}\noutputs:\n  out: {{ type: test_sink, key: {sink}, from: in, retry: {{ initial_backoff: 1ms, max_attempts: 1 }} {extra} }}\n"
+            "runtime: {{ shutdown_timeout: 100ms, channel_capacity: 2 }}\ninputs:\n  in: {{ type: nats, url: \"{url}\", jetstream: {{ stream: {stream}, durable: worker, ack_wait: 2s, nak_delay: 50ms, max_ack_pending: 500, ack_policy: {policy} }}, batch_size: 50 }}\noutputs:\n  out: {{ type: test_sink, key: {sink}, from: in, retry: {{ initial_backoff: 1ms, max_attempts: 1 }} {extra} }}\n"
         )
     };
     let cx = RunContext::new();
@@ -217,4 +235,43 @@ async fn non_json_payloads_go_to_the_invalid_port() {
     assert_eq!(delivered(&bad)[0], serde_json::json!("not json"));
     cx.stop.cancel();
     run.await.unwrap();
+}
+
+#[tokio::test]
+async fn a_consumer_with_another_ack_policy_is_refused_with_the_reason() {
+    setup();
+    let url = nats_url().await;
+    let (sink, tag) = (key("sink"), key("pol").replace('-', "_"));
+    let stream = format!("CF_{tag}");
+    let js = async_nats::jetstream::new(async_nats::connect(&url).await.unwrap());
+    let s = js
+        .get_or_create_stream(async_nats::jetstream::stream::Config {
+            name: stream.clone(),
+            subjects: vec![format!("pol.{tag}")],
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    use async_nats::jetstream::consumer::AckPolicy;
+    // d1 acks each message; d2 acks cumulatively but gives up on a message after 3 deliveries,
+    // which a later cumulative ack would then cover unprocessed.
+    for (durable, ack_policy, max_deliver) in [("d1", AckPolicy::Explicit, -1), ("d2", AckPolicy::All, 3)] {
+        s.create_consumer(async_nats::jetstream::consumer::pull::Config {
+            durable_name: Some(durable.into()),
+            ack_policy,
+            max_deliver,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    }
+    for durable in ["d1", "d2"] {
+        let yaml = format!(
+            "inputs:\n  in: {{ type: nats, url: \"{url}\", jetstream: {{ stream: {stream}, durable: {durable}, ack_policy: all }} }}\noutputs:\n  out: {{ type: test_sink, key: {sink}, from: in }}\n"
+        );
+        // Retrying cannot mend this: the run ends, failed (the log says why).
+        let outcome = tokio::time::timeout(Duration::from_secs(10), run_yaml(&yaml, RunContext::new())).await;
+        assert!(outcome.expect("a fatal connect error ends the run").failed, "{durable}");
+    }
+    js.delete_stream(&stream).await.ok();
 }
