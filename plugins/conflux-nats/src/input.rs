@@ -139,8 +139,13 @@ inventory::submit!(Registration::input::<NatsInputConfig>());
 enum AckEvent {
     /// A message with this stream sequence was handed to the pipeline (`all` policy only).
     Delivered(u64),
-    /// The pipeline is done with a message.
+    /// The pipeline is done with a message: acked, termed or nak'ed on its
+    /// own (under `all`, only failures, which are nak'ed).
     Done(async_nats::jetstream::Message, AckStatus),
+    /// `all` policy: the pipeline confirmed (or rejected) a message. Its
+    /// reply subject is all an acknowledgement needs; the message itself is
+    /// dropped at once rather than kept until the run is acknowledged.
+    Settled(async_nats::Subject, Sequences),
 }
 
 enum Source {
@@ -317,19 +322,32 @@ impl Input for NatsInput {
                             return Err(PluginError::not_connected("JetStream message stream ended"));
                         }
                     };
-                    let info = message.info().ok().map(|i| (i.stream_sequence, i.delivered, &*position));
-                    if *cumulative {
-                        // Announced before the event can finish, so the task knows of the gap.
-                        let Some((sequence, ..)) = info else {
+                    let parsed = message
+                        .info()
+                        .ok()
+                        .map(|i| (Sequences { stream: i.stream_sequence, delivery: i.consumer_sequence }, i.delivered));
+                    let settle = match (*cumulative, parsed, message.reply.clone()) {
+                        (false, ..) => None,
+                        (true, Some((at, _)), Some(reply)) => {
+                            // Announced before the event can finish, so the task knows of the gap.
+                            let _ = acks.send(AckEvent::Delivered(at.stream));
+                            Some((reply, at))
+                        }
+                        (true, ..) => {
                             return Err(PluginError::retryable("a JetStream message without its reply subject"));
-                        };
-                        let _ = acks.send(AckEvent::Delivered(sequence));
-                    }
+                        }
+                    };
+                    let info = parsed.map(|(at, delivered)| (at.stream, delivered, &*position));
                     // The event is built from the borrowed message, which then moves into its token.
                     let (event, valid) = event(&message.payload, message.subject.as_str(), now, info);
                     let tx = acks.clone();
                     let token = AckToken::new(move |status| {
-                        let _ = tx.send(AckEvent::Done(message, status));
+                        let _ = tx.send(match (settle, status) {
+                            (Some((reply, at)), AckStatus::Delivered | AckStatus::Rejected) => {
+                                AckEvent::Settled(reply, at)
+                            }
+                            _ => AckEvent::Done(message, status),
+                        });
                     });
                     route(out, event.with_ack(token), valid);
                     taken += 1;
@@ -376,7 +394,7 @@ async fn acknowledge(
     client: async_nats::Client,
     mut rx: mpsc::UnboundedReceiver<AckEvent>,
     nak_delay: StdDuration,
-    mut cumulative: Option<(CumulativeAcks<async_nats::jetstream::Message>, PullConsumer)>,
+    mut cumulative: Option<(CumulativeAcks<async_nats::Subject>, PullConsumer)>,
 ) {
     let mut asked = tokio::time::Instant::now();
     loop {
@@ -408,10 +426,9 @@ async fn acknowledge(
                 }
                 // Under `all`, a term would count as an ack of everything below
                 // it: a rejected message is covered by the run's ack instead.
-                AckEvent::Done(message, _) if cumulative.is_some() => {
-                    if let (Some((acks, _)), Ok(info)) = (cumulative.as_mut(), message.info()) {
-                        let at = Sequences { stream: info.stream_sequence, delivery: info.consumer_sequence };
-                        acks.done(message, at);
+                AckEvent::Settled(reply, at) => {
+                    if let Some((acks, _)) = cumulative.as_mut() {
+                        acks.done(reply, at);
                     }
                 }
                 AckEvent::Done(message, AckStatus::Delivered) => send(&message, AckKind::Ack).await,
@@ -428,8 +445,11 @@ async fn acknowledge(
                     Err(e) => tracing::debug!(error = %e, "cannot read the consumer's pending count"),
                 }
             }
-            if let Some(last) = acks.ack_point() {
-                send(&last, AckKind::Ack).await;
+            if let Some(reply) = acks.ack_point() {
+                // What `Message::ack` sends, to the reply subject of the run's last message.
+                if let Err(e) = client.publish(reply, Bytes::from_static(b"+ACK")).await {
+                    tracing::warn!(error = %e, "cannot acknowledge JetStream messages; they will be redelivered");
+                }
             }
         }
         if let Err(e) = client.flush().await {

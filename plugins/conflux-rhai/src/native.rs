@@ -18,6 +18,7 @@
 //! run has finished, so a bail never leaves a half-changed event behind.
 
 use std::borrow::Cow;
+use std::cell::RefCell;
 
 use conflux_api::sonic_rs::JsonType;
 use conflux_api::{Field, Payload, Value};
@@ -392,7 +393,7 @@ impl Native {
     /// A run that only reads keeps the payload's original JSON text.
     pub fn run(&self, payload: &mut Payload) -> Result<Ending, Bail> {
         let mut writes = Vec::new();
-        let mut run = Run { data: payload.root(), locals: vec![Val::Unit; self.slots], max_string: self.max_string };
+        let mut run = Run::new(payload.root(), self.slots, self.max_string);
         let ending = run.steps(&self.steps, &mut writes)?.unwrap_or(Ending::Drop);
         if !writes.is_empty() {
             payload.set_fields(writes);
@@ -403,7 +404,7 @@ impl Native {
     /// Evaluates a condition.
     pub fn evaluate<'a>(&'a self, data: &'a Payload) -> Result<Val<'a>, Bail> {
         let node = self.value.as_ref().ok_or(Bail)?;
-        Run { data: data.root(), locals: Vec::new(), max_string: self.max_string }.eval(node)
+        Run::new(data.root(), 0, self.max_string).eval(node)
     }
 }
 
@@ -413,9 +414,48 @@ struct Run<'a> {
     data: Field<'a>,
     locals: Vec<Val<'a>>,
     max_string: usize,
+    /// Objects already found, by path: `event.data.a` and `event.data.b`
+    /// (and a write to `event.data.c`) look for `data` once, not three times.
+    objects: RefCell<[Option<FoundObject<'a>>; OBJECTS_KEPT]>,
 }
 
+/// An object a run found, and the path it was found at.
+type FoundObject<'a> = (&'a [ImmutableString], Field<'a>);
+
+/// How many distinct parent objects a run remembers; more are looked up again.
+const OBJECTS_KEPT: usize = 4;
+
 impl<'a> Run<'a> {
+    fn new(data: Field<'a>, slots: usize, max_string: usize) -> Self {
+        Run { data, locals: vec![Val::Unit; slots], max_string, objects: RefCell::new([None; OBJECTS_KEPT]) }
+    }
+
+    /// The object at `path`, every step of the way an object (as Rhai's
+    /// property getters need), else `Bail`.
+    fn object_at(&self, path: &'a [ImmutableString]) -> Result<Field<'a>, Bail> {
+        if path.is_empty() {
+            return if self.data.is_object() { Ok(self.data) } else { Err(Bail) };
+        }
+        let mut objects = self.objects.borrow_mut();
+        if let Some((_, object)) = objects.iter().flatten().find(|(p, _)| *p == path) {
+            return Ok(*object);
+        }
+        let mut current = self.data;
+        for segment in path {
+            if !current.is_object() {
+                return Err(Bail);
+            }
+            current = current.get(segment.as_str()).ok_or(Bail)?;
+        }
+        if !current.is_object() {
+            return Err(Bail);
+        }
+        if let Some(free) = objects.iter_mut().find(|slot| slot.is_none()) {
+            *free = Some((path, current));
+        }
+        Ok(current)
+    }
+
     /// Runs steps until one finishes the script.
     fn steps<'p: 'a>(
         &mut self,
@@ -429,13 +469,7 @@ impl<'a> Run<'a> {
                     let value = self.eval(node)?;
                     // Every object on the way must already be there, as
                     // Rhai's getters need; the root must be an object.
-                    let mut target = self.data;
-                    if !target.is_object() {
-                        return Err(Bail);
-                    }
-                    for segment in &path[..path.len() - 1] {
-                        target = target.get(segment.as_str()).filter(Field::is_object).ok_or(Bail)?;
-                    }
+                    self.object_at(&path[..path.len() - 1])?;
                     writes.push((path, value.to_value()));
                 }
                 Step::If(condition, then, otherwise) => {
@@ -456,20 +490,14 @@ impl<'a> Run<'a> {
 
     /// Reads a field the way the `event` getter converts it; objects and
     /// arrays (handles and script arrays in Rhai) are left to the interpreter.
-    fn read(&self, path: &[ImmutableString]) -> Result<Val<'a>, Bail> {
-        let mut current = self.data;
-        for (i, segment) in path.iter().enumerate() {
-            if !current.is_object() {
-                // A property of a scalar is an error in Rhai.
-                return Err(Bail);
-            }
-            match current.get(segment.as_str()) {
-                Some(next) => current = next,
-                None if i + 1 == path.len() => return Ok(Val::Unit),
-                // ...and so is a property of `()`.
-                None => return Err(Bail),
-            }
-        }
+    fn read(&self, path: &'a [ImmutableString]) -> Result<Val<'a>, Bail> {
+        // A property of a scalar is an error in Rhai, and so is a property
+        // of `()`: every parent must be an object that is there.
+        let (last, parents) = path.split_last().ok_or(Bail)?;
+        let current = match self.object_at(parents)?.get(last.as_str()) {
+            Some(current) => current,
+            None => return Ok(Val::Unit),
+        };
         match current.kind() {
             JsonType::String => self.string(current.as_str().ok_or(Bail)?),
             JsonType::Number => match current.as_i64() {
