@@ -86,8 +86,10 @@ fn default_max_ack_pending() -> i64 {
 /// Payloads must be JSON; others go to port `invalid` with the raw text.
 /// With JetStream each message is acknowledged once the pipeline is done
 /// with it: delivered → ack, failed → nak with backoff (redelivered),
-/// rejected (invalid, unwired) → term. Metadata: `nats.subject`, and for
-/// JetStream `nats.stream_sequence` and `nats.delivered`.
+/// rejected (invalid, unwired) → term; or, with `jetstream.ack_policy: all`
+/// (one instance per consumer), one ack per run of done messages in stream
+/// order. Metadata: `nats.subject`, and for JetStream `nats.stream_sequence`
+/// and `nats.delivered`.
 #[derive(Debug, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct NatsInputConfig {
