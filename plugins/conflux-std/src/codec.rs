@@ -41,6 +41,11 @@ pub struct LineReader<R> {
 }
 
 const CHUNK: usize = 256 * 1024;
+/// Size of the copies events' texts are sliced from. Small enough for the
+/// allocator to recycle like any small block (one copy per whole batch,
+/// ~300 KiB, raised peak RSS by 11–43 MiB), big enough that a copy serves
+/// a hundred booking events.
+const REGION: usize = 32 * 1024;
 /// Longest line accepted; a longer one is cut off and sent to `invalid`.
 pub const MAX_LINE: usize = 16 * 1024 * 1024;
 
@@ -100,9 +105,9 @@ impl<R: AsyncRead + Unpin + Send> LineReader<R> {
 
     /// Emits up to one batch of events. Returns how many lines were consumed.
     ///
-    /// The batch's lines are copied out of the read buffer in one piece and
-    /// each event's text is a slice of it: one allocation per batch, not
-    /// one per line.
+    /// Lines are copied out of the read buffer [`REGION`] bytes at a time and
+    /// each event's text is a slice of such a copy: one allocation per few
+    /// dozen lines, not one per line.
     pub async fn read_batch(&mut self, out: &mut Emitter, source: &str) -> std::io::Result<usize> {
         self.fill().await?;
         let now = Timestamp::now();
@@ -119,11 +124,18 @@ impl<R: AsyncRead + Unpin + Send> LineReader<R> {
             self.start += advance;
         }
         let consumed = self.lines.len();
-        let region = Bytes::copy_from_slice(&self.buf[first..self.start]);
+        let total = self.start - first;
+        // The copy the current lines are sliced from, and its offset in the batch.
+        let (mut region, mut region_at) = (Bytes::new(), 0);
         let mut batch = Vec::with_capacity(consumed);
         for &(at, len) in &self.lines {
             self.line_no += 1;
-            let line = &region[at..at + len];
+            if region.is_empty() || at + len > region_at + region.len() {
+                let end = (at + REGION).min(total).max(at + len);
+                region = Bytes::copy_from_slice(&self.buf[first + at..first + end]);
+                region_at = at;
+            }
+            let line = &region[at - region_at..at - region_at + len];
             let line = line.strip_suffix(b"\r").unwrap_or(line);
             if line.iter().all(u8::is_ascii_whitespace) {
                 continue;
@@ -186,5 +198,34 @@ mod tests {
         let last: Vec<(usize, Vec<Event>)> = out.drain().collect();
         assert_eq!(last[0].1.len(), 1, "unterminated last line still counts");
         assert!(reader.finished());
+    }
+
+    #[tokio::test]
+    async fn every_line_of_a_batch_spanning_several_copies_is_kept_whole() {
+        // Lines of growing length, one longer than a whole copy, and blank lines between some.
+        let lines: Vec<String> = (0..400)
+            .map(|i| match i {
+                200 => format!("{{\"big\":\"{}\"}}", "x".repeat(REGION * 2)),
+                _ => format!("{{\"n\":{i},\"pad\":\"{}\"}}", "p".repeat(i * 3)),
+            })
+            .collect();
+        let mut text = String::new();
+        for (i, line) in lines.iter().enumerate() {
+            text.push_str(line);
+            text.push_str(if i % 7 == 0 { "\n\n" } else { "\r\n" });
+        }
+        let mut reader = LineReader::new(text.as_bytes(), Codec::Json, 10_000);
+        let mut out = Emitter::new(1);
+        let mut events = Vec::new();
+        while !reader.finished() {
+            reader.read_batch(&mut out, "t").await.unwrap();
+            for (port, batch) in out.drain() {
+                assert_eq!(port, 0, "nothing invalid");
+                events.extend(batch);
+            }
+        }
+        let texts: Vec<&[u8]> = events.iter().map(|e| e.data.raw_json().unwrap()).collect();
+        let expected: Vec<&[u8]> = lines.iter().map(|l| l.as_bytes()).collect();
+        assert_eq!(texts, expected);
     }
 }
