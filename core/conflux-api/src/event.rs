@@ -189,6 +189,21 @@ impl Payload {
         })
     }
 
+    /// Applies splices computed on this payload's current text (by
+    /// [`crate::path::Located::set`]) in one pass. False, with the payload
+    /// unchanged, when it has no text or the splices do not fit it.
+    pub fn splice(&mut self, mut splices: Vec<crate::json_edit::Splice>) -> bool {
+        let Some(raw) = &self.raw else { return false };
+        match crate::json_edit::apply_splices(raw, &mut splices) {
+            Some(text) => {
+                self.value = OnceLock::new();
+                self.raw = Some(Bytes::from(text));
+                true
+            }
+            None => false,
+        }
+    }
+
     /// Sets fields, each given by its path of object keys; the parents must
     /// already be objects (a write whose parent is not is skipped). A payload
     /// with text has its text edited (field order kept), and the value is

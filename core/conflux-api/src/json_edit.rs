@@ -47,6 +47,11 @@ pub fn set(json: &mut Vec<u8>, path: &[impl AsRef<str>], value: &[u8], parsed: O
 }
 
 fn insert_member(json: &mut Vec<u8>, close: usize, empty: bool, name: &str, value: &[u8]) {
+    json.splice(close..close, member_text(empty, name, value));
+}
+
+/// `"name":value`, after a comma unless it is to be an empty object's first member.
+fn member_text(empty: bool, name: &str, value: &[u8]) -> Vec<u8> {
     let mut member = Vec::with_capacity(name.len() + value.len() + 4);
     if !empty {
         member.push(b',');
@@ -55,7 +60,70 @@ fn insert_member(json: &mut Vec<u8>, close: usize, empty: bool, name: &str, valu
     member.extend_from_slice(name.as_bytes());
     member.extend_from_slice(b"\":");
     member.extend_from_slice(value);
-    json.splice(close..close, member);
+    member
+}
+
+/// A replacement of `text[start..end]`, computed on a payload's text and
+/// applied with [`crate::Payload::splice`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Splice {
+    pub start: usize,
+    pub end: usize,
+    pub text: Vec<u8>,
+}
+
+/// The splice that sets member `name` of an object in `json`: replaces the
+/// value that starts at `value_start` if the member is there, else adds the
+/// member before the object's closing brace at `close`. None when neither is
+/// known or `name` cannot be written plainly.
+pub(crate) fn set_splice(
+    json: &[u8],
+    value_start: Option<usize>,
+    close: Option<usize>,
+    name: &str,
+    value: &[u8],
+) -> Option<Splice> {
+    if !is_plain_key(name) {
+        return None;
+    }
+    match (value_start, close) {
+        (Some(start), _) => {
+            let end = skip_value(json, start)?;
+            Some(Splice { start, end, text: value.to_vec() })
+        }
+        (None, Some(close)) if json.get(close) == Some(&b'}') => {
+            let empty = json[..close].trim_ascii_end().ends_with(b"{");
+            Some(Splice { start: close, end: close, text: member_text(empty, name, value) })
+        }
+        _ => None,
+    }
+}
+
+/// `json` with every splice applied, in one pass. Splices must not overlap;
+/// insertions (members added before a brace) at one place land in the order
+/// given, each after a comma (the first of an empty object's new members
+/// was made without one).
+pub(crate) fn apply_splices(json: &[u8], splices: &mut [Splice]) -> Option<Vec<u8>> {
+    splices.sort_by_key(|s| s.start);
+    let added: usize = splices.iter().map(|s| s.text.len() + 1).sum();
+    let mut out = Vec::with_capacity(json.len() + added);
+    let mut at = 0;
+    let mut inserted_at = None;
+    for splice in splices.iter() {
+        if splice.start < at || splice.end < splice.start || splice.end > json.len() {
+            return None;
+        }
+        out.extend_from_slice(&json[at..splice.start]);
+        let insertion = splice.start == splice.end;
+        if insertion && inserted_at == Some(splice.start) && splice.text.first() != Some(&b',') {
+            out.push(b',');
+        }
+        inserted_at = insertion.then_some(splice.start);
+        out.extend_from_slice(&splice.text);
+        at = splice.end;
+    }
+    out.extend_from_slice(&json[at..]);
+    Some(out)
 }
 
 /// Where the object to receive a new key closes, when the parsed value shows
@@ -109,38 +177,77 @@ pub(crate) fn value_len(json: &[u8]) -> Option<usize> {
     skip_value(json, 0)
 }
 
+/// Member name, the slot its value goes to (if a path ends there), members below it.
+type KeyMember = (Box<[u8]>, Option<usize>, KeyTree);
+
 /// Paths of plain object keys, merged into a tree, to find together in one
 /// pass over a document ([`KeyTree::scan`]).
 #[derive(Debug, Clone, Default)]
 pub(crate) struct KeyTree {
-    /// Member name, the slot its value goes to (if a path ends there), members below it.
-    members: Vec<(Box<[u8]>, Option<usize>, KeyTree)>,
+    members: Vec<KeyMember>,
+    /// The slot that receives where this object's closing brace is (for a
+    /// member to be added); the scan then reads the object to its end.
+    close: Option<usize>,
 }
 
 impl KeyTree {
     /// Adds a path whose value is to go to `slot`; false (tree unchanged)
     /// for a path a plain scan cannot follow.
     pub(crate) fn insert(&mut self, path: &[impl AsRef<str>], slot: usize) -> bool {
-        if path.is_empty() || !path.iter().all(|key| is_plain_key(key.as_ref())) {
+        if path.is_empty() {
             return false;
         }
-        let mut tree = self;
-        for (i, key) in path.iter().enumerate() {
-            let key = key.as_ref().as_bytes();
-            let at = match tree.members.iter().position(|(name, ..)| &name[..] == key) {
-                Some(at) => at,
-                None => {
-                    tree.members.push((key.into(), None, KeyTree::default()));
-                    tree.members.len() - 1
-                }
-            };
-            let member = &mut tree.members[at];
-            if i + 1 == path.len() {
-                member.1 = Some(slot);
+        match self.node(path) {
+            Some(node) => {
+                node.1 = Some(slot);
+                true
             }
-            tree = &mut member.2;
+            None => false,
         }
-        true
+    }
+
+    /// Asks for where the object at `path` (the root when empty) closes, in `slot`.
+    pub(crate) fn insert_close(&mut self, path: &[impl AsRef<str>], slot: usize) -> bool {
+        if path.is_empty() {
+            self.close = Some(slot);
+            return true;
+        }
+        match self.node(path) {
+            Some(node) => {
+                node.2.close = Some(slot);
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// The member entry for a non-empty path, created as needed.
+    fn node(&mut self, path: &[impl AsRef<str>]) -> Option<&mut KeyMember> {
+        if !path.iter().all(|key| is_plain_key(key.as_ref())) {
+            return None;
+        }
+        let (last, parents) = path.split_last()?;
+        let mut tree = self;
+        for key in parents {
+            let at = tree.member(key.as_ref().as_bytes());
+            tree = &mut tree.members[at].2;
+        }
+        let at = tree.member(last.as_ref().as_bytes());
+        Some(&mut tree.members[at])
+    }
+
+    fn member(&mut self, key: &[u8]) -> usize {
+        match self.members.iter().position(|(name, ..)| &name[..] == key) {
+            Some(at) => at,
+            None => {
+                self.members.push((key.into(), None, KeyTree::default()));
+                self.members.len() - 1
+            }
+        }
+    }
+
+    fn wants_anything(&self) -> bool {
+        !self.members.is_empty() || self.close.is_some()
     }
 
     /// Finds every path in the object `json` starts with, writing where each
@@ -163,7 +270,7 @@ impl KeyTree {
         let mut met = 0u64;
         let mut i = skip_ws(json, open + 1);
         if json.get(i) == Some(&b'}') {
-            return Some(i + 1);
+            return Some(self.closed(i, found, left));
         }
         loop {
             let (raw_key, value_start) = member_at(json, i)?;
@@ -184,7 +291,7 @@ impl KeyTree {
                             return Some(usize::MAX);
                         }
                     }
-                    if !below.members.is_empty() && json.get(value_start) == Some(&b'{') {
+                    if below.wants_anything() && json.get(value_start) == Some(&b'{') {
                         below.scan_object(json, value_start, found, left)?
                     } else {
                         skip_value(json, value_start)?
@@ -197,9 +304,22 @@ impl KeyTree {
             }
             match next_member(json, value_end)? {
                 Next::Member(next) => i = next,
-                Next::Close(close) => return Some(close + 1),
+                Next::Close(close) => return Some(self.closed(close, found, left)),
             }
         }
+    }
+
+    /// Records that this object closes at `close` if asked; returns where it
+    /// ends, or `usize::MAX` when that filled the last slot.
+    fn closed(&self, close: usize, found: &mut [Option<usize>], left: &mut usize) -> usize {
+        if let Some(slot) = self.close.filter(|s| found[*s].is_none()) {
+            found[slot] = Some(close);
+            *left -= 1;
+            if *left == 0 {
+                return usize::MAX;
+            }
+        }
+        close + 1
     }
 }
 

@@ -2,7 +2,7 @@
 
 use sonic_rs::{JsonValueMutTrait, JsonValueTrait, Value};
 
-use crate::json_edit::KeyTree;
+use crate::json_edit::{KeyTree, Splice};
 use crate::{Field, Payload};
 
 /// A parsed field path; parse once at build time, use per event.
@@ -136,6 +136,81 @@ impl FieldSet {
     }
 }
 
+/// Field paths located in a payload's JSON text in one pass, for a stage
+/// that reads several fields and writes some (a script): where each value
+/// starts, and where each object that may receive a new member closes. The
+/// writes then become splices at known places instead of more scans.
+#[derive(Debug, Clone, Default)]
+pub struct TextScan {
+    tree: KeyTree,
+    /// What each slot holds: a value (false) or a close (true), at a path.
+    slots: Vec<(bool, Vec<String>)>,
+}
+
+impl TextScan {
+    /// The slot that will hold where the value at `path` starts; None for a
+    /// path a plain scan cannot follow (a key with quotes or escapes).
+    pub fn value<P: AsRef<str>>(&mut self, path: &[P]) -> Option<usize> {
+        self.slot(false, path)
+    }
+
+    /// The slot that will hold where the object at `path` (the root when
+    /// empty) closes, so a member can be added to it.
+    pub fn close<P: AsRef<str>>(&mut self, path: &[P]) -> Option<usize> {
+        self.slot(true, path)
+    }
+
+    fn slot<P: AsRef<str>>(&mut self, close: bool, path: &[P]) -> Option<usize> {
+        let same = |(c, p): &(bool, Vec<String>)| {
+            *c == close && p.iter().map(String::as_str).eq(path.iter().map(AsRef::as_ref))
+        };
+        if let Some(slot) = self.slots.iter().position(same) {
+            return Some(slot);
+        }
+        let slot = self.slots.len();
+        let added = if close { self.tree.insert_close(path, slot) } else { self.tree.insert(path, slot) };
+        if !added {
+            return None;
+        }
+        self.slots.push((close, path.iter().map(|p| p.as_ref().to_owned()).collect()));
+        Some(slot)
+    }
+
+    /// Scans a payload that still has its text and whose root is an object;
+    /// None otherwise (read it with [`Field`] instead).
+    pub fn locate<'p>(&self, payload: &'p Payload) -> Option<Located<'p>> {
+        let Field::Text(text) = payload.root() else { return None };
+        let mut found = vec![None; self.slots.len()];
+        self.tree.scan(text, &mut found).then_some(Located { text, found })
+    }
+}
+
+/// What [`TextScan::locate`] found in one payload's text.
+#[derive(Debug)]
+pub struct Located<'p> {
+    text: &'p [u8],
+    found: Vec<Option<usize>>,
+}
+
+impl<'p> Located<'p> {
+    /// The value in a value slot, if the path is there (each parent an object).
+    pub fn value(&self, slot: usize) -> Option<Field<'p>> {
+        self.found[slot].map(|start| Field::Text(&self.text[start..]))
+    }
+
+    /// Whether a value slot holds an object.
+    pub fn is_object(&self, slot: usize) -> bool {
+        self.found[slot].is_some_and(|start| self.text.get(start) == Some(&b'{'))
+    }
+
+    /// The splice that sets member `name` to `json`, given the member's value
+    /// slot and its object's close slot. Apply with [`Payload::splice`].
+    /// None when the object was not found or `name` needs escaping.
+    pub fn set(&self, value: usize, close: usize, name: &str, json: &[u8]) -> Option<Splice> {
+        crate::json_edit::set_splice(self.text, self.found[value], self.found[close], name, json)
+    }
+}
+
 impl std::fmt::Display for FieldPath {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str(&self.text)
@@ -195,6 +270,51 @@ mod tests {
                     })
                     .collect();
                 assert_eq!(together, one_by_one, "{doc}");
+            }
+        }
+    }
+
+    #[test]
+    fn a_text_scan_places_writes_where_one_edit_at_a_time_would() {
+        let docs = [
+            r#"{"type":"a","data":{"guests":6,"zone":"t"},"n":[1,{"x":"}"}]}"#,
+            r#" { "data" : { } , "type" : 1 } "#,
+            r#"{"data":{"zone":"first"},"data":{"zone":"second"}}"#,
+            r#"{"data":{"g\u0075ests":1,"guests":2}}"#,
+            r#"{"data":"scalar"}"#,
+            r#"[1]"#,
+        ];
+        let writes: [(&[&str], &str); 4] =
+            [(&["data", "zone"], r#""x""#), (&["data", "large"], "true"), (&["data", "n"], "1"), (&["top"], "[]")];
+        let mut scan = TextScan::default();
+        let slots: Vec<(usize, usize)> = writes
+            .iter()
+            .map(|(path, _)| (scan.value(path).unwrap(), scan.close(&path[..path.len() - 1]).unwrap()))
+            .collect();
+        assert_eq!(scan.value(&["data", "zone"]), Some(slots[0].0), "a path asked twice shares its slot");
+        assert_eq!(scan.value(&["a\"b"]), None, "a key that needs escaping is not scanned");
+        for doc in docs {
+            let mut payload = Payload::from_json(doc.as_bytes()).unwrap();
+            let mut one_by_one = doc.trim().as_bytes().to_vec();
+            let expected =
+                writes.iter().all(|(path, value)| crate::json_edit::set(&mut one_by_one, path, value.as_bytes(), None));
+            let located = scan.locate(&payload);
+            let splices: Option<Vec<Splice>> = located.and_then(|located| {
+                writes
+                    .iter()
+                    .zip(&slots)
+                    .map(|((path, value), (slot, close))| {
+                        located.set(*slot, *close, path.last().unwrap(), value.as_bytes())
+                    })
+                    .collect()
+            });
+            match splices {
+                Some(splices) => {
+                    assert!(expected, "the scan wrote where a plain edit cannot: {doc}");
+                    assert!(payload.splice(splices));
+                    assert_eq!(payload.raw_json(), Some(&one_by_one[..]), "{doc}");
+                }
+                None => assert!(!expected || doc.contains('\\'), "the scan gave up on {doc}"),
             }
         }
     }

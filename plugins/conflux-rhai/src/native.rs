@@ -20,6 +20,8 @@
 use std::borrow::Cow;
 use std::cell::RefCell;
 
+use conflux_api::json_edit::Splice;
+use conflux_api::path::{Located, TextScan};
 use conflux_api::sonic_rs::JsonType;
 use conflux_api::{Field, Payload, Value};
 use rhai::{ASTFlags, Dynamic, Expr, ImmutableString, Stmt, AST};
@@ -75,6 +77,22 @@ impl Val<'_> {
 
 type Path = Box<[ImmutableString]>;
 
+/// Where a path's value and each of its parents land in a [`TextScan`].
+#[derive(Debug, Default)]
+struct Slots {
+    value: usize,
+    parents: Box<[usize]>,
+}
+
+/// A field a script writes: its path, and the scan slots that place the
+/// write (the member's value if present, else its object's closing brace).
+#[derive(Debug)]
+struct Target {
+    path: Path,
+    slots: Slots,
+    close: usize,
+}
+
 #[derive(Debug, Clone, Copy)]
 enum Cmp {
     Eq,
@@ -97,7 +115,7 @@ enum Arith {
 enum Node {
     Const(Val<'static>),
     /// `event.a.b` / `event["a"]`.
-    Read(Path),
+    Read(Path, Slots),
     /// A `let` variable, by slot.
     Local(usize),
     Not(Box<Node>),
@@ -111,7 +129,7 @@ enum Node {
 #[derive(Debug)]
 enum Step {
     Let(usize, Node),
-    Write(Path, Node),
+    Write(Target, Node),
     If(Node, Vec<Step>, Vec<Step>),
     /// The script's result is known: stop here.
     Finish(Ending),
@@ -128,6 +146,9 @@ pub struct Native {
     /// Strings at most this long are handled natively; longer ones (which
     /// may meet the sandbox's string limit) go to the interpreter.
     max_string: usize,
+    /// Every field the script reads or writes, found in one pass over a
+    /// payload's text; None when some path cannot be scanned plainly.
+    scan: Option<TextScan>,
 }
 
 /// Most nodes a translated script may have. A run takes at most one
@@ -146,6 +167,7 @@ struct Translator {
     /// Every path written so far, in program order.
     written: Vec<Path>,
     nodes: usize,
+    scan: Option<TextScan>,
 }
 
 /// Whether one path is a prefix of the other (or equal).
@@ -162,7 +184,7 @@ impl Translator {
         if ast.has_functions() || limits.max_operations < 4 * MAX_NODES as u64 {
             return None;
         }
-        Some(Translator { scope: Vec::new(), slots: 0, written: Vec::new(), nodes: 0 })
+        Some(Translator { scope: Vec::new(), slots: 0, written: Vec::new(), nodes: 0, scan: Some(TextScan::default()) })
     }
 
     fn count(&mut self) -> Option<()> {
@@ -273,11 +295,39 @@ impl Translator {
 
     /// A read of a field, unless this run wrote over it before (writes land
     /// after the run, so the read would see the old value).
-    fn read(&self, path: Vec<ImmutableString>) -> Option<Node> {
+    fn read(&mut self, path: Vec<ImmutableString>) -> Option<Node> {
         if self.written.iter().any(|w| overlaps(w, &path)) {
             return None;
         }
-        Some(Node::Read(path.into()))
+        let slots = self.slots_of(&path);
+        Some(Node::Read(path.into(), slots))
+    }
+
+    /// Scan slots for a path and its parents; a path the scan cannot take
+    /// turns the scan off (runs then look fields up one by one).
+    fn slots_of(&mut self, path: &[ImmutableString]) -> Slots {
+        let Some(scan) = self.scan.as_mut() else { return Slots::default() };
+        let value = scan.value(path);
+        let parents: Option<Box<[usize]>> = (1..path.len()).map(|n| scan.value(&path[..n])).collect();
+        match (value, parents) {
+            (Some(value), Some(parents)) => Slots { value, parents },
+            _ => {
+                self.scan = None;
+                Slots::default()
+            }
+        }
+    }
+
+    /// The close slot of the object a write lands in.
+    fn close_of(&mut self, parents: &[ImmutableString]) -> usize {
+        match self.scan.as_mut().map(|scan| scan.close(parents)) {
+            Some(Some(slot)) => slot,
+            Some(None) => {
+                self.scan = None;
+                0
+            }
+            None => 0,
+        }
     }
 
     /// One statement; `None` inside means "nothing to do" (a no-op).
@@ -322,7 +372,9 @@ impl Translator {
                     return None;
                 }
                 self.written.push(path.clone().into());
-                Step::Write(path.into(), value)
+                let slots = self.slots_of(&path);
+                let close = self.close_of(&path[..path.len() - 1]);
+                Step::Write(Target { path: path.into(), slots, close }, value)
             }
             Stmt::If(flow, _) => {
                 let condition = self.expr(&flow.expr)?;
@@ -374,7 +426,7 @@ impl Native {
     pub fn script(ast: &AST, limits: &Limits) -> Option<Native> {
         let mut t = Translator::new(ast, limits)?;
         let steps = t.tail_block(ast.statements())?;
-        Some(Native { steps, value: None, slots: t.slots, max_string: max_string(limits) })
+        Some(Native { steps, value: None, slots: t.slots, max_string: max_string(limits), scan: t.scan })
     }
 
     /// Translates a condition (one expression).
@@ -385,7 +437,7 @@ impl Native {
             [Stmt::FnCall(call, pos)] => t.expr(&Expr::FnCall(call.clone(), *pos))?,
             _ => return None,
         };
-        Some(Native { steps: Vec::new(), value: Some(value), slots: 0, max_string: max_string(limits) })
+        Some(Native { steps: Vec::new(), value: Some(value), slots: 0, max_string: max_string(limits), scan: t.scan })
     }
 
     /// Runs a script: applies its writes to `data` and says how it ended.
@@ -393,10 +445,15 @@ impl Native {
     /// A run that only reads keeps the payload's original JSON text.
     pub fn run(&self, payload: &mut Payload) -> Result<Ending, Bail> {
         let mut writes = Vec::new();
-        let mut run = Run::new(payload.root(), self.slots, self.max_string);
+        let located = self.scan.as_ref().and_then(|scan| scan.locate(payload));
+        let mut run = Run::new(payload.root(), located, self.slots, self.max_string);
         let ending = run.steps(&self.steps, &mut writes)?.unwrap_or(Ending::Drop);
         if !writes.is_empty() {
-            payload.set_fields(writes);
+            let splices = run.splices(&writes);
+            drop(run);
+            if !splices.is_some_and(|splices| payload.splice(splices)) {
+                payload.set_fields(writes.into_iter().map(|(target, value)| (&target.path[..], value)).collect());
+            }
         }
         Ok(ending)
     }
@@ -404,7 +461,8 @@ impl Native {
     /// Evaluates a condition.
     pub fn evaluate<'a>(&'a self, data: &'a Payload) -> Result<Val<'a>, Bail> {
         let node = self.value.as_ref().ok_or(Bail)?;
-        Run::new(data.root(), 0, self.max_string).eval(node)
+        let located = self.scan.as_ref().and_then(|scan| scan.locate(data));
+        Run::new(data.root(), located, 0, self.max_string).eval(node)
     }
 }
 
@@ -412,6 +470,8 @@ impl Native {
 /// parsed) and its `let` variables.
 struct Run<'a> {
     data: Field<'a>,
+    /// The script's fields found in the payload's text, when it has text.
+    located: Option<Located<'a>>,
     locals: Vec<Val<'a>>,
     max_string: usize,
     /// Objects already found, by path: `event.data.a` and `event.data.b`
@@ -426,8 +486,38 @@ type FoundObject<'a> = (&'a [ImmutableString], Field<'a>);
 const OBJECTS_KEPT: usize = 4;
 
 impl<'a> Run<'a> {
-    fn new(data: Field<'a>, slots: usize, max_string: usize) -> Self {
-        Run { data, locals: vec![Val::Unit; slots], max_string, objects: RefCell::new([None; OBJECTS_KEPT]) }
+    fn new(data: Field<'a>, located: Option<Located<'a>>, slots: usize, max_string: usize) -> Self {
+        Run { data, located, locals: vec![Val::Unit; slots], max_string, objects: RefCell::new([None; OBJECTS_KEPT]) }
+    }
+
+    /// Checks, as Rhai's property getters need, that every parent on a path
+    /// is an object that is there; found by the scan or one lookup at a time.
+    fn parents_are_objects(&self, path: &'a [ImmutableString], slots: &Slots) -> Result<(), Bail> {
+        match &self.located {
+            Some(located) => match slots.parents.iter().all(|slot| located.is_object(*slot)) {
+                true => Ok(()),
+                false => Err(Bail),
+            },
+            None => self.object_at(&path[..path.len() - 1]).map(drop),
+        }
+    }
+
+    /// The writes as splices of the scanned text (the last write to a path
+    /// wins); None without a scan.
+    fn splices(&self, writes: &[(&Target, Value)]) -> Option<Vec<Splice>> {
+        let located = self.located.as_ref()?;
+        let mut splices = Vec::with_capacity(writes.len());
+        let mut json = Vec::new();
+        for (i, (target, value)) in writes.iter().enumerate() {
+            if writes[i + 1..].iter().any(|(later, _)| later.path == target.path) {
+                continue;
+            }
+            json.clear();
+            conflux_api::sonic_rs::to_writer(&mut json, value).ok()?;
+            let name = target.path.last()?;
+            splices.push(located.set(target.slots.value, target.close, name.as_str(), &json)?);
+        }
+        Some(splices)
     }
 
     /// The object at `path`, every step of the way an object (as Rhai's
@@ -460,17 +550,17 @@ impl<'a> Run<'a> {
     fn steps<'p: 'a>(
         &mut self,
         steps: &'p [Step],
-        writes: &mut Vec<(&'p [ImmutableString], Value)>,
+        writes: &mut Vec<(&'p Target, Value)>,
     ) -> Result<Option<Ending>, Bail> {
         for step in steps {
             match step {
                 Step::Let(slot, node) => self.locals[*slot] = self.eval(node)?,
-                Step::Write(path, node) => {
+                Step::Write(target, node) => {
                     let value = self.eval(node)?;
                     // Every object on the way must already be there, as
                     // Rhai's getters need; the root must be an object.
-                    self.object_at(&path[..path.len() - 1])?;
-                    writes.push((path, value.to_value()));
+                    self.parents_are_objects(&target.path, &target.slots)?;
+                    writes.push((target, value.to_value()));
                 }
                 Step::If(condition, then, otherwise) => {
                     let branch = match self.eval(condition)? {
@@ -490,14 +580,18 @@ impl<'a> Run<'a> {
 
     /// Reads a field the way the `event` getter converts it; objects and
     /// arrays (handles and script arrays in Rhai) are left to the interpreter.
-    fn read(&self, path: &'a [ImmutableString]) -> Result<Val<'a>, Bail> {
+    fn read(&self, path: &'a [ImmutableString], slots: &Slots) -> Result<Val<'a>, Bail> {
         // A property of a scalar is an error in Rhai, and so is a property
         // of `()`: every parent must be an object that is there.
         let (last, parents) = path.split_last().ok_or(Bail)?;
-        let current = match self.object_at(parents)?.get(last.as_str()) {
-            Some(current) => current,
-            None => return Ok(Val::Unit),
+        let found = match &self.located {
+            Some(located) => {
+                self.parents_are_objects(path, slots)?;
+                located.value(slots.value)
+            }
+            None => self.object_at(parents)?.get(last.as_str()),
         };
+        let Some(current) = found else { return Ok(Val::Unit) };
         match current.kind() {
             JsonType::String => self.string(current.as_str().ok_or(Bail)?),
             JsonType::Number => match current.as_i64() {
@@ -521,7 +615,7 @@ impl<'a> Run<'a> {
         Ok(match node {
             Node::Const(Val::Str(s)) => Val::Str(Cow::Borrowed(s.as_ref())),
             Node::Const(v) => v.clone(),
-            Node::Read(path) => self.read(path)?,
+            Node::Read(path, slots) => self.read(path, slots)?,
             Node::Local(slot) => self.locals[*slot].clone(),
             Node::Not(inner) => match self.eval(inner)? {
                 Val::Bool(b) => Val::Bool(!b),
@@ -625,6 +719,11 @@ mod tests {
             r#""just a string""#,
             r#"{}"#,
             r#"{"type":"booking_\u0063reated","data":{"guests":3,"zone":"ter\"race","name":"\u017b\n"}}"#,
+            r#"{"data":{},"type":"booking_created"}"#,
+            r#" { "type" : "booking_created" , "data" : { "guests" : 5 , "zone" : "terrace" } , "tail" : [ {} ] } "#,
+            r#"{"t\u0079pe":"x","type":"booking_created","data":{"guests":5,"zone":"terrace"}}"#,
+            r#"{"type":"booking_created","data":{"d\u0061ta":1,"guests":5,"zone":"terrace","large":false,"size":"?"}}"#,
+            r#"{"type":"booking_created","data":{"nested":{},"guests":5},"x":1,"kind":null}"#,
         ]
     }
 
@@ -674,6 +773,9 @@ mod tests {
         "event.top = 1; event.top = 2; event",
         "let x = 1; let x = x + event.data.guests; event.x = x; event",
         "event.data.guests = 1",
+        "event.data.a = 1; event.data.b = event.data.guests; event.data.guests = 0; event.z = 2; event",
+        "event.data.zone = \"x\"; event.data.zone = \"y\"; event",
+        "event.data.nested.n = 1; event.data.nested.m = 2; event.data.nested.n = 3; event",
         "return event;",
     ];
 
