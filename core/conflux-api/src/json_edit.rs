@@ -363,12 +363,14 @@ fn member_at(json: &[u8], i: usize) -> Option<(&[u8], usize)> {
     if json.get(i) != Some(&b'"') {
         return None;
     }
-    let key_end = skip_string(json, i)?;
-    let raw_key = &json[i + 1..key_end - 1];
-    if raw_key.contains(&b'\\') {
+    // The key's first stop must be its closing quote: an escape (or a
+    // control byte) means it is not plain.
+    let stop = crate::json_check::string_stop(json, i + 1)?;
+    if json[stop] != b'"' {
         return None;
     }
-    let colon = skip_ws(json, key_end);
+    let raw_key = &json[i + 1..stop];
+    let colon = skip_ws(json, stop + 1);
     if json.get(colon) != Some(&b':') {
         return None;
     }
