@@ -33,7 +33,7 @@ impl<'a> Fields<'a> {
 
     /// Reads an object from JSON text (borrowing from it).
     pub fn parse_str(text: &'a str) -> Result<Fields<'a>, String> {
-        let mut scan = Scanner { text, at: 0 };
+        let mut scan = Scanner::new(text);
         let members = scan.object().map_err(|e| format!("payload is not a JSON object: {e}"))?;
         scan.skip_ws();
         if scan.at != text.len() {
@@ -168,23 +168,27 @@ pub fn write_string(out: &mut Vec<u8>, text: &str) {
 }
 
 /// A cursor over JSON text that finds where values start and end.
-struct Scanner<'a> {
+pub(crate) struct Scanner<'a> {
     text: &'a str,
-    at: usize,
+    pub(crate) at: usize,
 }
 
 impl<'a> Scanner<'a> {
-    fn peek(&self) -> Option<u8> {
+    pub(crate) fn new(text: &'a str) -> Self {
+        Scanner { text, at: 0 }
+    }
+
+    pub(crate) fn peek(&self) -> Option<u8> {
         self.text.as_bytes().get(self.at).copied()
     }
 
-    fn skip_ws(&mut self) {
+    pub(crate) fn skip_ws(&mut self) {
         while matches!(self.peek(), Some(b' ' | b'\n' | b'\r' | b'\t')) {
             self.at += 1;
         }
     }
 
-    fn expect(&mut self, byte: u8) -> Result<(), String> {
+    pub(crate) fn expect(&mut self, byte: u8) -> Result<(), String> {
         self.skip_ws();
         if self.peek() == Some(byte) {
             self.at += 1;
@@ -205,15 +209,8 @@ impl<'a> Scanner<'a> {
         }
         loop {
             self.skip_ws();
-            let start = self.at;
-            let escaped = self.string()?;
-            let written = &self.text[start..self.at];
-            let key = if escaped {
-                let name = serde_json::from_str::<String>(written).map_err(|e| format!("member name: {e}"))?;
-                Key { name: Cow::Owned(name), written: None }
-            } else {
-                Key { name: Cow::Borrowed(&written[1..written.len() - 1]), written: Some(written) }
-            };
+            let (name, written) = self.key()?;
+            let key = Key { name, written };
             self.expect(b':')?;
             self.skip_ws();
             let start = self.at;
@@ -228,6 +225,20 @@ impl<'a> Scanner<'a> {
                 }
                 _ => return Err(format!("expected `,` or `}}` at byte {}", self.at)),
             }
+        }
+    }
+
+    /// Reads a member name: its text, and the name as written (quotes
+    /// included) when it has no escapes.
+    pub(crate) fn key(&mut self) -> Result<(Cow<'a, str>, Option<&'a str>), String> {
+        let start = self.at;
+        let escaped = self.string()?;
+        let written = &self.text[start..self.at];
+        if escaped {
+            let name = serde_json::from_str::<String>(written).map_err(|e| format!("member name: {e}"))?;
+            Ok((Cow::Owned(name), None))
+        } else {
+            Ok((Cow::Borrowed(&written[1..written.len() - 1]), Some(written)))
         }
     }
 
@@ -251,7 +262,7 @@ impl<'a> Scanner<'a> {
     }
 
     /// Skips one value of any kind.
-    fn value(&mut self) -> Result<(), String> {
+    pub(crate) fn value(&mut self) -> Result<(), String> {
         match self.peek() {
             Some(b'"') => self.string().map(drop),
             Some(b'{' | b'[') => self.nested(),

@@ -29,8 +29,10 @@
 extern crate self as conflux_wasm_guest;
 
 mod fields;
+mod paths;
 
 pub use fields::{string_text, write_string, Fields};
+pub use paths::{Found, Paths};
 
 use std::any::Any;
 use std::cell::RefCell;

@@ -7,17 +7,33 @@
 //!
 //! Config: `{ "salt": "…", "fields": ["userId", …] }`.
 
-use conflux_wasm_guest::{export_stage, string_text, Event, Fields, Outcome, Stage};
+use conflux_wasm_guest::{export_stage, string_text, Event, Outcome, Paths, Stage};
 use serde::Deserialize;
 
 struct Mask {
     salt: String,
-    fields: Vec<String>,
+    /// `data`, `data.guests`, `data.guestBand` and `data.<field>` for each masked field.
+    paths: Paths,
+    /// The numbers of the masked fields' paths.
+    masked: Vec<usize>,
+}
+
+/// The numbers of the fixed paths in [`Mask::paths`].
+const DATA: usize = 0;
+const GUESTS: usize = 1;
+const BAND: usize = 2;
+
+impl Mask {
+    fn new(salt: String, fields: &[String]) -> Mask {
+        let mut paths = Paths::new([&["data"][..], &["data", "guests"], &["data", "guestBand"]]);
+        let masked = fields.iter().map(|field| paths.add(&["data", field.as_str()])).collect();
+        Mask { salt, paths, masked }
+    }
 }
 
 impl Default for Mask {
     fn default() -> Self {
-        Mask { salt: String::new(), fields: vec!["userId".into(), "email".into(), "phone".into()] }
+        Mask::new(String::new(), &["userId".into(), "email".into(), "phone".into()])
     }
 }
 
@@ -62,40 +78,37 @@ impl Stage for Mask {
     fn configure(&mut self, config: serde_json::Value) -> Result<(), String> {
         if !config.is_null() {
             let config: Config = serde_json::from_value(config).map_err(|e| format!("mask config: {e}"))?;
-            if let Some(salt) = config.salt {
-                self.salt = salt;
-            }
-            if let Some(fields) = config.fields {
-                self.fields = fields;
-            }
+            let defaults = ["userId", "email", "phone"].map(String::from).to_vec();
+            *self = Mask::new(config.salt.unwrap_or_default(), &config.fields.unwrap_or(defaults));
         }
         Ok(())
     }
 
-    /// Edits `data` shallowly: one scan finds the members, only the touched
-    /// ones are decoded, and the rest of the payload is copied through as it is.
+    /// One scan finds `data` and the members it touches; the output is the
+    /// input with those values replaced (and `guestBand` added), every other
+    /// byte copied through.
     fn process(&mut self, mut event: Event) -> Result<Outcome, String> {
-        let mut top = Fields::parse(&event.value)?;
-        let mut data = top.object("data").ok_or("event has no `data` object")??;
-        for field in &self.fields {
-            let masked = match data.get(field) {
+        let mut found = self.paths.find(&event.value)?;
+        if !found.get(DATA).is_some_and(|raw| raw.starts_with('{')) {
+            return Err("event has no `data` object".into());
+        }
+        for &path in &self.masked {
+            let masked = match found.get(path) {
                 Some(raw) if raw != "null" => self.pseudonym(raw),
                 _ => continue,
             };
-            data.set_raw(field, masked);
+            found.set_raw(path, masked)?;
         }
-        if let Some(guests) = data.get("guests").and_then(|raw| raw.parse::<u64>().ok()) {
+        if let Some(guests) = found.get(GUESTS).and_then(|raw| raw.parse::<u64>().ok()) {
             let band = match guests {
                 0 | 1 => "\"solo\"",
                 2 => "\"couple\"",
                 _ => "\"group\"",
             };
-            data.set_raw("guestBand", band);
+            found.set_raw(BAND, band)?;
         }
-        let data = data.to_raw();
-        top.set_raw("data", data);
-        let value = top.to_vec();
-        drop(top);
+        let value = found.to_vec();
+        drop(found);
         event.value = value;
         Ok(Outcome::one(event))
     }
