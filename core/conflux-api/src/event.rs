@@ -1,5 +1,6 @@
 //! The event model: a payload parsed once, metadata, and two clocks.
 
+use std::borrow::Cow;
 use std::collections::BTreeMap;
 use std::ops::{Deref, DerefMut};
 use std::sync::{Arc, OnceLock};
@@ -318,16 +319,18 @@ impl serde::Serialize for Payload {
     }
 }
 
-/// Event metadata: a small ordered map of names to values.
+/// Event metadata: a small ordered map of names to values. Names are
+/// mostly constants (`nats.subject`, `kafka.offset`): those are kept as
+/// `&'static str`, not copied into a new string for every event.
 #[derive(Debug, Clone, Default, PartialEq)]
-pub struct Metadata(BTreeMap<String, Value>);
+pub struct Metadata(BTreeMap<Cow<'static, str>, Value>);
 
 impl Metadata {
     pub fn get(&self, key: &str) -> Option<&Value> {
         self.0.get(key)
     }
 
-    pub fn insert(&mut self, key: impl Into<String>, value: impl Into<Value>) {
+    pub fn insert(&mut self, key: impl Into<Cow<'static, str>>, value: impl Into<Value>) {
         self.0.insert(key.into(), value.into());
     }
 
@@ -335,8 +338,8 @@ impl Metadata {
         self.0.remove(key)
     }
 
-    pub fn iter(&self) -> impl Iterator<Item = (&String, &Value)> {
-        self.0.iter()
+    pub fn iter(&self) -> impl Iterator<Item = (&str, &Value)> {
+        self.0.iter().map(|(name, value)| (name.as_ref(), value))
     }
 
     pub fn is_empty(&self) -> bool {

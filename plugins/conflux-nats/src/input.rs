@@ -136,14 +136,15 @@ impl InputConfig for NatsInputConfig {
 inventory::submit!(Registration::input::<NatsInputConfig>());
 
 /// What the reader and the acknowledgement tokens tell the acknowledging task.
-// `Done` is the common case (one per message): boxing it would cost an allocation each.
-#[allow(clippy::large_enum_variant)]
+/// Only a message's reply subject travels (an acknowledgement is a publish
+/// to it): the message itself is dropped once its event is built.
 enum AckEvent {
     /// A message with this stream sequence was handed to the pipeline (`all` policy only).
     Delivered(u64),
     /// The pipeline is done with a message: acked, termed or nak'ed on its
-    /// own (under `all`, only failures, which are nak'ed).
-    Done(async_nats::jetstream::Message, AckStatus),
+    /// own (under `all`, only failures, which are nak'ed). `delivered` is its
+    /// delivery count, which sets the nak's backoff.
+    Done { reply: async_nats::Subject, delivered: i64, status: AckStatus },
     /// `all` policy: the pipeline confirmed (or rejected) a message. Its
     /// reply subject is all an acknowledgement needs; the message itself is
     /// dropped at once rather than kept until the run is acknowledged.
@@ -328,27 +329,28 @@ impl Input for NatsInput {
                         .info()
                         .ok()
                         .map(|i| (Sequences { stream: i.stream_sequence, delivery: i.consumer_sequence }, i.delivered));
-                    let settle = match (*cumulative, parsed, message.reply.clone()) {
-                        (false, ..) => None,
-                        (true, Some((at, _)), Some(reply)) => {
+                    let Some(reply) = message.reply.clone() else {
+                        return Err(PluginError::retryable("a JetStream message without its reply subject"));
+                    };
+                    let settle = match (*cumulative, parsed) {
+                        (false, _) => None,
+                        (true, Some((at, _))) => {
                             // Announced before the event can finish, so the task knows of the gap.
                             let _ = acks.send(AckEvent::Delivered(at.stream));
-                            Some((reply, at))
+                            Some(at)
                         }
-                        (true, ..) => {
-                            return Err(PluginError::retryable("a JetStream message without its reply subject"));
+                        (true, None) => {
+                            return Err(PluginError::retryable("a JetStream message without its sequence numbers"));
                         }
                     };
+                    let delivered = parsed.map_or(1, |(_, delivered)| delivered);
                     let info = parsed.map(|(at, delivered)| (at.stream, delivered, &*position));
-                    // The event is built from the borrowed message, which then moves into its token.
                     let (event, valid) = event(&message.payload, message.subject.as_str(), now, info);
                     let tx = acks.clone();
                     let token = AckToken::new(move |status| {
                         let _ = tx.send(match (settle, status) {
-                            (Some((reply, at)), AckStatus::Delivered | AckStatus::Rejected) => {
-                                AckEvent::Settled(reply, at)
-                            }
-                            _ => AckEvent::Done(message, status),
+                            (Some(at), AckStatus::Delivered | AckStatus::Rejected) => AckEvent::Settled(reply, at),
+                            _ => AckEvent::Done { reply, delivered, status },
                         });
                     });
                     route(out, event.with_ack(token), valid);
@@ -421,10 +423,10 @@ async fn acknowledge(
                         acks.delivered(sequence);
                     }
                 }
-                AckEvent::Done(message, AckStatus::Errored) => {
-                    let delivered = message.info().map(|i| i.delivered).unwrap_or(1).clamp(1, 16) as u32;
+                AckEvent::Done { reply, delivered, status: AckStatus::Errored } => {
+                    let delivered = delivered.clamp(1, 16) as u32;
                     let delay = nak_delay.saturating_mul(1 << (delivered - 1)).min(StdDuration::from_secs(60));
-                    send(&message, AckKind::Nak(Some(delay))).await;
+                    send(&client, reply, AckKind::Nak(Some(delay))).await;
                 }
                 // Under `all`, a term would count as an ack of everything below
                 // it: a rejected message is covered by the run's ack instead.
@@ -433,8 +435,8 @@ async fn acknowledge(
                         acks.done(reply, at);
                     }
                 }
-                AckEvent::Done(message, AckStatus::Delivered) => send(&message, AckKind::Ack).await,
-                AckEvent::Done(message, AckStatus::Rejected) => send(&message, AckKind::Term).await,
+                AckEvent::Done { reply, status: AckStatus::Delivered, .. } => send(&client, reply, AckKind::Ack).await,
+                AckEvent::Done { reply, status: AckStatus::Rejected, .. } => send(&client, reply, AckKind::Term).await,
             }
             next = rx.try_recv().ok();
         }
@@ -448,10 +450,8 @@ async fn acknowledge(
                 }
             }
             if let Some(reply) = acks.ack_point() {
-                // What `Message::ack` sends, to the reply subject of the run's last message.
-                if let Err(e) = client.publish(reply, Bytes::from_static(b"+ACK")).await {
-                    tracing::warn!(error = %e, "cannot acknowledge JetStream messages; they will be redelivered");
-                }
+                // One `+ACK` to the reply subject of the run's last message.
+                send(&client, reply, AckKind::Ack).await;
             }
         }
         if let Err(e) = client.flush().await {
@@ -463,8 +463,9 @@ async fn acknowledge(
 /// How often a gated `all` consumer asks the server for its pending count.
 const GATE_CHECK: StdDuration = StdDuration::from_millis(500);
 
-async fn send(message: &async_nats::jetstream::Message, kind: AckKind) {
-    if let Err(e) = message.ack_with(kind).await {
+/// Acknowledges one message as `Message::ack_with` does: `kind` published to its reply subject.
+async fn send(client: &async_nats::Client, reply: async_nats::Subject, kind: AckKind) {
+    if let Err(e) = client.publish(reply, kind.into()).await {
         tracing::warn!(error = %e, "cannot acknowledge a JetStream message; it will be redelivered");
     }
 }

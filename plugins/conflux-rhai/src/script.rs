@@ -285,13 +285,13 @@ fn register_properties(engine: &mut Engine, ast: &AST) {
 }
 
 fn meta_to_map(meta: &Metadata) -> Map {
-    meta.iter().map(|(k, v)| (k.as_str().into(), to_dynamic(v))).collect()
+    meta.iter().map(|(k, v)| (k.into(), to_dynamic(v))).collect()
 }
 
 fn map_to_meta(map: &Map) -> Metadata {
     let mut meta = Metadata::default();
     for (k, v) in map {
-        meta.insert(k.as_str(), to_value(v));
+        meta.insert(k.to_string(), to_value(v));
     }
     meta
 }

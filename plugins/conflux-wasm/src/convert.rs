@@ -26,7 +26,7 @@ fn to_record(event: &Event) -> Record {
                 continue;
             }
         }
-        metadata.push((name.clone(), sonic_rs::to_string(value).unwrap_or_else(|_| "null".into())));
+        metadata.push((name.to_string(), sonic_rs::to_string(value).unwrap_or_else(|_| "null".into())));
     }
     Record { key, value, metadata, timestamp: event.event_time.map(|t| t.0) }
 }
