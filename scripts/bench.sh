@@ -215,13 +215,18 @@ YAML
 }
 
 # Runs a never-ending pipeline until its `out` output received N events; prints the rate.
-drain_rate() { # name events pipeline-file admin-port
-  local name=$1 events=$2 file=$3 port=$4 start end got=0 pid
+# CPU time (clock ticks) a process has used so far; 0 when it is not there.
+cpu_ticks() { awk '{print $14 + $15}' "/proc/$1/stat" 2>/dev/null || echo 0; }
+
+drain_rate() { # name events pipeline-file admin-port broker-process-name
+  local name=$1 events=$2 file=$3 port=$4 broker start end got=0 pid b0 c0 b1 c1
+  broker=$(pgrep -x "$5" | head -1 || true)
   "$BIN" run --admin "127.0.0.1:$port" "$file" & pid=$!
   # The clock starts at the first event, so group joins and connects are not counted.
   local base=0 metric='/^conflux_events_received_total.*component="out"/ {print $2}'
   until [ "${base%.*}" -gt 0 ]; do sleep 0.02; base=$(curl -s "127.0.0.1:$port/metrics" | awk "$metric"); base=${base:-0}; done
   start=$(date +%s.%N)
+  b0=$(cpu_ticks "${broker:-0}") c0=$(cpu_ticks "$pid")
   got=$base
   while [ "${got%.*}" -lt "$events" ]; do
     sleep 0.05
@@ -229,9 +234,13 @@ drain_rate() { # name events pipeline-file admin-port
     got=${got:-0}
   done
   end=$(date +%s.%N)
+  b1=$(cpu_ticks "${broker:-0}") c1=$(cpu_ticks "$pid")
   kill -TERM "$pid"; wait "$pid" || true
-  printf '%-28s %12.0f events/s   (%s events in %.2f s)\n' "$name" \
-    "$(awk -v n="$got" -v m="$base" -v a="$end" -v b="$start" 'BEGIN {print (n - m) / (a - b)}')" "$((${got%.*} - ${base%.*}))" "$(awk -v a="$end" -v b="$start" 'BEGIN {print a - b}')"
+  # CPU shares over the drain, in % of one core: which side bounds the rate.
+  printf '%-28s %12.0f events/s   (%s events in %.2f s; CPU: %s %.0f%%, conflux %.0f%%)\n' "$name" \
+    "$(awk -v n="$got" -v m="$base" -v a="$end" -v b="$start" 'BEGIN {print (n - m) / (a - b)}')" "$((${got%.*} - ${base%.*}))" "$(awk -v a="$end" -v b="$start" 'BEGIN {print a - b}')" \
+    "$5" "$(awk -v x="$((b1 - b0))" -v a="$end" -v b="$start" -v hz="$(getconf CLK_TCK)" 'BEGIN {print 100 * x / hz / (a - b)}')" \
+    "$(awk -v x="$((c1 - c0))" -v a="$end" -v b="$start" -v hz="$(getconf CLK_TCK)" 'BEGIN {print 100 * x / hz / (a - b)}')"
 }
 
 # wrk against an http_server → drop pipeline; BODY is a file holding each request's body.
@@ -283,7 +292,7 @@ inputs:
 outputs:
   out: { type: drop, from: in }
 YAML
-  drain_rate "Kafka (tansu) → drop" "$EVENTS" "$WORK/kafka-drop.yaml" 19464
+  drain_rate "Kafka (tansu) → drop" "$EVENTS" "$WORK/kafka-drop.yaml" 19464 tansu
 }
 
 jetstream_drop() {
@@ -308,8 +317,8 @@ YAML
   # Creates the stream (the input creates it over its subjects), then fills it.
   timeout 3 "$BIN" run "$WORK/js-drop-explicit.yaml" >/dev/null 2>&1 || true
   "$BIN" run "$WORK/js-fill.yaml"
-  drain_rate "JetStream → drop (ack each)" "$EVENTS" "$WORK/js-drop-explicit.yaml" 19465
-  drain_rate "JetStream → drop (ack all)" "$EVENTS" "$WORK/js-drop-all.yaml" 19465
+  drain_rate "JetStream → drop (ack each)" "$EVENTS" "$WORK/js-drop-explicit.yaml" 19465 nats-server
+  drain_rate "JetStream → drop (ack all)" "$EVENTS" "$WORK/js-drop-all.yaml" 19465 nats-server
   js_delete_stream "$stream"
 }
 
