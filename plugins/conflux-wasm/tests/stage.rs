@@ -230,10 +230,13 @@ async fn hot_swap_under_load_loses_and_repeats_nothing() {
     let module = dir.path().join("live.wasm");
     std::fs::copy(guest("identity"), &module).unwrap();
     let (src, sink) = ("swap-src", "swap-sink");
+    // 600 batches, 20 ms apart: after the swap (at a fifth) the source still
+    // runs for about ten seconds, time enough for a debug build to compile
+    // the new module on a slow, busy machine (1 ms apart was not, in CI).
     const N: usize = 30_000;
     let yaml = format!(
         "inputs:
-  src: {{ type: test_source, key: {src}, count: {N}, batch_size: 50, interval: 1ms }}
+  src: {{ type: test_source, key: {src}, count: {N}, batch_size: 50, interval: 20ms }}
 stages:
   live: {{ type: wasm, module: {}, reload_interval: 20ms, from: src }}
 outputs:
