@@ -214,10 +214,16 @@ YAML
   printf '%-28s RSS every 2 s: %s KiB (flat = bounded)\n' "slow output (10ms/batch)" "${samples[*]}"
 }
 
-# Runs a never-ending pipeline until its `out` output received N events; prints the rate.
 # CPU time (clock ticks) a process has used so far; 0 when it is not there.
 cpu_ticks() { awk '{print $14 + $15}' "/proc/$1/stat" 2>/dev/null || echo 0; }
 
+# A process's CPU share, in % of one core, from two tick readings over an interval.
+cpu_share() { # ticks-before ticks-after start end
+  awk -v x="$(($2 - $1))" -v b="$3" -v a="$4" -v hz="$(getconf CLK_TCK)" 'BEGIN {print 100 * x / hz / (a - b)}'
+}
+
+# Runs a never-ending pipeline until its `out` output received N events; prints
+# the rate and the broker's and conflux's CPU shares (which side bounds the rate).
 drain_rate() { # name events pipeline-file admin-port broker-process-name
   local name=$1 events=$2 file=$3 port=$4 broker start end got=0 pid b0 c0 b1 c1
   broker=$(pgrep -x "$5" | head -1 || true)
@@ -236,11 +242,9 @@ drain_rate() { # name events pipeline-file admin-port broker-process-name
   end=$(date +%s.%N)
   b1=$(cpu_ticks "${broker:-0}") c1=$(cpu_ticks "$pid")
   kill -TERM "$pid"; wait "$pid" || true
-  # CPU shares over the drain, in % of one core: which side bounds the rate.
   printf '%-28s %12.0f events/s   (%s events in %.2f s; CPU: %s %.0f%%, conflux %.0f%%)\n' "$name" \
     "$(awk -v n="$got" -v m="$base" -v a="$end" -v b="$start" 'BEGIN {print (n - m) / (a - b)}')" "$((${got%.*} - ${base%.*}))" "$(awk -v a="$end" -v b="$start" 'BEGIN {print a - b}')" \
-    "$5" "$(awk -v x="$((b1 - b0))" -v a="$end" -v b="$start" -v hz="$(getconf CLK_TCK)" 'BEGIN {print 100 * x / hz / (a - b)}')" \
-    "$(awk -v x="$((c1 - c0))" -v a="$end" -v b="$start" -v hz="$(getconf CLK_TCK)" 'BEGIN {print 100 * x / hz / (a - b)}')"
+    "$5" "$(cpu_share "$b0" "$b1" "$start" "$end")" "$(cpu_share "$c0" "$c1" "$start" "$end")"
 }
 
 # wrk against an http_server → drop pipeline; BODY is a file holding each request's body.
