@@ -50,16 +50,31 @@ throughput() { # name events pipeline-file
     "$(printf '%.0f ' "${rates[@]}")"
 }
 
+# The booking events every file scenario reads. The generator stamps them
+# with the wall clock (a million fall within a second or two), so their
+# event times are then spread 10 ms apart (about 2.8 hours: 167 one-minute
+# windows per restaurant), as a real stream's would be.
 events_file() {
-  local file=$WORK/bookings-$EVENTS.ndjson
+  local file=$WORK/bookings-$EVENTS-spread.ndjson
   if [ ! -s "$file" ]; then
     cat >"$WORK/make-events.yaml" <<YAML
 inputs:
   gen: { type: generate, profile: booking, count: $EVENTS, seed: 42, keys: 100 }
 outputs:
-  out: { type: file, path: $file, append: false, from: gen }
+  out: { type: file, path: $file.raw, append: false, from: gen }
 YAML
     "$BIN" run "$WORK/make-events.yaml"
+    python3 - "$file.raw" "$file" <<'PY'
+import re, sys
+from datetime import datetime, timedelta, timezone
+start = datetime(2026, 11, 22, 8, 0, tzinfo=timezone.utc)
+stamp = re.compile(r'"timestamp":"[^"]*"')
+with open(sys.argv[1]) as raw, open(sys.argv[2], "w") as out:
+    for i, line in enumerate(raw):
+        t = (start + timedelta(milliseconds=10 * i)).strftime("%Y-%m-%dT%H:%M:%S.%f")[:-3] + "Z"
+        out.write(stamp.sub(f'"timestamp":"{t}"', line, count=1))
+PY
+    rm -f "$file.raw"
   fi
   echo "$file"
 }
@@ -160,11 +175,53 @@ YAML
   rm -rf "$WORK/state-$1"
 }
 
+# The count+sum pipeline once more, its results to a file, checked against
+# counts and sums computed by Python from the same input (the bench events
+# are in time order, so none is late).
+aggregate_exact() { # events-file
+  sed -e "s|out: { type: drop, from: agg }|out: { type: file, path: $WORK/aggregate-results.ndjson, append: false, from: agg }|" \
+    -e "s|state-simple|state-exact|" "$WORK/aggregate-simple.yaml" >"$WORK/aggregate-exact.yaml"
+  rm -rf "$WORK/state-exact"
+  "$BIN" run "$WORK/aggregate-exact.yaml" >/dev/null
+  python3 - "$1" "$WORK/aggregate-results.ndjson" <<'PY'
+import json, sys
+from collections import defaultdict
+from datetime import datetime, timezone
+
+def minute(stamp):
+    t = datetime.fromisoformat(stamp.replace("Z", "+00:00"))
+    return t.replace(second=0, microsecond=0).astimezone(timezone.utc).strftime("%Y-%m-%dT%H:%M")
+
+expected = defaultdict(lambda: [0, 0])
+with open(sys.argv[1]) as events:
+    for line in events:
+        e = json.loads(line)
+        key = (e["data"]["restaurantId"], minute(e["timestamp"]))
+        expected[key][0] += 1
+        expected[key][1] += e["data"]["guests"]
+got = {}
+with open(sys.argv[2]) as results:
+    for line in results:
+        r = json.loads(line)
+        if r["final"]:
+            key = (r["data"]["restaurantId"], r["window"]["start"][:16])
+            if key in got:
+                sys.exit(f"aggregate count+sum: window {key} emitted twice")
+            got[key] = [r["bookings"], r["guests"]]
+wrong = [k for k in expected.keys() | got.keys() if expected.get(k) != got.get(k)]
+if wrong:
+    k = sorted(wrong)[0]
+    sys.exit(f"aggregate count+sum: {len(wrong)} of {len(expected)} windows differ, e.g. {k}: expected {expected.get(k)}, got {got.get(k)}")
+print(f"{'aggregate count+sum, exact':<28} every one of {len(expected)} (restaurant, minute) windows matches Python's count and sum")
+PY
+}
+
 aggregate() {
   local file groups
   file=$(events_file)
   aggregate_scenario simple "$file" '{ bookings: { count: {} }, guests: { sum: data.guests } }'
   throughput "aggregate count+sum" "$EVENTS" "$WORK/aggregate-simple.yaml"
+  aggregate_exact "$file"
   # The same with 1 s snapshots to the local data_dir (each run starts from an empty state).
   aggregate_scenario checkpointed "$file" '{ bookings: { count: {} }, guests: { sum: data.guests } }' \
     'checkpoint: { interval: 1s }'

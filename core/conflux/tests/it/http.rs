@@ -303,6 +303,68 @@ outputs:
     run.stop().await;
 }
 
+/// Behind JWT auth, each subject has its own rate bucket, and the subject
+/// and the configured claims reach the event's metadata (a script copies
+/// them into the payload so the sink can see them).
+#[tokio::test]
+async fn jwt_subjects_get_their_own_rate_bucket_and_reach_the_metadata() {
+    let sink = key("sink");
+    let run = Running::start(&format!(
+        "inputs:
+  api:
+    type: http_server
+    address: \"{{addr}}\"
+    auth: {{ jwt: {{ secret: hush, claims: [tenant] }} }}
+    rate_limit: {{ per_client: 2/min }}
+stages:
+  who:
+    type: rhai
+    from: api
+    script: |
+      event.subject = meta[\"auth.subject\"];
+      event.tenant = meta[\"auth.claim.tenant\"];
+      event
+outputs:
+  out: {{ type: test_sink, key: {sink}, from: who }}
+"
+    ))
+    .await;
+    let token = |sub: &str, tenant: &str| {
+        let claims = json!({"sub": sub, "tenant": tenant, "exp": now() + 60});
+        encode(&Header::new(Algorithm::HS256), &claims, &EncodingKey::from_secret(b"hush")).unwrap()
+    };
+    let send = |token: String, n: u32| {
+        let url = run.url("/");
+        async move {
+            let response = client()
+                .post(url)
+                .header("content-type", "application/json")
+                .header("authorization", format!("Bearer {token}"))
+                .body(format!("{{\"n\":{n}}}"))
+                .send()
+                .await
+                .unwrap();
+            response.status()
+        }
+    };
+    let (u1, u2) = (token("u1", "t1"), token("u2", "t2"));
+    assert_eq!(send(u1.clone(), 1).await, StatusCode::ACCEPTED);
+    assert_eq!(send(u1.clone(), 2).await, StatusCode::ACCEPTED);
+    assert_eq!(send(u1, 3).await, StatusCode::TOO_MANY_REQUESTS, "u1's bucket is empty");
+    assert_eq!(send(u2, 4).await, StatusCode::ACCEPTED, "u2, from the same address, has its own bucket");
+    let mut got = wait_delivered(&sink, 3).await;
+    got.sort_by_key(|e| e["n"].as_u64());
+    assert_eq!(
+        got,
+        vec![
+            json!({"n": 1, "subject": "u1", "tenant": "t1"}),
+            json!({"n": 2, "subject": "u1", "tenant": "t1"}),
+            json!({"n": 4, "subject": "u2", "tenant": "t2"}),
+        ]
+    );
+    run.stop().await;
+}
+
 fn schema_file(dir: &tempfile::TempDir) -> String {
     let path = dir.path().join("order.json");
     std::fs::write(

@@ -15,6 +15,7 @@ pub fn setup() {
     conflux_testkit::link();
     conflux_std::link();
     conflux_wasm::link();
+    conflux_rhai::link();
     conflux_http::link();
     conflux_validate::link();
     conflux_nats::link();

@@ -5,7 +5,7 @@ use std::collections::BTreeSet;
 use std::time::Duration;
 
 use conflux_engine::runtime::RunContext;
-use conflux_testkit::{acks, delivered, run_yaml};
+use conflux_testkit::{acks, attempts, delivered, release, run_yaml};
 use futures_util::StreamExt;
 
 use crate::{key, setup};
@@ -273,5 +273,89 @@ async fn a_consumer_with_another_ack_policy_is_refused_with_the_reason() {
         let outcome = tokio::time::timeout(Duration::from_secs(10), run_yaml(&yaml, RunContext::new())).await;
         assert!(outcome.expect("a fatal connect error ends the run").failed, "{durable}");
     }
+    js.delete_stream(&stream).await.ok();
+}
+
+/// A stream `CF_<tag>` over subject `<tag>` holding `{"n": 0..count}`.
+async fn filled_stream(url: &str, tag: &str, count: u64) -> (async_nats::jetstream::Context, String) {
+    let js = async_nats::jetstream::new(async_nats::connect(url).await.unwrap());
+    let stream = format!("CF_{tag}");
+    js.get_or_create_stream(async_nats::jetstream::stream::Config {
+        name: stream.clone(),
+        subjects: vec![tag.to_owned()],
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let mut published = Vec::new();
+    for n in 0..count {
+        published.push(js.publish(tag.to_owned(), format!("{{\"n\":{n}}}").into()).await.unwrap());
+    }
+    for ack in published {
+        ack.await.unwrap();
+    }
+    (js, stream)
+}
+
+#[tokio::test]
+async fn jetstream_delivers_no_more_than_max_ack_pending_while_the_pipeline_holds_them() {
+    setup();
+    let url = nats_url().await;
+    let (sink, tag) = (key("sink"), key("map").replace('-', "_"));
+    let (js, stream) = filled_stream(&url, &tag, 300).await;
+    // The sink holds every write until released, so nothing is acknowledged:
+    // the server must stop delivering at max_ack_pending.
+    let yaml = format!(
+        "inputs:\n  in: {{ type: nats, url: \"{url}\", jetstream: {{ stream: {stream}, durable: held, max_ack_pending: 20 }}, batch_size: 10 }}\noutputs:\n  out: {{ type: test_sink, key: {sink}, gated: true, from: in }}\n"
+    );
+    let cx = RunContext::new();
+    let run = tokio::spawn({
+        let cx = cx.clone();
+        async move { run_yaml(&yaml, cx).await }
+    });
+    for _ in 0..200 {
+        if stream_state(&url, &stream, "held").await.2 >= 20 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // Time for a consumer that ignored the limit to take more.
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    let (_, pending, ack_pending) = stream_state(&url, &stream, "held").await;
+    assert_eq!((ack_pending, pending), (20, 280), "20 in flight, the rest still on the server");
+    assert!(delivered(&sink).is_empty(), "the gated sink wrote nothing yet");
+    release(&sink, 1000);
+    wait_for(|| delivered(&sink).len() >= 300, "all 300 events once released").await;
+    assert_eq!(ns(&delivered(&sink)), (0..300).collect());
+    cx.stop.cancel();
+    run.await.unwrap();
+    js.delete_stream(&stream).await.ok();
+}
+
+#[tokio::test]
+async fn a_failed_jetstream_message_comes_back_after_its_nak_delay_not_the_ack_wait() {
+    setup();
+    let url = nats_url().await;
+    let (sink, tag) = (key("sink"), key("nak").replace('-', "_"));
+    let (js, stream) = filled_stream(&url, &tag, 10).await;
+    // The first write fails for good (one attempt): its events are nak'ed
+    // with a 1.5 s delay. ack_wait is 60 s, so a redelivery within it can
+    // only be the nak's.
+    let yaml = format!(
+        "inputs:\n  in: {{ type: nats, url: \"{url}\", jetstream: {{ stream: {stream}, durable: naks, ack_wait: 60s, nak_delay: 1500ms }}, batch_size: 10 }}\noutputs:\n  out: {{ type: test_sink, key: {sink}, fail_first: 1, from: in, retry: {{ initial_backoff: 1ms, max_attempts: 1 }} }}\n"
+    );
+    let cx = RunContext::new();
+    let run = tokio::spawn({
+        let cx = cx.clone();
+        async move { run_yaml(&yaml, cx).await }
+    });
+    wait_for(|| attempts(&sink) >= 1, "the first, failing write").await;
+    let failed_at = std::time::Instant::now();
+    wait_for(|| delivered(&sink).len() >= 10, "the nak'ed events to come back").await;
+    let after = failed_at.elapsed();
+    assert!(after >= Duration::from_millis(1300), "redelivered after {after:?}, before the nak delay");
+    assert_eq!(ns(&delivered(&sink)), (0..10).collect());
+    cx.stop.cancel();
+    run.await.unwrap();
     js.delete_stream(&stream).await.ok();
 }
