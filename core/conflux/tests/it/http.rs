@@ -511,10 +511,10 @@ async fn ws_connect(
     tokio_tungstenite::connect_async(url).await.unwrap().0
 }
 
-async fn ws_send(
-    ws: &mut tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>,
-    text: &str,
-) -> Value {
+async fn ws_send<S>(ws: &mut tokio_tungstenite::WebSocketStream<S>, text: &str) -> Value
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
     ws.send(Message::Text(text.into())).await.unwrap();
     loop {
         match ws.next().await.unwrap().unwrap() {
@@ -566,6 +566,74 @@ outputs:
     assert_eq!((r["seq"].clone(), r["status"].clone()), (json!(5), json!(429)), "four messages per minute: {r}");
     assert!(r["retry_after"].as_u64().unwrap() >= 1);
     assert_eq!(delivered(&sink).len(), 2);
+    ws.close(None).await.ok();
+    run.stop().await;
+}
+
+/// `websocket_server` over TLS (`wss://`), authenticated by a JWT in the
+/// upgrade request's `Authorization` header: refused without it, and the
+/// subject and claims reach each event's metadata.
+#[tokio::test]
+async fn websocket_over_tls_with_a_jwt_bearer() {
+    use rustls::pki_types::pem::PemObject;
+    use rustls::pki_types::{CertificateDer, ServerName};
+    use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+
+    let sink = key("sink");
+    let run = Running::start(&format!(
+        "inputs:
+  ws:
+    type: websocket_server
+    address: \"{{addr}}\"
+    path: /ingest
+    tls: {{ cert: {}, key: {} }}
+    auth: {{ jwt: {{ secret: hush, claims: [tenant] }} }}
+stages:
+  who:
+    type: rhai
+    from: ws
+    script: |
+      event.subject = meta[\"auth.subject\"];
+      event.tenant = meta[\"auth.claim.tenant\"];
+      event
+outputs:
+  out: {{ type: test_sink, key: {sink}, from: who }}
+",
+        fixture("tls-cert.pem"),
+        fixture("tls-key.pem")
+    ))
+    .await;
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in CertificateDer::pem_file_iter(fixture("tls-ca.pem")).unwrap() {
+        roots.add(cert.unwrap()).unwrap();
+    }
+    let tls = rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(rustls::crypto::ring::default_provider()))
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    let connector = tokio_rustls::TlsConnector::from(std::sync::Arc::new(tls));
+    let url = format!("wss://localhost:{}/ingest", run.addr.port());
+    let connect = |bearer: Option<String>| {
+        let (connector, url, addr) = (connector.clone(), url.clone(), run.addr);
+        async move {
+            let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+            let stream = connector.connect(ServerName::try_from("localhost").unwrap(), tcp).await.unwrap();
+            let mut request = url.into_client_request().unwrap();
+            if let Some(token) = bearer {
+                request.headers_mut().insert("authorization", format!("Bearer {token}").parse().unwrap());
+            }
+            tokio_tungstenite::client_async(request, stream).await.map(|(ws, _)| ws)
+        }
+    };
+    let refused = connect(None).await.unwrap_err();
+    assert!(refused.to_string().contains("401"), "{refused}");
+    let claims = json!({"sub": "u7", "tenant": "t7", "exp": now() + 60});
+    let token = encode(&Header::new(Algorithm::HS256), &claims, &EncodingKey::from_secret(b"hush")).unwrap();
+    let mut ws = connect(Some(token)).await.unwrap();
+    let reply = ws_send(&mut ws, r#"{"n":1}"#).await;
+    assert_eq!((reply["status"].clone(), reply["accepted"].clone()), (json!(202), json!(1)), "{reply}");
+    assert_eq!(wait_delivered(&sink, 1).await, vec![json!({"n": 1, "subject": "u7", "tenant": "t7"})]);
     ws.close(None).await.ok();
     run.stop().await;
 }
