@@ -223,6 +223,7 @@ pub enum Acc {
     Distinct(Distinct),
     Percentiles(Box<DDSketch>),
     TopK(TopK),
+    /// A gauge's increments within this window (the level is built from these when emitted).
     Gauge(f64),
 }
 
@@ -366,6 +367,23 @@ mod tests {
             let p99 = s.quantile(0.99).unwrap().unwrap();
             assert!((p99 - 9900.0).abs() / 9900.0 < 0.02, "{p99}");
         }
+    }
+
+    #[test]
+    fn rates_and_gauge_increments_merge_by_adding() {
+        // Sliding windows merge buckets: a rate is the merged count over the
+        // window's length, and a gauge bucket holds only its own increments
+        // (the level is the carried level plus these, never a sum of levels).
+        let mut rate = Acc::Rate(3);
+        rate.merge(&Acc::Rate(2));
+        assert!(matches!(rate, Acc::Rate(5)));
+        let mut gauge = Acc::Gauge(4.0);
+        gauge.merge(&Acc::Gauge(-1.5));
+        assert!(matches!(gauge, Acc::Gauge(g) if g == 2.5));
+        // Kinds that differ never mix.
+        let mut count = Acc::Count(1);
+        count.merge(&Acc::Rate(7));
+        assert!(matches!(count, Acc::Count(1)));
     }
 
     #[test]

@@ -13,6 +13,7 @@ use conflux_api::{
 use conflux_rhai::{Condition, Limits};
 use schemars::JsonSchema;
 use serde::Deserialize;
+use tracing::warn;
 
 use crate::accumulator::{detached, float};
 
@@ -32,6 +33,15 @@ pub struct AlertConfig {
     /// Sandbox limits for the conditions.
     #[serde(default)]
     pub limits: Limits,
+    /// Most open absence expectations (a `start` seen, its `end` not yet) kept across
+    /// all `expect` rules; beyond it the oldest is forgotten (it never fires or
+    /// resolves), counted and logged.
+    #[serde(default = "default_max_pending")]
+    pub max_pending: usize,
+}
+
+fn default_max_pending() -> usize {
+    100_000
 }
 
 /// One rule: a threshold (`when`) or an absence (`expect`).
@@ -46,7 +56,7 @@ pub struct RuleConfig {
     /// Rhai expression reported as `value` (default: none).
     #[serde(default)]
     pub value: Option<String>,
-    /// The condition must hold this long (in event time) before the alert fires.
+    /// The condition must hold this long (in event time) before the alert fires (default 0s).
     #[serde(default, rename = "for")]
     pub hold: Option<Duration>,
     /// Condition that resolves a firing alert (hysteresis); default: `when` no longer holds.
@@ -102,6 +112,8 @@ struct Pending {
     deadline: i64,
     group: Vec<Value>,
     fired: bool,
+    /// Position in `AlertStage::order`.
+    seq: u64,
 }
 
 struct AlertStage {
@@ -111,6 +123,12 @@ struct AlertStage {
     status: HashMap<(usize, String), Status>,
     /// Absence expectations by (rule, key).
     pending: HashMap<(usize, String), Pending>,
+    /// The same expectations oldest first (by when their `start` arrived), for eviction.
+    order: BTreeMap<u64, (usize, String)>,
+    next_seq: u64,
+    max_pending: usize,
+    evicted: u64,
+    evictions: conflux_api::metrics::Counter,
     clock: Option<i64>,
     last_event_wall: Instant,
 }
@@ -125,9 +143,12 @@ fn field(text: &str, at: &[&str]) -> Result<FieldPath, BuildError> {
 
 impl StageConfig for AlertConfig {
     const TYPE: &'static str = "alert";
-    fn build(self, _cx: &BuildContext) -> Result<BuiltStage, BuildError> {
+    fn build(self, cx: &BuildContext) -> Result<BuiltStage, BuildError> {
         if self.rules.is_empty() {
             return Err(BuildError::at(["rules"], "name at least one rule"));
+        }
+        if self.max_pending == 0 {
+            return Err(BuildError::at(["max_pending"], "max_pending must be at least 1"));
         }
         let mut rules = Vec::new();
         for (i, r) in self.rules.iter().enumerate() {
@@ -175,6 +196,14 @@ impl StageConfig for AlertConfig {
             rules,
             status: HashMap::new(),
             pending: HashMap::new(),
+            order: BTreeMap::new(),
+            next_seq: 0,
+            max_pending: self.max_pending,
+            evicted: 0,
+            evictions: cx.counter(
+                "alert_expectations_evicted",
+                "Absence expectations an alert stage forgot because max_pending was reached",
+            ),
             clock: None,
             last_event_wall: Instant::now(),
         }))
@@ -237,6 +266,7 @@ impl AlertStage {
                 let id = (r, k);
                 if end.matches(event)? {
                     if let Some(p) = self.pending.remove(&id) {
+                        self.order.remove(&p.seq);
                         if p.fired {
                             let value = Value::from(id.1.as_str());
                             return Ok(Some(alert(&self.group_by, rule, "resolved", &p.group, value, p.deadline, t)));
@@ -249,7 +279,14 @@ impl AlertStage {
                         .and_then(Timestamp::from_value)
                         .map(|ts| ts.0)
                         .unwrap_or(t);
-                    self.pending.insert(id, Pending { deadline: base + *within, group: group.to_vec(), fired: false });
+                    let seq = self.next_seq;
+                    self.next_seq += 1;
+                    let expectation = Pending { deadline: base + *within, group: group.to_vec(), fired: false, seq };
+                    if let Some(replaced) = self.pending.insert(id.clone(), expectation) {
+                        self.order.remove(&replaced.seq);
+                    }
+                    self.order.insert(seq, id);
+                    self.enforce_limit();
                 }
                 Ok(None)
             }
@@ -294,6 +331,24 @@ fn alert(
 }
 
 impl AlertStage {
+    /// Forgets the oldest expectations beyond `max_pending`.
+    fn enforce_limit(&mut self) {
+        while self.pending.len() > self.max_pending {
+            let Some((_, id)) = self.order.pop_first() else { break };
+            self.pending.remove(&id);
+            self.evicted += 1;
+            self.evictions.inc();
+            if self.evicted == 1 || self.evicted.is_power_of_two() {
+                warn!(
+                    pending = self.pending.len(),
+                    max_pending = self.max_pending,
+                    evicted = self.evicted,
+                    "alert expectation limit reached: forgetting the oldest (it will neither fire nor resolve)"
+                );
+            }
+        }
+    }
+
     /// Event-time clock; moves on with the wall clock after a second of silence.
     fn now(&self) -> Option<i64> {
         let idle = self.last_event_wall.elapsed();

@@ -21,7 +21,8 @@ pub struct AggregateConfig {
     /// Field paths whose values form the group (e.g. `data.restaurantId`); empty = one group.
     #[serde(default)]
     pub group_by: Vec<String>,
-    /// An event missing a group field joins the `default_group` (`default`) or goes to port `invalid`.
+    /// Where an event missing a group field goes (default `default`): into the `default_group`, or to
+    /// port `invalid`.
     #[serde(default)]
     pub missing_group: MissingGroup,
     /// Group value used for missing fields with `missing_group: default`.
@@ -34,7 +35,7 @@ pub struct AggregateConfig {
     pub window: WindowConfig,
     /// Metrics by output name.
     pub metrics: BTreeMap<String, MetricSpec>,
-    /// When results are emitted.
+    /// When results are emitted (default `final`).
     #[serde(default)]
     pub emit: Emit,
     /// Close windows after this long without events, so a quiet stream still emits (default 1m).
@@ -119,14 +120,29 @@ pub enum WindowConfig {
     /// Fixed, back-to-back windows: `tumbling: 1m`.
     Tumbling(Duration),
     /// Fixed windows that overlap: `hopping: { size: 1h, slide: 5m }`.
-    Hopping { size: Duration, slide: Duration },
+    Hopping {
+        /// Length of each window.
+        size: Duration,
+        /// Time between the starts of two consecutive windows (below `size`: they overlap).
+        slide: Duration,
+    },
     /// A rolling "last `size`", refreshed every `every`: `sliding: { size: 1h, every: 1s }`.
-    Sliding { size: Duration, every: Duration },
+    Sliding {
+        /// How far back the window reaches from now (event time).
+        size: Duration,
+        /// How often the window moves forward and its results are refreshed.
+        every: Duration,
+    },
     /// Activity sessions per group, closed after `gap` without events.
-    Session { gap: Duration },
+    Session {
+        /// Time without events of the group that closes its session.
+        gap: Duration,
+    },
     /// Calendar periods so far in a time zone ("today"): `cumulative: { period: day, timezone: Europe/Paris }`.
     Cumulative {
+        /// Calendar period results accumulate over, from its start: `hour` or `day`.
         period: Period,
+        /// IANA time zone the periods follow, such as `Europe/Paris`.
         #[serde(default = "utc")]
         timezone: String,
     },
@@ -199,7 +215,9 @@ pub struct MetricSpec {
     /// Most frequent values of a field (space-saving), with counts.
     #[serde(default)]
     pub top_k: Option<TopKSpec>,
-    /// A level moved up and down by conditions (occupancy), carried from window to window.
+    /// A level moved up and down by conditions (occupancy), carried from window to window:
+    /// each result reports the group's level at its window's end (never a sum over
+    /// overlapping windows or sliding buckets).
     #[serde(default)]
     pub gauge: Option<GaugeSpec>,
     /// Only events for which this Rhai condition is true count.
@@ -211,6 +229,7 @@ pub struct MetricSpec {
 #[derive(Debug, Clone, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct PercentilesSpec {
+    /// Field with the numeric value.
     pub field: String,
     /// Quantiles between 0 and 1; output keys are `p50`, `p95`, `p99.9`…
     #[serde(default = "default_quantiles")]
@@ -225,7 +244,9 @@ fn default_quantiles() -> Vec<f64> {
 #[derive(Debug, Clone, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct TopKSpec {
+    /// Field whose values are counted.
     pub field: String,
+    /// How many of the most frequent values are reported.
     pub k: usize,
 }
 

@@ -98,7 +98,9 @@ pub struct AggregateStage {
     windows: Windows,
     states: usize,
     sessions: HashMap<String, (i64, i64)>,
+    /// Gauge levels per group carried from closed windows (expired sliding buckets).
     gauges: HashMap<String, Vec<f64>>,
+    has_gauge: bool,
     max_event_time: Option<i64>,
     last_event_wall: Instant,
     last_updates: Instant,
@@ -238,7 +240,11 @@ fn durability(config: &AggregateConfig, cx: &BuildContext) -> Result<Option<Dura
             Store::file(cx.data_dir.join(&cx.pipeline).join(format!("{}.checkpoint.json", cx.component)))
         }
     };
-    let fingerprint = format!("{:?} {:?} {:?}", config.window, config.group_by, config.metrics);
+    let mut fingerprint = format!("{:?} {:?} {:?}", config.window, config.group_by, config.metrics);
+    if config.metrics.values().any(|m| m.gauge.is_some()) {
+        // Gauge state changed meaning (per-window increments, not levels): older snapshots do not apply.
+        fingerprint.push_str(" gauge-increments");
+    }
     Ok(Some(Durability::new(store, checkpoint.interval.0, fingerprint, crate::durable::Counters::declare(cx))))
 }
 
@@ -296,6 +302,7 @@ impl StageConfig for AggregateConfig {
             Some(f) => Some(path(&["time", "field"], f)?),
             None => None,
         };
+        let has_gauge = metrics.iter().any(|m| matches!(m.kind, Kind::Gauge { .. }));
         let fields = FieldSet::new(
             time_field.iter().chain(&group_paths).chain(metrics.iter().filter_map(|m| m.field.as_ref())).cloned(),
         );
@@ -315,6 +322,7 @@ impl StageConfig for AggregateConfig {
             states: 0,
             sessions: HashMap::new(),
             gauges: HashMap::new(),
+            has_gauge,
             max_event_time: None,
             last_event_wall: Instant::now(),
             last_updates: Instant::now(),
@@ -452,29 +460,52 @@ impl AggregateStage {
         Ok(())
     }
 
-    fn new_state(&self, window: (i64, i64), group: Vec<Value>) -> GroupState {
-        let mut accs: Vec<Acc> = self.metrics.iter().map(Metric::empty).collect();
-        // Gauges are levels: a new window starts where the group's previous one stands.
-        let previous = self
-            .windows
-            .range(..window)
-            .rev()
-            .find_map(|(_, groups)| groups.get(self.key.as_str()))
-            .map(|s| s.accs.iter().map(|a| if let Acc::Gauge(g) = a { *g } else { 0.0 }).collect::<Vec<_>>());
-        if let Some(levels) = previous.as_ref().or_else(|| self.gauges.get(&self.key)) {
-            for (acc, level) in accs.iter_mut().zip(levels) {
-                if let Acc::Gauge(g) = acc {
-                    *g = *level;
-                }
-            }
-        }
+    /// A group's first state in a window. A gauge's accumulator holds only the
+    /// window's own increments; its level is worked out when a result is built
+    /// (see [`Self::levels`]).
+    fn new_state(&self, group: Vec<Value>) -> GroupState {
+        let accs: Vec<Acc> = self.metrics.iter().map(Metric::empty).collect();
         GroupState { group, accs, tokens: Vec::new(), dirty: false }
     }
 
-    fn add(&mut self, window: (i64, i64), event: &Event, t: i64) {
+    /// Gauge levels of a group at time `end`: the level carried from the
+    /// windows already closed (or sliding buckets already expired) plus the
+    /// increments of every open window of the group ending by `end`. An
+    /// event's increment is held by exactly one window (the earliest it falls
+    /// in, see `process`), so overlapping (hopping) windows and merged
+    /// (sliding) buckets never count it twice, and an out-of-order event
+    /// still reaches every later level. `None` without gauge metrics.
+    fn levels(&self, key: &str, end: i64) -> Option<Vec<f64>> {
+        if !self.has_gauge {
+            return None;
+        }
+        let mut levels = self.gauges.get(key).cloned().unwrap_or_else(|| vec![0.0; self.metrics.len()]);
+        levels.resize(self.metrics.len(), 0.0);
+        for (_, groups) in self.windows.range(..(end, i64::MIN)).filter(|(w, _)| w.1 <= end) {
+            if let Some(state) = groups.get(key) {
+                add_gauges(&mut levels, &state.accs);
+            }
+        }
+        Some(levels)
+    }
+
+    /// A window (or sliding bucket) leaves the state: its gauge increments
+    /// join the group's carried level.
+    fn carry_gauges(&mut self, key: &str, accs: &[Acc]) {
+        if !self.has_gauge {
+            return;
+        }
+        let n = self.metrics.len();
+        let levels = self.gauges.entry(key.to_string()).or_insert_with(|| vec![0.0; n]);
+        levels.resize(n, 0.0);
+        add_gauges(levels, accs);
+    }
+
+    /// `gauge`: whether this window takes the event's gauge increments (only one of its windows does).
+    fn add(&mut self, window: (i64, i64), event: &Event, t: i64, gauge: bool) {
         let ack = &event.ack;
         if !self.windows.get(&window).is_some_and(|w| w.contains_key(self.key.as_str())) {
-            let state = self.new_state(window, self.group_values(event));
+            let state = self.new_state(self.group_values(event));
             self.windows.entry(window).or_default().insert(self.key.clone(), state);
             self.states += 1;
         }
@@ -499,7 +530,7 @@ impl AggregateStage {
                 }
                 (Acc::Distinct(d), Contribution::Hash(h)) => d.insert_hash(*h),
                 (Acc::TopK(top), Contribution::Key(k)) => top.add(k, 1),
-                (Acc::Gauge(g), Contribution::Delta(d)) => *g += d,
+                (Acc::Gauge(g), Contribution::Delta(d)) if gauge => *g += d,
                 _ => {}
             }
         }
@@ -536,7 +567,8 @@ impl AggregateStage {
         }
     }
 
-    fn result(&self, window: (i64, i64), state: &GroupState, final_: bool) -> Value {
+    /// `levels`: the gauges' levels at the window's end (from [`Self::levels`]).
+    fn result(&self, window: (i64, i64), state: &GroupState, levels: Option<&[f64]>, final_: bool) -> Value {
         let mut payload = Value::new_object();
         for (path, value) in self.group_paths.iter().zip(&state.group) {
             let _ = path.set(&mut payload, value.clone());
@@ -550,7 +582,7 @@ impl AggregateStage {
             ]),
         ));
         let seconds = (window.1 - window.0) as f64 / 1e9;
-        for (metric, acc) in self.metrics.iter().zip(&state.accs) {
+        for (i, (metric, acc)) in self.metrics.iter().zip(&state.accs).enumerate() {
             let value = match (acc, &metric.kind) {
                 (Acc::Count(n), _) => Value::from(*n),
                 (Acc::Rate(n), _) => float(*n as f64 / seconds),
@@ -574,7 +606,7 @@ impl AggregateStage {
                         ("count".to_string(), Value::from(count)),
                     ])
                 })),
-                (Acc::Gauge(g), _) => float(*g),
+                (Acc::Gauge(g), _) => float(levels.and_then(|l| l.get(i).copied()).unwrap_or(*g)),
                 _ => Value::new_null(),
             };
             fields.push((metric.name.clone(), value));
@@ -593,11 +625,11 @@ impl AggregateStage {
         let Some(groups) = self.windows.remove(&window) else { return };
         self.states -= groups.len();
         for (key, mut state) in groups {
-            let payload = self.result(window, &state, true);
-            let levels: Vec<f64> = state.accs.iter().map(|a| if let Acc::Gauge(g) = a { *g } else { 0.0 }).collect();
-            if self.metrics.iter().any(|m| matches!(m.kind, Kind::Gauge { .. })) {
-                self.gauges.insert(key.clone(), levels);
-            }
+            // Windows close in order of their end, so the carried level plus the
+            // open windows ending by this one's end is the level at its end.
+            self.carry_gauges(&key, &state.accs);
+            let levels = self.levels(&key, window.1);
+            let payload = self.result(window, &state, levels.as_deref(), true);
             if self.sessions.get(&key) == Some(&window) {
                 self.sessions.remove(&key);
             }
@@ -663,8 +695,9 @@ impl AggregateStage {
                 }
             }
         }
-        for state in merged.values() {
-            let mut event = Event::new(self.result((t - size, t), state, true));
+        for (key, state) in &merged {
+            let levels = self.levels(key, t);
+            let mut event = Event::new(self.result((t - size, t), state, levels.as_deref(), true));
             event.event_time = Some(Timestamp(t));
             out.emit(event);
         }
@@ -672,9 +705,17 @@ impl AggregateStage {
         let expired: Vec<(i64, i64)> = self.windows.keys().take_while(|w| w.1 <= t - size + every).copied().collect();
         for window in expired {
             if window.1 <= t - size + every && window.0 < t - size + every {
-                if let Some(groups) = self.windows.remove(&window) {
-                    self.states -= groups.len();
-                }
+                self.expire_bucket(window);
+            }
+        }
+    }
+
+    /// Drops a sliding bucket, keeping its gauge increments in the carried levels.
+    fn expire_bucket(&mut self, window: (i64, i64)) {
+        if let Some(groups) = self.windows.remove(&window) {
+            self.states -= groups.len();
+            for (key, state) in &groups {
+                self.carry_gauges(key, &state.accs);
             }
         }
     }
@@ -682,14 +723,15 @@ impl AggregateStage {
     fn emit_updates(&mut self, out: &mut Emitter) {
         let mut results = Vec::new();
         for (window, groups) in self.windows.iter_mut() {
-            for state in groups.values_mut().filter(|s| s.dirty) {
+            for (key, state) in groups.iter_mut().filter(|(_, s)| s.dirty) {
                 state.dirty = false;
-                results.push((*window, state.group.clone(), state.accs.clone()));
+                results.push((*window, key.clone(), state.group.clone(), state.accs.clone()));
             }
         }
-        for (window, group, accs) in results {
+        for (window, key, group, accs) in results {
             let state = GroupState { group, accs, tokens: Vec::new(), dirty: false };
-            let mut event = Event::new(self.result(window, &state, false));
+            let levels = self.levels(&key, window.1);
+            let mut event = Event::new(self.result(window, &state, levels.as_deref(), false));
             event.event_time = Some(Timestamp(window.1));
             out.emit(event);
         }
@@ -848,6 +890,15 @@ impl AggregateStage {
     }
 }
 
+/// Adds the gauge increments in `accs` to `levels` (other metrics' slots stay).
+fn add_gauges(levels: &mut [f64], accs: &[Acc]) {
+    for (level, acc) in levels.iter_mut().zip(accs) {
+        if let Acc::Gauge(g) = acc {
+            *level += g;
+        }
+    }
+}
+
 /// Emits results again: restored from a snapshot, or failed by an output.
 fn emit_pending(results: Vec<(Pending, AckToken)>, out: &mut Emitter) {
     for (pending, ack) in results {
@@ -933,8 +984,10 @@ impl Stage for AggregateStage {
             }
             self.last_event_wall = now;
             let windows = std::mem::take(&mut self.assigned);
-            for window in &windows {
-                self.add(*window, &event, t);
+            // Gauge increments go to the earliest (still open) window only: a
+            // level is not a sum, and hopping windows overlap.
+            for (i, window) in windows.iter().enumerate() {
+                self.add(*window, &event, t, i == 0);
             }
             self.assigned = windows;
             // The event itself ends here; its acknowledgement rides on the results.
@@ -1001,8 +1054,8 @@ impl AggregateStage {
     fn flush(&mut self, out: &mut Emitter) {
         if let (Some((_, every)), Some(max)) = (self.windower.is_sliding(), self.max_event_time) {
             self.emit_sliding(max + every, out);
-            self.windows.clear();
-            self.states = 0;
+            let all: Vec<(i64, i64)> = self.windows.keys().copied().collect();
+            all.into_iter().for_each(|w| self.expire_bucket(w));
             return;
         }
         let all: Vec<(i64, i64)> = self.windows.keys().copied().collect();

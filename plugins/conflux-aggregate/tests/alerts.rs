@@ -99,7 +99,10 @@ async fn no_show_fires_when_a_confirmed_booking_is_not_completed_in_time() {
         )
     };
     assert!(run(&mut s, vec![b(0, "booking_confirmed", "b1"), b(1, "booking_confirmed", "b2")]).await.is_empty());
-    assert!(run(&mut s, vec![b(20, "booking_completed", "b2")]).await.iter().all(|a| a["value"] != "b2"));
+    // b2 completes before its deadline: its expectation ends without any alert
+    // (no `resolved` for an alert that never fired), and 10:20 is before b1's 10:25.
+    let done = run(&mut s, vec![b(20, "booking_completed", "b2")]).await;
+    assert!(done.is_empty(), "{done:?}");
     // The clock reached 10:26 (> 10:10 + 15m): b1 never completed.
     let fired = run(&mut s, vec![b(26, "booking_created", "b3")]).await;
     assert_eq!(fired.len(), 1, "{fired:?}");
@@ -108,6 +111,106 @@ async fn no_show_fires_when_a_confirmed_booking_is_not_completed_in_time() {
     assert_eq!(fired[0]["since"], "2026-11-22T10:25:00.000Z");
     let late = run(&mut s, vec![b(40, "booking_completed", "b1")]).await;
     assert_eq!(late[0]["state"], "resolved");
+}
+
+#[tokio::test]
+async fn a_resolved_alert_fires_again_when_the_condition_returns() {
+    type Alert = conflux_aggregate_alert::AlertConfig;
+    let mut s = stage::<Alert>(alerts_config());
+    let o = |m, occ| {
+        metric(
+            m,
+            json!({ "data": { "restaurantId": "r3" }, "bookings": 0, "cancelled": 0, "occupancy": occ, "capacity": 100 }),
+        )
+    };
+    let mut all = Vec::new();
+    for (minute, occupancy) in [(0, 95), (1, 70), (2, 92), (3, 93), (4, 60)] {
+        all.extend(run(&mut s, vec![o(minute, occupancy)]).await);
+    }
+    let seen: Vec<(&str, &str, &str)> = all
+        .iter()
+        .map(|a| (a["alert"].as_str().unwrap(), a["state"].as_str().unwrap(), a["since"].as_str().unwrap()))
+        .collect();
+    assert_eq!(
+        seen,
+        vec![
+            ("almost_full", "firing", "2026-11-22T10:00:00.000Z"),
+            ("almost_full", "resolved", "2026-11-22T10:00:00.000Z"),
+            ("almost_full", "firing", "2026-11-22T10:02:00.000Z"),
+            ("almost_full", "resolved", "2026-11-22T10:02:00.000Z"),
+        ],
+        "re-armed after resolving: two firing events, no repeat while firing"
+    );
+    assert_eq!(all[2]["value"], 92);
+    assert_eq!(all[2]["data"]["restaurantId"], "r3");
+
+    // With a hold time, the re-armed rule must hold for the full `for:` again.
+    let mut s = stage::<Alert>(alerts_config());
+    let r = |m, c| {
+        metric(
+            m,
+            json!({ "data": { "restaurantId": "r1" }, "bookings": 10, "cancelled": c, "occupancy": 0, "capacity": 50 }),
+        )
+    };
+    let mut states = Vec::new();
+    for (minute, cancelled) in [(0, 3), (5, 3), (6, 0), (7, 3), (10, 3), (12, 3)] {
+        for a in run(&mut s, vec![r(minute, cancelled)]).await {
+            states.push((minute, a["state"].as_str().unwrap().to_string(), a["since"].as_str().unwrap().to_string()));
+        }
+    }
+    assert_eq!(
+        states,
+        vec![
+            (5, "firing".to_string(), "2026-11-22T10:00:00.000Z".to_string()),
+            (6, "resolved".to_string(), "2026-11-22T10:00:00.000Z".to_string()),
+            (12, "firing".to_string(), "2026-11-22T10:07:00.000Z".to_string()),
+        ]
+    );
+}
+
+#[tokio::test]
+async fn open_expectations_are_bounded_and_the_oldest_is_forgotten() {
+    type Alert = conflux_aggregate_alert::AlertConfig;
+    let config: Alert = serde_json::from_value(json!({
+        "group_by": ["data.restaurantId"],
+        "max_pending": 2,
+        "rules": [{ "name": "no_show", "expect": {
+            "start": "event.type == \"booking_confirmed\"",
+            "end": "event.type == \"booking_completed\"",
+            "key": "data.bookingId", "within": "15m" } }]
+    }))
+    .unwrap();
+    let cx = BuildContext { pipeline: "p".into(), component: "s".into(), ..Default::default() };
+    let mut s = config.build(&cx).unwrap();
+    let b =
+        |m, kind: &str, id: &str| metric(m, json!({ "type": kind, "data": { "restaurantId": "r1", "bookingId": id } }));
+    let evicted = || {
+        let declared = cx.metrics.declared().into_iter().find(|d| d.name == "alert_expectations_evicted").unwrap();
+        match declared.metric {
+            conflux_api::metrics::Metric::Counter(c) => c.get(),
+            _ => panic!("not a counter"),
+        }
+    };
+    let started =
+        vec![b(0, "booking_confirmed", "b1"), b(1, "booking_confirmed", "b2"), b(2, "booking_confirmed", "b3")];
+    assert!(run(&mut s, started).await.is_empty());
+    assert_eq!(evicted(), 1, "b1 was forgotten to keep two");
+    // Confirming b2 again replaces its expectation: nothing more is evicted.
+    assert!(run(&mut s, vec![b(3, "booking_confirmed", "b2")]).await.is_empty());
+    assert_eq!(evicted(), 1);
+    // 10:30 is past every deadline (b3 10:17, b2 10:18, b1 10:15): only the kept two fire.
+    let fired = run(&mut s, vec![b(30, "booking_created", "b9")]).await;
+    let values: Vec<&str> = fired.iter().map(|a| a["value"].as_str().unwrap()).collect();
+    assert_eq!(values, vec!["b2", "b3"], "{fired:?}");
+    assert_eq!(fired[0]["since"], "2026-11-22T10:18:00.000Z");
+    assert!(run(&mut s, vec![b(31, "booking_completed", "b1")]).await.is_empty(), "b1 is forgotten");
+    let resolved = run(&mut s, vec![b(32, "booking_completed", "b3")]).await;
+    assert_eq!(resolved.len(), 1);
+    assert_eq!(resolved[0]["state"], "resolved");
+    assert_eq!(resolved[0]["value"], "b3");
+    let config: Alert =
+        serde_json::from_value(json!({ "max_pending": 0, "rules": [{ "name": "x", "when": "true" }] })).unwrap();
+    assert_eq!(config.build(&cx).err().unwrap().path, vec!["max_pending"]);
 }
 
 #[test]

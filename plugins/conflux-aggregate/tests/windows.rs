@@ -347,3 +347,337 @@ async fn the_group_limit_closes_the_oldest_window_and_counts_it() {
     let evicted = cx.metrics.declared().into_iter().find(|d| d.name == "aggregate_windows_evicted").unwrap();
     assert!(matches!(evicted.metric, conflux_api::metrics::Metric::Counter(c) if c.get() == 1));
 }
+
+fn occupancy_metric() -> J {
+    json!({ "gauge": {
+        "value": "data.guests",
+        "up": "event.type == \"booking_confirmed\"",
+        "down": "event.type == \"booking_cancelled\" || event.type == \"booking_completed\""
+    } })
+}
+
+/// (window start as HH:MM:SS, metric value) for every result on the default port, sorted.
+fn rows_of(results: &[(usize, J)], metric: &str) -> Vec<(String, J)> {
+    let mut rows: Vec<(String, J)> = results
+        .iter()
+        .filter(|(p, _)| *p == 0)
+        .map(|(_, r)| (r["window"]["start"].as_str().unwrap()[11..19].to_string(), r[metric].clone()))
+        .collect();
+    rows.sort_by(|a, b| a.0.cmp(&b.0));
+    rows
+}
+
+#[tokio::test]
+async fn a_gauge_is_a_level_in_sliding_windows_not_a_sum_of_buckets() {
+    let mut s = stage(json!({
+        "group_by": ["data.restaurantId"],
+        "time": { "field": "timestamp" },
+        "window": { "sliding": { "size": "1m", "every": "20s" } },
+        "metrics": { "occupancy": occupancy_metric(), "n": { "count": {} }, "per_second": { "rate": {} } }
+    }));
+    // Buckets of 20 s: [10:00:00) +4, [10:00:20) +2, [10:00:40) −4, [10:01:00) +3.
+    let out = feed(
+        &mut s,
+        vec![
+            at(0, 5, "r", "booking_confirmed", 4),
+            at(0, 25, "r", "booking_confirmed", 2),
+            at(0, 45, "r", "booking_completed", 4),
+            at(1, 5, "r", "booking_confirmed", 3),
+        ],
+    )
+    .await;
+    // [10:00:00, 10:01:00): the level at 10:01:00 is 4 + 2 − 4 = 2 (not 4 + 6 + 2 = 12).
+    assert_eq!(out.len(), 1, "{out:?}");
+    assert_eq!(out[0].1["window"]["start"], "2026-11-22T10:00:00.000Z");
+    assert_eq!(out[0].1["occupancy"], 2.0);
+    assert_eq!(out[0].1["n"], 3);
+    assert!((out[0].1["per_second"].as_f64().unwrap() - 3.0 / 60.0).abs() < 1e-12, "3 events over the 60 s window");
+    // [10:00:20, 10:01:20): the first bucket left the window but its +4 stays in the level: 4 + 2 − 4 + 3 = 5.
+    let rest = finish(&mut s).await;
+    assert_eq!(rest.len(), 1, "{rest:?}");
+    assert_eq!(rest[0].1["window"]["start"], "2026-11-22T10:00:20.000Z");
+    assert_eq!(rest[0].1["occupancy"], 5.0);
+    assert_eq!(rest[0].1["n"], 3);
+}
+
+#[tokio::test]
+async fn a_gauge_is_a_level_in_hopping_windows_counted_once_per_event() {
+    let mut s = stage(json!({
+        "group_by": ["data.restaurantId"],
+        "time": { "field": "timestamp" },
+        "window": { "hopping": { "size": "1m", "slide": "30s" } },
+        "metrics": { "occupancy": occupancy_metric(), "n": { "count": {} } }
+    }));
+    let mut all = feed(
+        &mut s,
+        vec![
+            at(0, 10, "r", "booking_confirmed", 4),
+            at(0, 40, "r", "booking_confirmed", 2),
+            at(1, 10, "r", "booking_completed", 4),
+        ],
+    )
+    .await;
+    all.extend(finish(&mut s).await);
+    // Each window reports the level at its end: 10:00:30 → 4, 10:01:00 → 6, 10:01:30 → 2, 10:02:00 → 2.
+    assert_eq!(
+        rows_of(&all, "occupancy"),
+        vec![
+            ("09:59:30".into(), json!(4.0)),
+            ("10:00:00".into(), json!(6.0)),
+            ("10:00:30".into(), json!(2.0)),
+            ("10:01:00".into(), json!(2.0)),
+        ]
+    );
+    assert_eq!(
+        rows_of(&all, "n"),
+        vec![
+            ("09:59:30".into(), json!(1)),
+            ("10:00:00".into(), json!(2)),
+            ("10:00:30".into(), json!(2)),
+            ("10:01:00".into(), json!(1))
+        ]
+    );
+}
+
+#[tokio::test]
+async fn a_gauge_level_includes_out_of_order_events_of_earlier_windows() {
+    let mut s = stage(json!({
+        "group_by": ["data.restaurantId"],
+        "time": { "field": "timestamp", "allowed_lateness": "1m" },
+        "window": { "tumbling": "1m" },
+        "metrics": { "occupancy": occupancy_metric() }
+    }));
+    // The 10:01 window opens first; the 10:00:50 booking arrives after it (still in time).
+    let mut all =
+        feed(&mut s, vec![at(1, 10, "r", "booking_confirmed", 2), at(0, 50, "r", "booking_confirmed", 4)]).await;
+    all.extend(feed(&mut s, vec![at(2, 30, "r", "booking_cancelled", 2)]).await);
+    all.extend(finish(&mut s).await);
+    // Levels at 10:01, 10:02, 10:03: 4, 4 + 2 = 6, 6 − 2 = 4.
+    assert_eq!(
+        rows_of(&all, "occupancy"),
+        vec![("10:00:00".into(), json!(4.0)), ("10:01:00".into(), json!(6.0)), ("10:02:00".into(), json!(4.0))]
+    );
+}
+
+#[tokio::test]
+async fn a_missing_group_field_joins_the_default_group() {
+    let mut s = stage(json!({
+        "group_by": ["data.restaurantId"],
+        "time": { "field": "timestamp" },
+        "window": { "tumbling": "1m" },
+        "metrics": { "n": { "count": {} } }
+    }));
+    let mut all = feed(
+        &mut s,
+        vec![
+            at(0, 10, "r1", "booking_created", 2),
+            ev(json!({ "timestamp": "2026-11-22T10:00:20Z", "data": { "guests": 1 } })),
+            ev(json!({ "timestamp": "2026-11-22T10:00:30Z", "data": { "restaurantId": null } })),
+        ],
+    )
+    .await;
+    all.extend(finish(&mut s).await);
+    let rows: Vec<(String, i64)> = by_group(&all).into_iter().map(|(g, _, r)| (g, r["n"].as_i64().unwrap())).collect();
+    assert_eq!(rows, vec![("r1".into(), 1), ("unknown".into(), 2)], "missing and null both join `unknown`");
+    assert!(all.iter().all(|(p, _)| *p == 0), "nothing goes to `invalid` by default: {all:?}");
+
+    // A chosen default value, with one of two group fields missing.
+    let mut s = stage(json!({
+        "group_by": ["data.restaurantId", "data.zone"],
+        "default_group": "walk-in",
+        "time": { "field": "timestamp" },
+        "window": { "tumbling": "1m" },
+        "metrics": { "n": { "count": {} } }
+    }));
+    feed(&mut s, vec![ev(json!({ "timestamp": "2026-11-22T10:00:20Z", "data": { "restaurantId": "r1" } }))]).await;
+    let out = finish(&mut s).await;
+    assert_eq!(out.len(), 1);
+    assert_eq!(out[0].1["data"], json!({ "restaurantId": "r1", "zone": "walk-in" }));
+    assert_eq!(out[0].1["n"], 1);
+}
+
+#[tokio::test]
+async fn processing_time_windows_follow_the_wall_clock() {
+    let mut s = stage(json!({
+        "window": { "tumbling": "200ms" },
+        "metrics": { "n": { "count": {} } }
+    }));
+    let before = conflux_api::Timestamp::now().0;
+    // No time field: an event's own `timestamp` (even a bad one) is not read.
+    let out = feed(
+        &mut s,
+        vec![
+            ev(json!({ "timestamp": "2020-01-01T00:00:00Z" })),
+            ev(json!({ "timestamp": "not a time" })),
+            ev(json!({})),
+        ],
+    )
+    .await;
+    let after = conflux_api::Timestamp::now().0;
+    assert!(out.is_empty(), "the window is still open: {out:?}");
+    tokio::time::sleep(std::time::Duration::from_millis(450)).await;
+    let mut tick = Emitter::new(s.ports.len());
+    s.stage.tick(&mut tick).await;
+    let closed = drain(&mut tick);
+    assert!(!closed.is_empty(), "the wall clock passed the window's end");
+    let total: i64 = closed.iter().map(|(_, r)| r["n"].as_i64().unwrap()).sum();
+    assert_eq!(total, 3, "{closed:?}");
+    for (port, r) in &closed {
+        assert_eq!(*port, 0);
+        assert_eq!(r["final"], true);
+        let start = conflux_api::Timestamp::parse_rfc3339(r["window"]["start"].as_str().unwrap()).unwrap().0;
+        let end = conflux_api::Timestamp::parse_rfc3339(r["window"]["end"].as_str().unwrap()).unwrap().0;
+        assert_eq!(end - start, 200_000_000);
+        assert!(start <= after && end > before, "window [{start}, {end}) is not around now ({before}..{after})");
+    }
+    assert!(finish(&mut s).await.is_empty());
+}
+
+#[tokio::test]
+async fn min_last_and_rate() {
+    let mut s = stage(json!({
+        "group_by": ["data.restaurantId"],
+        "time": { "field": "timestamp" },
+        "window": { "tumbling": "10s" },
+        "metrics": {
+            "min_guests": { "min": "data.guests" },
+            "min_large": { "min": "data.guests", "where": "event.data.guests > 2" },
+            "last_type": { "last": "type" },
+            "per_second": { "rate": {} }
+        }
+    }));
+    let mut all = feed(
+        &mut s,
+        vec![
+            at(0, 8, "r", "booking_completed", 2), // the latest event time arrives first
+            at(0, 1, "r", "booking_created", 5),
+            at(0, 3, "r", "booking_confirmed", 7),
+            at(0, 5, "r", "booking_cancelled", 3),
+        ],
+    )
+    .await;
+    all.extend(finish(&mut s).await);
+    assert_eq!(all.len(), 1, "{all:?}");
+    let r = &all[0].1;
+    assert_eq!(r["window"]["start"], "2026-11-22T10:00:00.000Z");
+    assert_eq!(r["min_guests"], 2.0);
+    assert_eq!(r["min_large"], 3.0);
+    assert_eq!(r["last_type"], "booking_completed", "last by event time, not arrival");
+    assert!((r["per_second"].as_f64().unwrap() - 0.4).abs() < 1e-12, "4 events over 10 s: {}", r["per_second"]);
+}
+
+async fn tick(s: &mut BuiltStage) -> Vec<(usize, J)> {
+    let mut out = Emitter::new(s.ports.len());
+    s.stage.tick(&mut out).await;
+    drain(&mut out)
+}
+
+#[tokio::test]
+async fn throttled_updates_while_open_then_the_final_result() {
+    let mut s = stage(json!({
+        "group_by": ["data.restaurantId"],
+        "time": { "field": "timestamp" },
+        "window": { "tumbling": "1m" },
+        "emit": { "updates": "500ms" },
+        "metrics": { "n": { "count": {} } }
+    }));
+    let wait = || tokio::time::sleep(std::time::Duration::from_millis(550));
+    let out = feed(&mut s, vec![at(0, 1, "r1", "x", 1), at(0, 2, "r1", "x", 1), at(0, 3, "r2", "x", 1)]).await;
+    assert!(out.is_empty(), "updates leave on ticks, not per batch: {out:?}");
+    assert!(tick(&mut s).await.is_empty(), "less than 500 ms since the stage started");
+    wait().await;
+    let updates: Vec<(String, String, J)> = by_group(&tick(&mut s).await);
+    let seen: Vec<(&str, &J, &J)> = updates.iter().map(|(g, _, r)| (g.as_str(), &r["n"], &r["final"])).collect();
+    assert_eq!(seen, vec![("r1", &json!(2), &json!(false)), ("r2", &json!(1), &json!(false))]);
+    assert!(tick(&mut s).await.is_empty(), "throttled, and nothing changed");
+    assert!(feed(&mut s, vec![at(0, 4, "r1", "x", 1)]).await.is_empty());
+    assert!(tick(&mut s).await.is_empty(), "throttled: the last update was just sent");
+    wait().await;
+    let updates = tick(&mut s).await;
+    assert_eq!(updates.len(), 1, "only the group that changed: {updates:?}");
+    assert_eq!((&updates[0].1["data"]["restaurantId"], &updates[0].1["n"]), (&json!("r1"), &json!(3)));
+    assert_eq!(updates[0].1["final"], false);
+    wait().await;
+    assert!(tick(&mut s).await.is_empty(), "no change, no update");
+    // The watermark passes 10:01: the final results.
+    let finals = by_group(&feed(&mut s, vec![at(1, 1, "r1", "x", 1)]).await);
+    let seen: Vec<(&str, &J, &J)> = finals.iter().map(|(g, _, r)| (g.as_str(), &r["n"], &r["final"])).collect();
+    assert_eq!(seen, vec![("r1", &json!(3), &json!(true)), ("r2", &json!(1), &json!(true))]);
+    let last = finish(&mut s).await;
+    assert_eq!(last.len(), 1);
+    assert_eq!((&last[0].1["n"], &last[0].1["final"]), (&json!(1), &json!(true)));
+}
+
+#[tokio::test]
+async fn each_late_event_reaches_the_late_port_and_counts_nowhere_else() {
+    // Tumbling: the watermark (no lateness allowed) reaches 10:01:30 and closes [10:00, 10:01).
+    let mut s = stage(json!({
+        "group_by": ["data.restaurantId"],
+        "time": { "field": "timestamp" },
+        "window": { "tumbling": "1m" },
+        "metrics": { "n": { "count": {} } }
+    }));
+    let mut all = feed(
+        &mut s,
+        vec![
+            at(0, 10, "r1", "x", 1),
+            at(1, 30, "r1", "x", 2),
+            at(0, 50, "r1", "x", 3), // late
+            at(0, 59, "r2", "x", 4), // late
+            at(1, 0, "r1", "x", 5),  // in the open window
+        ],
+    )
+    .await;
+    all.extend(finish(&mut s).await);
+    let late: Vec<i64> =
+        all.iter().filter(|(p, _)| *p == 1).map(|(_, e)| e["data"]["guests"].as_i64().unwrap()).collect();
+    assert_eq!(late, vec![3, 4], "each late event once, unchanged, on `late`");
+    let rows: Vec<(String, String, i64)> =
+        by_group(&all).into_iter().map(|(g, w, r)| (g, w[11..19].to_string(), r["n"].as_i64().unwrap())).collect();
+    assert_eq!(rows, vec![("r1".into(), "10:00:00".into(), 1), ("r1".into(), "10:01:00".into(), 2)]);
+
+    // Hopping: late only when every window it falls in has closed.
+    let mut s = stage(json!({
+        "time": { "field": "timestamp" },
+        "window": { "hopping": { "size": "1m", "slide": "30s" } },
+        "metrics": { "n": { "count": {} } }
+    }));
+    let out = feed(
+        &mut s,
+        vec![at(1, 30, "r", "x", 1), at(0, 40, "r", "x", 2), at(0, 50, "r", "x", 3), at(1, 0, "r", "x", 4)],
+    )
+    .await;
+    let late: Vec<i64> =
+        out.iter().filter(|(p, _)| *p == 1).map(|(_, e)| e["data"]["guests"].as_i64().unwrap()).collect();
+    assert_eq!(late, vec![2, 3]);
+
+    // Sessions: late when its own session would already have closed (t + gap <= watermark).
+    let mut s = stage(json!({
+        "group_by": ["data.restaurantId"],
+        "time": { "field": "timestamp" },
+        "window": { "session": { "gap": "30s" } },
+        "metrics": { "n": { "count": {} } }
+    }));
+    let mut all = feed(
+        &mut s,
+        vec![at(0, 0, "a", "x", 1), at(2, 0, "a", "x", 2), at(1, 20, "a", "x", 3), at(1, 40, "a", "x", 4)],
+    )
+    .await;
+    all.extend(finish(&mut s).await);
+    let late: Vec<i64> =
+        all.iter().filter(|(p, _)| *p == 1).map(|(_, e)| e["data"]["guests"].as_i64().unwrap()).collect();
+    assert_eq!(late, vec![3]);
+    let mut sessions: Vec<(String, String, i64)> = all
+        .iter()
+        .filter(|(p, _)| *p == 0)
+        .map(|(_, r)| {
+            (
+                r["window"]["start"].as_str().unwrap()[11..19].to_string(),
+                r["window"]["end"].as_str().unwrap()[11..19].to_string(),
+                r["n"].as_i64().unwrap(),
+            )
+        })
+        .collect();
+    sessions.sort();
+    assert_eq!(sessions, vec![("10:00:00".into(), "10:00:30".into(), 1), ("10:01:40".into(), "10:02:30".into(), 2)]);
+}

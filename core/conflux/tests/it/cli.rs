@@ -177,12 +177,17 @@ fn conflux_test_runs_the_rhai_cases() {
 fn conflux_test_runs_the_analytics_scenarios() {
     let root = concat!(env!("CARGO_MANIFEST_DIR"), "/../..");
     let output = conflux()
-        .args(["test", &format!("{root}/configs/quickstart.yaml"), &format!("{root}/tests/cases/clickstream.yaml")])
+        .args([
+            "test",
+            &format!("{root}/configs/quickstart.yaml"),
+            &format!("{root}/tests/cases/clickstream.yaml"),
+            &format!("{root}/tests/cases/booking.yaml"),
+        ])
         .output()
         .unwrap();
     let stdout = String::from_utf8_lossy(&output.stdout);
     assert!(output.status.success(), "{stdout}");
-    assert!(stdout.contains("2 passed, 0 failed"), "{stdout}");
+    assert!(stdout.contains("3 passed, 0 failed"), "{stdout}");
 }
 
 #[test]
