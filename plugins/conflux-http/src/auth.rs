@@ -58,7 +58,7 @@ fn default_key_header() -> String {
 #[derive(Debug, Clone, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct JwtConfig {
-    /// Shared secret for HS256 tokens.
+    /// Shared secret for HS256 tokens (use `${VAR}` to keep it out of the file).
     #[serde(default)]
     pub secret: Option<Secret>,
     /// PEM file with the RSA public key for RS256 tokens, relative to the pipeline file.
@@ -73,7 +73,7 @@ pub struct JwtConfig {
     /// Claims copied into each event's metadata as `auth.claim.<name>` (the subject always goes to `auth.subject`).
     #[serde(default)]
     pub claims: Vec<String>,
-    /// Clock skew tolerated on `exp` and `nbf`.
+    /// Clock skew tolerated on `exp` and `nbf`, in whole seconds (default 0s).
     #[serde(default)]
     pub leeway: Option<Duration>,
 }

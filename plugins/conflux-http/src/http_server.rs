@@ -64,13 +64,13 @@ pub struct HttpServerConfig {
     /// Path (or list of paths) accepting `POST`.
     #[serde(default)]
     pub path: Paths,
-    /// When to answer: on queueing (`async`) or after every output confirmed (`sync`).
+    /// When to answer (default `async`): on queueing (`async`) or after every output confirmed (`sync`).
     #[serde(default)]
     pub ack: AckMode,
     /// Largest accepted body; larger ones get `413`.
     #[serde(default = "default_max_body")]
     pub max_body: ByteSize,
-    /// How long a request may wait for room in the pipeline before `503`.
+    /// How long a request may wait for room in the pipeline before `503` (default 1s).
     #[serde(default)]
     pub queue_timeout: Option<Duration>,
     /// With `ack: sync`, how long to wait for the outputs before `504` (default 30s).
@@ -88,7 +88,8 @@ pub struct HttpServerConfig {
     /// JSON Schema file events must match, else `422` (relative to the pipeline file).
     #[serde(default)]
     pub schema: Option<PathBuf>,
-    /// With `schema`, whether a batch with some invalid events is refused whole or partly accepted.
+    /// With `schema`, whether a batch with some invalid events is refused whole with `422` or its
+    /// valid events accepted, the invalid ones listed in the answer (default `reject_all`).
     #[serde(default)]
     pub partial: PartialMode,
     /// Cross-origin (browser) access.

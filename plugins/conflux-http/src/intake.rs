@@ -34,10 +34,13 @@ pub enum AckMode {
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, JsonSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum PartialMode {
-    /// Refuse the whole batch with `422` listing each violation.
+    /// Refuse the whole batch: nothing is queued; `422` with `violations`, one
+    /// `{index, path, reason}` per violation (`index`: the event's position in the batch).
     #[default]
     RejectAll,
-    /// Accept the valid events; the answer lists the refused ones (`422` only if none is valid).
+    /// Queue the valid events and answer as usual (`202`, or `200` with `ack: sync`) with
+    /// `accepted` (how many were queued) and `violations` for the refused ones; `422` only
+    /// if none is valid.
     AcceptValid,
 }
 

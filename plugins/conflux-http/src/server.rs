@@ -42,7 +42,8 @@ pub struct CorsConfig {
     /// Whether browsers may send cookies and credentials (not with `*`).
     #[serde(default)]
     pub allow_credentials: bool,
-    /// How long browsers may cache the preflight answer.
+    /// How long browsers may cache the preflight answer (`Access-Control-Max-Age`); unset sends
+    /// no such header, leaving it to the browser.
     #[serde(default)]
     pub max_age: Option<Duration>,
 }

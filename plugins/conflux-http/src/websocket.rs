@@ -43,13 +43,13 @@ pub struct WebsocketServerConfig {
     /// Path (or list of paths) accepting WebSocket upgrades.
     #[serde(default)]
     pub path: Paths,
-    /// When to reply: on queueing (`async`) or after every output confirmed (`sync`).
+    /// When to reply (default `async`): on queueing (`async`) or after every output confirmed (`sync`).
     #[serde(default)]
     pub ack: AckMode,
     /// Largest accepted message; larger ones get a `413` reply.
     #[serde(default = "default_max_message")]
     pub max_message: ByteSize,
-    /// How long a message may wait for room in the pipeline before a `503` reply.
+    /// How long a message may wait for room in the pipeline before a `503` reply (default 1s).
     #[serde(default)]
     pub queue_timeout: Option<Duration>,
     /// With `ack: sync`, how long to wait for the outputs before a `504` reply (default 30s).
@@ -67,7 +67,8 @@ pub struct WebsocketServerConfig {
     /// JSON Schema file events must match, else a `422` reply.
     #[serde(default)]
     pub schema: Option<PathBuf>,
-    /// With `schema`, whether a message with some invalid events is refused whole or partly accepted.
+    /// With `schema`, whether a message with some invalid events is refused whole with `422` or its
+    /// valid events accepted, the invalid ones listed in the reply (default `reject_all`).
     #[serde(default)]
     pub partial: PartialMode,
     /// Serve `wss://`.

@@ -56,7 +56,7 @@ pub struct KafkaInputConfig {
     pub topics: Vec<String>,
     /// Consumer group id: instances in one group share the partitions.
     pub group: String,
-    /// Where to start without a committed offset.
+    /// Where to start without a committed offset (default `earliest`).
     #[serde(default)]
     pub start: StartAt,
     /// Most events per batch.
@@ -65,7 +65,7 @@ pub struct KafkaInputConfig {
     /// Most events in flight (read, not yet acknowledged) before pausing.
     #[serde(default = "default_max_unacked")]
     pub max_unacked: usize,
-    /// How often acknowledged offsets are committed.
+    /// How often acknowledged offsets are committed (default 1s).
     #[serde(default)]
     pub commit_interval: Option<Duration>,
     /// Wait before reading a failed event again (default 100ms); doubles with each consecutive failure.

@@ -19,10 +19,14 @@ use serde::Deserialize;
 #[derive(Debug, Clone, Copy, Default, Deserialize, JsonSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum Compression {
+    /// Uncompressed.
     #[default]
     None,
+    /// Widely supported; the most CPU per byte.
     Gzip,
+    /// Fast, with a modest ratio.
     Snappy,
+    /// Fastest, with a ratio close to `snappy`'s.
     Lz4,
     /// Best ratio for JSON at little CPU cost; needs brokers from Kafka 2.1 on.
     Zstd,
@@ -60,10 +64,10 @@ pub struct KafkaOutputConfig {
     /// Headers to add: name → value template.
     #[serde(default)]
     pub headers: BTreeMap<String, String>,
-    /// Compression codec.
+    /// Compression codec of produced batches (default `none`).
     #[serde(default)]
     pub compression: Compression,
-    /// How long librdkafka waits to fill a batch before sending (`linger.ms`).
+    /// How long librdkafka waits to fill a batch before sending (`linger.ms`) (default 5ms).
     #[serde(default)]
     pub linger: Option<Duration>,
     /// Most messages per produce request (`batch.num.messages`).
@@ -72,7 +76,8 @@ pub struct KafkaOutputConfig {
     /// Idempotent producer: no duplicates or reordering from internal retries.
     #[serde(default = "default_true")]
     pub idempotent: bool,
-    /// How long a message may take to be delivered before its report says it failed.
+    /// How long a message may take to be delivered before its report says it failed
+    /// (`message.timeout.ms`) (default 30s).
     #[serde(default)]
     pub delivery_timeout: Option<Duration>,
     /// Extra librdkafka producer properties (values are never logged).

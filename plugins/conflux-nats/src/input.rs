@@ -38,22 +38,22 @@ pub struct JetStreamInputConfig {
     pub stream: String,
     /// Durable consumer name: restarts resume where the last run's acknowledgements stopped.
     pub durable: String,
-    /// Only messages on this subject (wildcards allowed).
+    /// Only messages on this subject (wildcards allowed); unset reads every subject of the stream.
     #[serde(default)]
     pub filter_subject: Option<String>,
-    /// Where a new consumer starts.
+    /// Where a new consumer starts (default `all`); an existing durable consumer resumes where it was.
     #[serde(default)]
     pub start: StartAt,
     /// Most messages delivered but not yet acknowledged; the server stops delivering beyond it.
     #[serde(default = "default_max_ack_pending")]
     pub max_ack_pending: i64,
-    /// How long the server waits for an acknowledgement before redelivering.
+    /// How long the server waits for an acknowledgement before redelivering (default 30s).
     #[serde(default)]
     pub ack_wait: Option<Duration>,
-    /// First redelivery delay after a failure (nak); doubles with each delivery, up to 60 s.
+    /// First redelivery delay after a failure (nak) (default 1s); doubles with each delivery, up to 60s.
     #[serde(default)]
     pub nak_delay: Option<Duration>,
-    /// How confirmed messages are acknowledged; the consumer is created with this policy.
+    /// How confirmed messages are acknowledged (default `explicit`); the consumer is created with this policy.
     #[serde(default)]
     pub ack_policy: AckMode,
 }

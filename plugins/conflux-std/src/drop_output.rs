@@ -16,7 +16,7 @@ use crate::file::as_std;
 #[derive(Debug, Default, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct DropConfig {
-    /// Time each batch takes, simulating a slow destination.
+    /// Time each batch takes, simulating a slow destination; unset takes none.
     #[serde(default)]
     pub delay: Option<Duration>,
 }

@@ -32,7 +32,7 @@ fn default_poll() -> ConfigDuration {
 pub struct FileInputConfig {
     /// File to read, relative to the pipeline file.
     pub path: String,
-    /// How lines become events.
+    /// How lines become events (default `json`).
     #[serde(default)]
     pub codec: Codec,
     /// Keep reading lines appended after the end of the file.

@@ -14,7 +14,7 @@ use crate::codec::{write_json_line, Codec, LineReader};
 #[derive(Debug, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct StdinConfig {
-    /// How lines become events.
+    /// How lines become events (default `json`).
     #[serde(default)]
     pub codec: Codec,
     /// Most events per batch.
