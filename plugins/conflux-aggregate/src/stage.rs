@@ -1,6 +1,7 @@
 //! The `aggregate` stage at run time.
 
 use std::borrow::Cow;
+use std::collections::hash_map::Entry;
 use std::collections::{BTreeMap, HashMap};
 use std::time::Instant;
 
@@ -97,7 +98,8 @@ pub struct AggregateStage {
     max_groups: usize,
     windows: Windows,
     states: usize,
-    sessions: HashMap<String, (i64, i64)>,
+    /// Open sessions per group (several while out-of-order events arrive).
+    sessions: HashMap<String, Vec<(i64, i64)>>,
     /// Gauge levels per group carried from closed windows (expired sliding buckets).
     gauges: HashMap<String, Vec<f64>>,
     has_gauge: bool,
@@ -543,28 +545,52 @@ impl AggregateStage {
     }
 
     /// Places a session event: grows the group's open session or starts a new one.
+    /// The session of the current group that an event at `t` belongs to.
+    /// The event's own span `[t, t + gap)` joins every open session it
+    /// reaches, and so may bridge two (an out-of-order event filling a gap):
+    /// they become one session, their states merged.
     fn session_window(&mut self, t: i64, gap: i64) -> (i64, i64) {
         let key = self.key.clone();
-        match self.sessions.get(&key).copied() {
-            Some((start, end)) if t >= start - gap && t < end => {
-                let grown = (start.min(t), end.max(t + gap));
-                if grown != (start, end) {
-                    if let Some(state) = self.windows.get_mut(&(start, end)).and_then(|w| w.remove(&key)) {
-                        self.windows.entry(grown).or_default().insert(key.clone(), state);
-                    }
-                    if self.windows.get(&(start, end)).is_some_and(HashMap::is_empty) {
-                        self.windows.remove(&(start, end));
-                    }
-                    self.sessions.insert(key, grown);
+        let sessions = self.sessions.entry(key.clone()).or_default();
+        let mut merged = (t, t + gap);
+        let mut joined = Vec::new();
+        // Repeat until nothing more joins: a grown session may reach another one.
+        loop {
+            let before = joined.len();
+            sessions.retain(|&(start, end)| {
+                let reaches = merged.0 < end && merged.1 >= start;
+                if reaches {
+                    merged = (merged.0.min(start), merged.1.max(end));
+                    joined.push((start, end));
                 }
-                grown
-            }
-            Some((_, end)) if t < end => (t, t + gap),
-            _ => {
-                self.sessions.insert(key, (t, t + gap));
-                (t, t + gap)
+                !reaches
+            });
+            if joined.len() == before {
+                break;
             }
         }
+        sessions.push(merged);
+        for window in joined.into_iter().filter(|w| *w != merged) {
+            let Some(groups) = self.windows.get_mut(&window) else { continue };
+            let state = groups.remove(&key);
+            if groups.is_empty() {
+                self.windows.remove(&window);
+            }
+            let Some(state) = state else { continue };
+            match self.windows.entry(merged).or_default().entry(key.clone()) {
+                Entry::Occupied(mut into) => {
+                    let into = into.get_mut();
+                    into.accs.iter_mut().zip(&state.accs).for_each(|(a, b)| a.merge(b));
+                    into.tokens.extend(state.tokens);
+                    into.dirty |= state.dirty;
+                    self.states -= 1;
+                }
+                Entry::Vacant(slot) => {
+                    slot.insert(state);
+                }
+            }
+        }
+        merged
     }
 
     /// `levels`: the gauges' levels at the window's end (from [`Self::levels`]).
@@ -630,8 +656,11 @@ impl AggregateStage {
             self.carry_gauges(&key, &state.accs);
             let levels = self.levels(&key, window.1);
             let payload = self.result(window, &state, levels.as_deref(), true);
-            if self.sessions.get(&key) == Some(&window) {
-                self.sessions.remove(&key);
+            if let Some(sessions) = self.sessions.get_mut(&key) {
+                sessions.retain(|w| *w != window);
+                if sessions.is_empty() {
+                    self.sessions.remove(&key);
+                }
             }
             let tokens = std::mem::take(&mut state.tokens);
             let ack = if let Some(durability) = &mut self.durability {
@@ -796,7 +825,9 @@ impl AggregateStage {
             self.states += groups.len();
             self.windows.insert((window.start, window.end), groups);
         }
-        self.sessions = snapshot.sessions.into_iter().collect();
+        for (key, session) in snapshot.sessions {
+            self.sessions.entry(key).or_default().push(session);
+        }
         self.gauges = snapshot.gauges.into_iter().collect();
         self.max_event_time = snapshot.max_event_time;
         self.last_slide_emitted = snapshot.last_slide_emitted;
@@ -827,7 +858,7 @@ impl AggregateStage {
             })
             .collect();
         let mut snapshot = durability.snapshot(windows);
-        snapshot.sessions = self.sessions.iter().map(|(k, v)| (k.clone(), *v)).collect();
+        snapshot.sessions = self.sessions.iter().flat_map(|(k, list)| list.iter().map(|w| (k.clone(), *w))).collect();
         snapshot.gauges = self.gauges.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
         snapshot.max_event_time = self.max_event_time;
         snapshot.last_slide_emitted = self.last_slide_emitted;

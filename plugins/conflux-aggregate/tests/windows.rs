@@ -182,6 +182,43 @@ async fn sessions_grow_and_split_on_the_gap() {
     assert_eq!(rows, vec![("10:00:00".into(), "10:01:15".into(), 3), ("10:02:00".into(), "10:02:30".into(), 1)]);
 }
 
+/// Out-of-order events join the session they belong to: two early events
+/// more than the gap before an open session form their own session (not
+/// one window each), and an event that fills a gap merges two sessions.
+#[tokio::test]
+async fn out_of_order_events_join_and_bridge_sessions() {
+    let mut s = stage(json!({
+        "group_by": ["data.restaurantId"],
+        "time": { "field": "timestamp", "allowed_lateness": "5m" },
+        "window": { "session": { "gap": "30s" } },
+        "metrics": { "n": { "count": {} } }
+    }));
+    let events = vec![
+        at(2, 0, "a", "x", 1),
+        // Before the open session, and then within the gap of each other.
+        at(0, 0, "a", "x", 1),
+        at(0, 10, "a", "x", 1),
+        // [10:01:00, 10:01:30) and [10:01:50, 10:02:20): 10:01:25 reaches both.
+        at(1, 0, "a", "x", 1),
+        at(1, 50, "a", "x", 1),
+        at(1, 25, "a", "x", 1),
+    ];
+    let mut all = feed(&mut s, events).await;
+    all.extend(finish(&mut s).await);
+    let mut rows: Vec<(String, String, i64)> = all
+        .iter()
+        .map(|(_, r)| {
+            (
+                r["window"]["start"].as_str().unwrap()[11..19].to_string(),
+                r["window"]["end"].as_str().unwrap()[11..19].to_string(),
+                r["n"].as_i64().unwrap(),
+            )
+        })
+        .collect();
+    rows.sort();
+    assert_eq!(rows, vec![("10:00:00".into(), "10:00:40".into(), 2), ("10:01:00".into(), "10:02:30".into(), 4),]);
+}
+
 #[tokio::test]
 async fn cumulative_days_split_at_local_midnight() {
     let mut s = stage(json!({
