@@ -3,8 +3,10 @@
 //! Three promises make a restart neither lose nor double-count:
 //! - source acknowledgements are held until a snapshot containing their
 //!   effect is durable, so an unsaved event is always redelivered;
-//! - a snapshot records, per source stream, the highest position whose
-//!   effect it contains, and a replayed event at or below it is skipped;
+//! - a snapshot records, per source stream, the positions whose effect it
+//!   contains (as runs: a JetStream redelivery comes after newer messages,
+//!   so "everything up to the highest" would skip it), and a replayed event
+//!   at one of them is skipped;
 //! - results of closed windows stay in the snapshot until an output confirms
 //!   them, and are emitted again after a restore (they are absolute values
 //!   per group and window, so a repeat is harmless).
@@ -39,8 +41,12 @@ pub struct Snapshot<W, P> {
     pub version: u32,
     /// Window shape, grouping and metrics the state was built with.
     pub fingerprint: String,
-    /// Highest source position per stream whose effect the state contains.
+    /// Highest source position per stream whose effect the state contains
+    /// (what a snapshot without `counted` means: everything up to it).
     pub positions: BTreeMap<String, u64>,
+    /// Every position per stream whose effect the state contains.
+    #[serde(default)]
+    pub counted: BTreeMap<String, Counted>,
     pub windows: Vec<W>,
     pub sessions: Vec<(String, (i64, i64))>,
     pub gauges: Vec<(String, Vec<f64>)>,
@@ -90,15 +96,78 @@ pub struct Durability {
     failures: u32,
     /// Source acknowledgements waiting for the next durable snapshot.
     held: Vec<AckToken>,
-    /// Highest position per stream counted as of the last whole batch.
-    counted: HashMap<Arc<str>, u64>,
-    /// Highest position per stream seen in the batch being processed.
-    in_batch: HashMap<Arc<str>, u64>,
+    /// Positions per stream counted as of the last whole batch.
+    counted: HashMap<Arc<str>, Counted>,
+    /// Positions seen in the batch being processed.
+    in_batch: Vec<(Arc<str>, u64)>,
     pending: BTreeMap<u64, Pending>,
     next_id: u64,
     /// Results' fates as outputs report them; drained at each snapshot.
     confirmations: Arc<Mutex<Vec<(u64, AckStatus)>>>,
     pub counters: Counters,
+}
+
+/// Most runs of counted positions kept per stream. Past it the lowest gap
+/// is closed as if counted (a message that never came: filtered out or
+/// deleted), so a stream with many gaps costs at most ~1 MiB.
+const MAX_RUNS: usize = 65_536;
+
+/// The positions of one source stream whose effect the state holds:
+/// everything up to `floor`, and disjoint runs above it. A gap is a message
+/// not counted yet: after a crash, JetStream redelivers the ones the lost
+/// state had counted after newer messages, and they must count then.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Counted {
+    floor: Option<u64>,
+    /// (first, last) of each run, in order.
+    runs: Vec<(u64, u64)>,
+}
+
+impl Counted {
+    fn up_to(highest: u64) -> Self {
+        Counted { floor: Some(highest), runs: Vec::new() }
+    }
+
+    pub fn contains(&self, at: u64) -> bool {
+        if self.floor.is_some_and(|floor| at <= floor) {
+            return true;
+        }
+        // The last run starting at or before `at`.
+        let i = self.runs.partition_point(|&(first, _)| first <= at);
+        i > 0 && at <= self.runs[i - 1].1
+    }
+
+    fn highest(&self) -> Option<u64> {
+        self.runs.last().map(|&(_, last)| last).or(self.floor)
+    }
+
+    /// Counts `first..=last`, joining the runs (and the floor) it touches.
+    pub fn insert_run(&mut self, mut first: u64, mut last: u64) {
+        if let Some(floor) = self.floor {
+            if last <= floor {
+                return;
+            }
+            first = first.max(floor + 1);
+        }
+        // Runs that overlap or touch [first, last] sit together in the list.
+        let from = self.runs.partition_point(|&(_, end)| end.saturating_add(1) < first);
+        let to = self.runs.partition_point(|&(start, _)| start <= last.saturating_add(1));
+        for &(start, end) in &self.runs[from..to] {
+            first = first.min(start);
+            last = last.max(end);
+        }
+        self.runs.splice(from..to, [(first, last)]);
+        if let (Some(floor), Some(&(start, end))) = (self.floor, self.runs.first()) {
+            if start == floor + 1 {
+                self.floor = Some(end);
+                self.runs.remove(0);
+            }
+        }
+        if self.runs.len() > MAX_RUNS {
+            let (_, end) = self.runs.remove(0);
+            self.floor = Some(end);
+        }
+    }
 }
 
 /// What `/metrics` shows of checkpointing.
@@ -134,7 +203,7 @@ impl Durability {
             failures: 0,
             held: Vec::new(),
             counted: HashMap::new(),
-            in_batch: HashMap::new(),
+            in_batch: Vec::new(),
             pending: BTreeMap::new(),
             next_id: 0,
             confirmations: Arc::default(),
@@ -145,21 +214,33 @@ impl Durability {
     /// Whether the event's effect is already in the state (a replay); records its position otherwise.
     pub fn already_counted(&mut self, event: &Event) -> bool {
         let Some(position) = &event.position else { return false };
-        if self.counted.get(&position.stream).is_some_and(|done| position.offset <= *done) {
+        if self.counted.get(&position.stream).is_some_and(|done| done.contains(position.offset)) {
             self.counters.skipped.inc();
             return true;
         }
-        let seen = self.in_batch.entry(position.stream.clone()).or_insert(position.offset);
-        *seen = (*seen).max(position.offset);
+        self.in_batch.push((position.stream.clone(), position.offset));
         false
     }
 
-    /// The batch is fully applied: its positions now count.
+    /// The batch is fully applied: its positions now count. Consecutive
+    /// positions (a file's lines, a partition's offsets) go in as one run.
     pub fn end_batch(&mut self) {
-        for (stream, offset) in self.in_batch.drain() {
-            let done = self.counted.entry(stream).or_insert(offset);
-            *done = (*done).max(offset);
+        if self.in_batch.is_empty() {
+            return;
         }
+        self.in_batch.sort_unstable();
+        let mut batch = self.in_batch.drain(..);
+        let Some((mut stream, first)) = batch.next() else { return };
+        let mut run = (first, first);
+        for (next_stream, at) in batch {
+            if next_stream == stream && at <= run.1 + 1 {
+                run.1 = run.1.max(at);
+                continue;
+            }
+            self.counted.entry(stream).or_default().insert_run(run.0, run.1);
+            (stream, run) = (next_stream, (at, at));
+        }
+        self.counted.entry(stream).or_default().insert_run(run.0, run.1);
     }
 
     /// Keeps a source acknowledgement until the next durable snapshot.
@@ -216,7 +297,8 @@ impl Durability {
         Snapshot {
             version: SNAPSHOT_VERSION,
             fingerprint: self.fingerprint.clone(),
-            positions: self.counted.iter().map(|(k, v)| (k.to_string(), *v)).collect(),
+            positions: self.counted.iter().filter_map(|(k, v)| Some((k.to_string(), v.highest()?))).collect(),
+            counted: self.counted.iter().map(|(k, v)| (k.to_string(), v.clone())).collect(),
             windows,
             sessions: Vec::new(),
             gauges: Vec::new(),
@@ -241,8 +323,18 @@ impl Durability {
     }
 
     /// Takes back a restored snapshot's positions and unconfirmed results (re-emitted with fresh tokens).
-    pub fn restore(&mut self, positions: BTreeMap<String, u64>, pending: Vec<Pending>) -> Vec<(Pending, AckToken)> {
-        self.counted = positions.into_iter().map(|(k, v)| (Arc::from(k.as_str()), v)).collect();
+    /// A snapshot written before `counted` existed has only `positions`
+    /// (everything up to each).
+    pub fn restore(
+        &mut self,
+        positions: BTreeMap<String, u64>,
+        mut counted: BTreeMap<String, Counted>,
+        pending: Vec<Pending>,
+    ) -> Vec<(Pending, AckToken)> {
+        for (stream, highest) in positions {
+            counted.entry(stream).or_insert_with(|| Counted::up_to(highest));
+        }
+        self.counted = counted.into_iter().map(|(k, done)| (Arc::from(k.as_str()), done)).collect();
         self.restored = true;
         pending.into_iter().map(|p| (p.clone(), self.track(p))).collect()
     }
@@ -285,6 +377,53 @@ mod tests {
         assert_eq!(d.counters.skipped.get(), 1);
         let unpositioned = Event::new(Value::from(1));
         assert!(!d.already_counted(&unpositioned));
+    }
+
+    /// A redelivered message below newer ones counts once: it is skipped
+    /// only if its own position was counted, not because a higher one was.
+    #[test]
+    fn a_redelivery_after_newer_messages_counts_and_a_repeat_does_not() {
+        let js: Arc<str> = Arc::from("jetstream:S");
+        let mut d =
+            Durability::new(Store::file("x".into()), Duration::from_secs(1), String::new(), Counters::default());
+        for seq in [1, 2, 3, 6, 7] {
+            assert!(!d.already_counted(&at(&js, seq)));
+        }
+        d.end_batch();
+        assert!(!d.already_counted(&at(&js, 4)), "never counted: 6 and 7 do not cover it");
+        assert!(d.already_counted(&at(&js, 6)));
+        d.end_batch();
+        assert!(d.already_counted(&at(&js, 4)));
+        assert!(!d.already_counted(&at(&js, 5)));
+        d.end_batch();
+        assert_eq!(d.counted[&js], Counted { floor: None, runs: vec![(1, 7)] });
+        // Restored from a snapshot that had only the highest position: everything up to it.
+        let old = d.restore(BTreeMap::from([("jetstream:S".to_string(), 9)]), BTreeMap::new(), Vec::new());
+        assert!(old.is_empty());
+        assert!(d.already_counted(&at(&js, 9)) && !d.already_counted(&at(&js, 10)));
+    }
+
+    #[test]
+    fn runs_merge_and_stay_bounded() {
+        let mut c = Counted::default();
+        c.insert_run(10, 12);
+        c.insert_run(20, 20);
+        c.insert_run(14, 15);
+        assert_eq!(c.runs, vec![(10, 12), (14, 15), (20, 20)]);
+        c.insert_run(13, 13);
+        assert_eq!(c.runs, vec![(10, 15), (20, 20)]);
+        c.insert_run(5, 30);
+        assert_eq!(c.runs, vec![(5, 30)]);
+        assert!(c.contains(5) && c.contains(30) && !c.contains(4) && !c.contains(31));
+        let mut gappy = Counted::default();
+        for i in 0..(MAX_RUNS as u64 + 10) {
+            gappy.insert_run(2 * i, 2 * i);
+        }
+        assert_eq!(gappy.runs.len(), MAX_RUNS);
+        assert_eq!(gappy.floor, Some(18), "the ten lowest gaps were closed");
+        assert!(gappy.contains(17) && !gappy.contains(21) && gappy.contains(20));
+        gappy.insert_run(19, 19);
+        assert_eq!((gappy.floor, gappy.runs.first().copied()), (Some(20), Some((22, 22))), "a run joins the floor");
     }
 
     #[test]

@@ -831,7 +831,7 @@ impl AggregateStage {
         self.gauges = snapshot.gauges.into_iter().collect();
         self.max_event_time = snapshot.max_event_time;
         self.last_slide_emitted = snapshot.last_slide_emitted;
-        let replay = durability.restore(snapshot.positions, snapshot.pending);
+        let replay = durability.restore(snapshot.positions, snapshot.counted, snapshot.pending);
         info!(
             component = %self.component,
             checkpoint = %durability.store.describe(),

@@ -10,8 +10,15 @@ use std::time::{Duration, Instant};
 const LINES: u64 = 6_000;
 const RESTAURANTS: u64 = 5;
 
-/// Line `i`: restaurant r{i%5}, three seconds of event time per line (20 a minute).
+/// Past the last line: the line at this index is the sentinel.
+const SENTINEL: u64 = 1_000_000;
+
+/// Line `i`: restaurant r{i%5}, three seconds of event time per line (20 a
+/// minute); the [`SENTINEL`] line lies far ahead in event time.
 fn line(i: u64) -> String {
+    if i == SENTINEL {
+        return "{\"r\":\"sentinel\",\"t\":1795990000,\"g\":0}\n".into();
+    }
     let t = 1_795_860_000 + i * 3; // epoch seconds, on a minute boundary
     format!("{{\"r\":\"r{}\",\"t\":{t},\"g\":{}}}\n", i % RESTAURANTS, i % 10)
 }
@@ -34,14 +41,25 @@ fn append(path: &Path, lines: std::ops::Range<u64>) {
     file.write_all(text.as_bytes()).unwrap();
 }
 
-fn start(pipeline: &Path) -> Child {
-    Command::new(env!("CARGO_BIN_EXE_conflux"))
+/// A `conflux run` killed when dropped, so a failing test leaves no process behind.
+struct Running(Child);
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn start(pipeline: &Path) -> Running {
+    let child = Command::new(env!("CARGO_BIN_EXE_conflux"))
         .env("CONFLUX_LOG", "warn")
         .arg("run")
         .arg(pipeline)
         .stderr(Stdio::inherit())
         .spawn()
-        .unwrap()
+        .unwrap();
+    Running(child)
 }
 
 /// Every complete result line written so far, as (key, (count, sum)).
@@ -68,71 +86,97 @@ fn wait_for(what: &str, timeout: Duration, mut done: impl FnMut() -> bool) {
     }
 }
 
-#[test]
-fn sigkill_mid_stream_then_restart_gives_exact_window_results() {
-    let dir = tempfile::tempdir().unwrap();
-    let input = dir.path().join("in.ndjson");
-    let output = dir.path().join("out.ndjson");
-    let checkpoint = dir.path().join(".conflux/restart/agg.checkpoint.json");
-    std::fs::write(&input, "").unwrap();
-    let pipeline = dir.path().join("restart.yaml");
+/// The aggregate pipeline reading `input` (a YAML flow mapping), results
+/// appended to `out.ndjson` in `dir`.
+fn pipeline(dir: &Path, input: &str) -> std::path::PathBuf {
+    let path = dir.join("restart.yaml");
     std::fs::write(
-        &pipeline,
-        "name: restart
+        &path,
+        format!(
+            "name: restart
 inputs:
-  in: { type: file, path: in.ndjson, follow: true, poll_interval: 10ms, batch_size: 50 }
+  in: {input}
 stages:
   agg:
     type: aggregate
     from: in
     group_by: [r]
-    time: { field: t }
-    window: { tumbling: 1m }
+    time: {{ field: t }}
+    window: {{ tumbling: 1m }}
     idle_timeout: 1h
     metrics:
-      n: { count: {} }
-      guests: { sum: g }
-    checkpoint: { interval: 50ms }
+      n: {{ count: {{}} }}
+      guests: {{ sum: g }}
+    checkpoint: {{ interval: 50ms }}
 outputs:
-  out: { type: file, path: out.ndjson, append: true, from: agg }
-",
+  out: {{ type: file, path: out.ndjson, append: true, from: agg }}
+"
+        ),
     )
     .unwrap();
+    path
+}
+
+/// Runs `pipeline` over the lines that `feed` delivers to its input, kills
+/// it with SIGKILL mid-stream, restarts it, and checks every window result
+/// written by either run against [`expected`]. `settled` tells when the
+/// restarted run has everything (redeliveries included) before the sentinel.
+fn killed_and_restarted(
+    dir: &Path,
+    pipeline: &Path,
+    mut feed: impl FnMut(std::ops::Range<u64>),
+    mut settled: impl FnMut() -> bool,
+) {
+    let output = dir.join("out.ndjson");
+    let checkpoint = dir.join(".conflux/restart/agg.checkpoint.json");
 
     // First run: a stream arriving in chunks; killed once snapshots and results exist
     // and more lines have arrived since.
-    let mut first = start(&pipeline);
+    let mut first = start(pipeline);
     for chunk in 0..12 {
-        append(&input, chunk * 200..(chunk + 1) * 200);
+        feed(chunk * 200..(chunk + 1) * 200);
         std::thread::sleep(Duration::from_millis(30));
     }
     wait_for("a first checkpoint and results", Duration::from_secs(60), || {
         checkpoint.exists() && results(&output).len() > 20
     });
-    append(&input, 2_400..3_600);
+    feed(2_400..3_600);
     std::thread::sleep(Duration::from_millis(40));
-    first.kill().unwrap(); // SIGKILL: no drain, no final snapshot
-    first.wait().unwrap();
+    first.0.kill().unwrap(); // SIGKILL: no drain, no final snapshot
+    first.0.wait().unwrap();
     let before_restart = results(&output).len();
     assert!(before_restart > 20, "the first run got somewhere: {before_restart} results");
 
-    // Second run: the file is read again from the top; what the snapshot counted is skipped.
-    let mut second = start(&pipeline);
-    append(&input, 3_600..LINES);
+    // Second run: what the snapshot counted is skipped when it comes again.
+    let mut second = start(pipeline);
+    // What the killed run had not acknowledged comes back first (JetStream
+    // redelivers it after ack_wait; sent behind newer messages, it would be
+    // late in event time), then the stream goes on.
+    wait_for("the restarted run to take back what was not acknowledged", Duration::from_secs(60), &mut settled);
+    feed(3_600..LINES);
+    wait_for("the restarted run to take everything in", Duration::from_secs(60), &mut settled);
     // A line far ahead in event time pushes the watermark past every real window.
-    std::fs::OpenOptions::new()
-        .append(true)
-        .open(&input)
-        .unwrap()
-        .write_all(b"{\"r\":\"sentinel\",\"t\":1795990000,\"g\":0}\n")
-        .unwrap();
+    feed(SENTINEL..SENTINEL + 1);
     let expected = expected();
-    wait_for("every window's result", Duration::from_secs(120), || {
+    let started = Instant::now();
+    loop {
         let got: BTreeMap<_, _> = results(&output).into_iter().collect();
-        expected.keys().all(|k| got.contains_key(k))
-    });
-    assert!(Command::new("kill").args(["-TERM", &second.id().to_string()]).status().unwrap().success());
-    assert!(second.wait().unwrap().success());
+        let missing: Vec<_> = expected.keys().filter(|k| !got.contains_key(*k)).collect();
+        if missing.is_empty() {
+            break;
+        }
+        let wrong: Vec<_> = got.iter().filter(|(k, v)| expected.get(*k) != Some(*v)).take(5).collect();
+        assert!(
+            started.elapsed() < Duration::from_secs(60),
+            "{} of {} windows have no result (first: {:?}); wrong so far: {wrong:?}",
+            missing.len(),
+            expected.len(),
+            &missing[..missing.len().min(5)]
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert!(Command::new("kill").args(["-TERM", &second.0.id().to_string()]).status().unwrap().success());
+    assert!(second.0.wait().unwrap().success());
 
     let all = results(&output);
     for (key, figures) in &all {
@@ -144,4 +188,66 @@ outputs:
     }
     let got: BTreeMap<_, _> = all.into_iter().collect();
     assert_eq!(got, expected, "no window lost");
+}
+
+#[test]
+fn sigkill_mid_stream_then_restart_gives_exact_window_results() {
+    let dir = tempfile::tempdir().unwrap();
+    let input = dir.path().join("in.ndjson");
+    std::fs::write(&input, "").unwrap();
+    // The file is read again from the top after the restart.
+    let pipeline =
+        pipeline(dir.path(), "{ type: file, path: in.ndjson, follow: true, poll_interval: 10ms, batch_size: 50 }");
+    killed_and_restarted(dir.path(), &pipeline, |lines| append(&input, lines), || true);
+}
+
+/// The same over a JetStream durable consumer: the restarted run resumes
+/// from what the snapshot's acknowledgements covered, and the messages the
+/// killed run had not acknowledged come back after `ack_wait`.
+#[test]
+fn sigkill_mid_stream_over_jetstream_then_restart_gives_exact_window_results() {
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    let url = runtime.block_on(crate::nats::nats_url());
+    let tag = crate::key("agg").replace('-', "_");
+    let stream = format!("CF_{tag}");
+    let js = runtime.block_on(async {
+        let js = async_nats::jetstream::new(async_nats::connect(&url).await.unwrap());
+        js.get_or_create_stream(async_nats::jetstream::stream::Config {
+            name: stream.clone(),
+            subjects: vec![tag.clone()],
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+        js
+    });
+    let dir = tempfile::tempdir().unwrap();
+    let pipeline = pipeline(
+        dir.path(),
+        &format!(
+            "{{ type: nats, url: \"{url}\", jetstream: {{ stream: {stream}, durable: agg, ack_wait: 2s }}, batch_size: 50 }}"
+        ),
+    );
+    let feed = |lines: std::ops::Range<u64>| {
+        runtime.block_on(async {
+            let mut published = Vec::new();
+            for i in lines {
+                published.push(js.publish(tag.clone(), line(i).into()).await.unwrap());
+            }
+            for ack in published {
+                ack.await.unwrap();
+            }
+        })
+    };
+    // Settled: the durable consumer has nothing pending or unacknowledged.
+    let settled = || {
+        runtime.block_on(async {
+            let mut consumer: async_nats::jetstream::consumer::PullConsumer =
+                js.get_stream(&stream).await.unwrap().get_consumer("agg").await.unwrap();
+            let info = consumer.info().await.unwrap();
+            info.num_pending == 0 && info.num_ack_pending == 0
+        })
+    };
+    killed_and_restarted(dir.path(), &pipeline, feed, settled);
+    runtime.block_on(js.delete_stream(&stream)).ok();
 }
