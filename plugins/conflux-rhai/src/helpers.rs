@@ -114,7 +114,87 @@ mod tests {
         assert_eq!(short_name("Anna Maria Schmidt"), "Anna M.");
         assert_eq!(short_name("Cher"), "Cher");
         assert_eq!(sha256("abc"), "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad");
-        assert_eq!(xxhash("abc").len(), 16);
+    }
+
+    #[test]
+    fn xxhash_matches_the_reference_implementation() {
+        // Expected values from the reference C implementation through
+        // python-xxhash 4.1.0: `xxhash.xxh3_64_hexdigest(b"abc")` etc.
+        assert_eq!(xxhash("abc"), "78af5f94892f3950");
+        assert_eq!(xxhash(""), "2d06800538d394c2");
+        assert_eq!(xxhash("u-1"), "ea72db3c499847f0");
+    }
+
+    /// An engine with only the helpers, as scripts see them.
+    fn engine() -> Engine {
+        let mut engine = Engine::new();
+        register(&mut engine);
+        engine
+    }
+
+    #[test]
+    fn now_reads_the_system_clock() {
+        let before = chrono::Utc::now().timestamp_millis();
+        let now: INT = engine().eval("now()").unwrap();
+        let after = chrono::Utc::now().timestamp_millis();
+        assert!(before <= now && now <= after, "{before} <= {now} <= {after}");
+    }
+
+    #[test]
+    fn uuid_is_a_fresh_v4() {
+        let engine = engine();
+        let ids: Vec<String> = (0..100).map(|_| engine.eval::<String>("uuid()").unwrap()).collect();
+        for id in &ids {
+            // 8-4-4-4-12 lower-case hex, version nibble 4, variant 10xx (8, 9, a or b).
+            let groups: Vec<&str> = id.split('-').collect();
+            let lengths: Vec<usize> = groups.iter().map(|g| g.len()).collect();
+            assert_eq!(lengths, vec![8, 4, 4, 4, 12], "{id}");
+            assert!(id.chars().all(|c| c == '-' || c.is_ascii_digit() || ('a'..='f').contains(&c)), "{id}");
+            assert!(groups[2].starts_with('4'), "version 4: {id}");
+            assert!(groups[3].starts_with(['8', '9', 'a', 'b']), "RFC 4122 variant: {id}");
+        }
+        let mut distinct = ids.clone();
+        distinct.sort();
+        distinct.dedup();
+        assert_eq!(distinct.len(), ids.len(), "100 calls, 100 different ids");
+    }
+
+    #[test]
+    fn json_round_trips_nested_maps_and_arrays() {
+        let engine = engine();
+        let text: String = engine
+            .eval(r#"to_json(#{ name: "Anna", tags: ["a", 1, 2.5, true, ()], stay: #{ nights: 3, rooms: [#{ n: 1 }, #{ n: 2 }] } })"#)
+            .unwrap();
+        let expected = serde_json::json!({
+            "name": "Anna",
+            "tags": ["a", 1, 2.5, true, null],
+            "stay": { "nights": 3, "rooms": [{ "n": 1 }, { "n": 2 }] }
+        });
+        assert_eq!(serde_json::from_str::<serde_json::Value>(&text).unwrap(), expected, "{text}");
+
+        // Back into script values: fields, array items and types survive.
+        let read: String = engine
+            .eval(
+                r#"let v = from_json(to_json(#{ stay: #{ rooms: [#{ n: 1 }, #{ n: 2 }] }, f: 2.5, ok: true, none: () }));
+                   `${v.stay.rooms[1].n}|${type_of(v.stay.rooms)}|${type_of(v.f)}|${v.ok}|${type_of(v.none)}`"#,
+            )
+            .unwrap();
+        assert_eq!(read, "2|array|f64|true|()");
+        let back = to_value(&engine.eval::<Dynamic>(&format!("from_json({:?})", expected.to_string())).unwrap());
+        assert_eq!(serde_json::from_str::<serde_json::Value>(&back.to_string()).unwrap(), expected);
+    }
+
+    #[test]
+    fn from_json_of_invalid_text_is_an_error() {
+        let engine = engine();
+        for text in ["`{\"a\": 1`", "`nope`", "`[1, 2,]`", "``"] {
+            let error = engine.eval::<Dynamic>(&format!("from_json({text})")).unwrap_err().to_string();
+            assert!(error.contains("invalid JSON"), "{text}: {error}");
+        }
+        // A script can catch it and go on.
+        let caught: String =
+            engine.eval(r#"let r = "none"; try { from_json("{"); } catch (e) { r = `caught: ${e}`; } r"#).unwrap();
+        assert!(caught.starts_with("caught: invalid JSON"), "{caught}");
     }
 
     #[test]

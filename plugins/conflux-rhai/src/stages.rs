@@ -327,6 +327,112 @@ mod tests {
         assert!(got[0].2.as_deref().unwrap().contains("script returned i64"), "{got:?}");
     }
 
+    /// Runs `[big, small]` through a script whose size depends on `event.n`:
+    /// the first event breaks `limit` and goes to `error` with `reason`, the
+    /// second passes.
+    async fn size_limit_fails_one_event(script: &str, limit: &str, reason: &str) {
+        let mut stage = build::<RhaiConfig>(serde_json::json!({ "script": script, "limits": { limit: 10 } })).unwrap();
+        let got = run(&mut stage, vec![event(r#"{"n":11}"#), event(r#"{"n":10}"#)]).await;
+        assert_eq!(got.len(), 2, "{got:?}");
+        let (ok, failed): (Vec<_>, Vec<_>) = got.iter().partition(|g| g.0 == 0);
+        assert_eq!(failed.len(), 1, "{got:?}");
+        assert_eq!(failed[0].0, 1, "goes to the error port");
+        assert_eq!(failed[0].1, r#"{"n":11}"#, "the payload is kept for the dead letter");
+        let why = failed[0].2.as_deref().unwrap();
+        assert!(why.contains(reason), "{limit}: {why}");
+        assert_eq!(ok.len(), 1, "{got:?}");
+        // Parsed: a field added to a parsed payload lands in no fixed order.
+        let next: serde_json::Value = serde_json::from_str(&ok[0].1).unwrap();
+        assert_eq!(next, serde_json::json!({ "n": 10, "size": 10 }), "the next event runs under the same limit");
+    }
+
+    #[tokio::test]
+    async fn array_size_limit_fails_one_event() {
+        size_limit_fails_one_event(
+            "let a = []; for i in 0..event.n { a.push(i); } event.size = a.len(); event",
+            "max_array_size",
+            "Size of array/BLOB too large",
+        )
+        .await;
+    }
+
+    #[tokio::test]
+    async fn map_size_limit_fails_one_event() {
+        size_limit_fails_one_event(
+            "let m = #{}; for i in 0..event.n { m[`k${i}`] = i; } event.size = m.len(); event",
+            "max_map_size",
+            "Size of object map too large",
+        )
+        .await;
+    }
+
+    #[tokio::test]
+    async fn expression_depth_limit_is_a_compile_error() {
+        // Rhai checks nesting while parsing, so a script nested deeper than
+        // `max_expr_depth` never runs: the stage does not build, and says where.
+        let deep = format!("{}1{}", "(".repeat(20), ")".repeat(20));
+        let err = build::<RhaiConfig>(serde_json::json!({ "script": format!("event.x = {deep}; event"),
+            "limits": { "max_expr_depth": 12 } }))
+        .err()
+        .unwrap();
+        assert_eq!(err.path, vec!["script"]);
+        assert!(err.message.contains("exceeds maximum complexity"), "{err:?}");
+        assert!(err.offset.is_some(), "{err:?}");
+        // Within the limit the same shape runs.
+        let shallow = format!("{}1{}", "(".repeat(2), ")".repeat(2));
+        let mut ok = build::<RhaiConfig>(serde_json::json!({ "script": format!("event.x = {shallow}; event"),
+            "limits": { "max_expr_depth": 12 } }))
+        .unwrap();
+        let got = run(&mut ok, vec![event("{}")]).await;
+        assert_eq!(got, vec![(0, r#"{"x":1}"#.to_string(), None)]);
+    }
+
+    /// A folder of its own under the system temp dir (no tempfile here).
+    fn scratch(name: &str) -> std::path::PathBuf {
+        let dir = std::env::temp_dir().join(format!("conflux-rhai-{name}-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        dir
+    }
+
+    fn build_in<C: StageConfig + DeserializeOwned>(
+        dir: &std::path::Path,
+        options: serde_json::Value,
+    ) -> Result<BuiltStage, BuildError> {
+        let config: C = serde_json::from_value(options).map_err(|e| BuildError::new(e.to_string()))?;
+        config.build(&BuildContext {
+            pipeline: "p".into(),
+            component: "s".into(),
+            base_dir: dir.to_path_buf(),
+            data_dir: dir.to_path_buf(),
+            ..Default::default()
+        })
+    }
+
+    #[tokio::test]
+    async fn script_from_a_file() {
+        let dir = scratch("file");
+        std::fs::write(dir.join("tag.rhai"), "// tags each event\nevent.tag = \"from file\";\nevent\n").unwrap();
+        let mut stage = build_in::<RhaiConfig>(&dir, serde_json::json!({ "file": "tag.rhai" })).unwrap();
+        let got = run(&mut stage, vec![event(r#"{"n":1}"#)]).await;
+        assert_eq!((got.len(), got[0].0, got[0].2.as_deref()), (1, 0, None), "{got:?}");
+        let tagged: serde_json::Value = serde_json::from_str(&got[0].1).unwrap();
+        assert_eq!(tagged, serde_json::json!({ "n": 1, "tag": "from file" }));
+
+        std::fs::write(dir.join("broken.rhai"), "let a = 1;\nlet b = ;\nevent\n").unwrap();
+        let err = build_in::<RhaiConfig>(&dir, serde_json::json!({ "file": "broken.rhai" })).err().unwrap();
+        assert_eq!(err.path, vec!["file"]);
+        let at = format!("{}:2:9: ", dir.join("broken.rhai").display());
+        assert!(err.message.starts_with(&at), "expected `{at}…`, got {err:?}");
+
+        let err = build_in::<RhaiConfig>(&dir, serde_json::json!({ "file": "missing.rhai" })).err().unwrap();
+        assert_eq!(err.path, vec!["file"]);
+        assert!(err.message.contains("cannot read") && err.message.contains("missing.rhai"), "{err:?}");
+        let err =
+            build_in::<RhaiConfig>(&dir, serde_json::json!({ "file": "tag.rhai", "script": "event" })).err().unwrap();
+        assert!(err.message.contains("exactly one"), "{err:?}");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
     #[tokio::test]
     async fn state_kept_between_events_does_not_leak() {
         // Each event gets the whole operation budget: 3 × ~700 operations

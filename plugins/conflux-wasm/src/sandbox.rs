@@ -1,9 +1,9 @@
 //! The wasmtime side: one engine per process, a compiled-component cache,
 //! and sandboxed instances with a time limit per call and a memory cap.
 
-use std::collections::HashMap;
-use std::hash::{Hash, Hasher};
+use std::collections::VecDeque;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{LazyLock, Mutex};
 use std::time::Duration;
 
@@ -43,9 +43,84 @@ static ENGINE: LazyLock<Engine> = LazyLock::new(|| {
     engine
 });
 
-/// Components compiled so far, by content hash: two stages (or a reload to
+/// Components compiled so far, by content: two stages (or a reload to
 /// identical bytes) share one compilation.
-static COMPILED: LazyLock<Mutex<HashMap<u64, Component>>> = LazyLock::new(Default::default);
+static COMPILED: LazyLock<ComponentCache> = LazyLock::new(|| ComponentCache::new(CACHE_CAPACITY));
+
+/// How many compiled components the cache keeps.
+const CACHE_CAPACITY: usize = 8;
+
+/// What identifies a module's bytes: their SHA-256 (a collision would run
+/// the wrong module, so not a 64-bit hash).
+type Key = [u8; 32];
+
+/// Compiled components by content, least recently used first, at most
+/// `capacity` of them. A stage holds its own component (through its linked
+/// `StagePre`), so an evicted entry stays alive while in use: eviction only
+/// means a later load of the same bytes compiles them again. Unbounded, every
+/// hot reload to a new build would keep the old compilation forever.
+pub(crate) struct ComponentCache {
+    capacity: usize,
+    entries: Mutex<VecDeque<(Key, Component)>>,
+    /// Compilations done, cache misses (for tests).
+    compilations: AtomicUsize,
+}
+
+impl ComponentCache {
+    pub(crate) fn new(capacity: usize) -> Self {
+        ComponentCache { capacity: capacity.max(1), entries: Mutex::default(), compilations: AtomicUsize::new(0) }
+    }
+
+    fn key(bytes: &[u8]) -> Key {
+        use sha2::Digest;
+        sha2::Sha256::digest(bytes).into()
+    }
+
+    fn entries(&self) -> std::sync::MutexGuard<'_, VecDeque<(Key, Component)>> {
+        self.entries.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Takes an entry out and puts it back as the most recently used.
+    fn take(&self, key: Key) -> Option<Component> {
+        let mut entries = self.entries();
+        let at = entries.iter().position(|(k, _)| *k == key)?;
+        let entry = entries.remove(at)?;
+        let component = entry.1.clone();
+        entries.push_back(entry);
+        Some(component)
+    }
+
+    /// The compiled component for these bytes: from the cache, or compiled
+    /// now (outside the lock, so other loads go on meanwhile) and kept.
+    pub(crate) fn get_or_compile(&self, bytes: &[u8]) -> wasmtime::Result<Component> {
+        let key = Self::key(bytes);
+        if let Some(component) = self.take(key) {
+            return Ok(component);
+        }
+        let component = Component::new(&ENGINE, bytes)?;
+        self.compilations.fetch_add(1, Ordering::Relaxed);
+        // Another thread may have compiled the same bytes meanwhile: keep one.
+        if let Some(first) = self.take(key) {
+            return Ok(first);
+        }
+        let mut entries = self.entries();
+        entries.push_back((key, component.clone()));
+        while entries.len() > self.capacity {
+            entries.pop_front();
+        }
+        Ok(component)
+    }
+
+    #[cfg(test)]
+    fn len(&self) -> usize {
+        self.entries().len()
+    }
+
+    #[cfg(test)]
+    fn compilations(&self) -> usize {
+        self.compilations.load(Ordering::Relaxed)
+    }
+}
 
 /// Why a module could not be loaded or started.
 #[derive(Debug, thiserror::Error)]
@@ -67,19 +142,9 @@ pub enum LoadError {
 /// Reads and compiles (or takes from the cache) a component, then links it against WASI.
 pub fn load(path: &Path) -> Result<StagePre<Host>, LoadError> {
     let bytes = std::fs::read(path).map_err(|source| LoadError::Read { path: path.to_path_buf(), source })?;
-    let mut hasher = std::collections::hash_map::DefaultHasher::new();
-    bytes.hash(&mut hasher);
-    let key = hasher.finish();
-    let cached = COMPILED.lock().expect("component cache").get(&key).cloned();
-    let component = match cached {
-        Some(component) => component,
-        None => {
-            let component = Component::new(&ENGINE, &bytes)
-                .map_err(|e| LoadError::Compile { path: path.to_path_buf(), reason: format!("{e:#}") })?;
-            COMPILED.lock().expect("component cache").insert(key, component.clone());
-            component
-        }
-    };
+    let component = COMPILED
+        .get_or_compile(&bytes)
+        .map_err(|e| LoadError::Compile { path: path.to_path_buf(), reason: format!("{e:#}") })?;
     let mut linker = Linker::<Host>::new(&ENGINE);
     wasmtime_wasi::p2::add_to_linker_sync(&mut linker)
         .map_err(|e| LoadError::Link { path: path.to_path_buf(), reason: format!("{e:#}") })?;
@@ -231,5 +296,74 @@ fn describe(store: &Store<Host>, sandbox: &Sandbox, error: wasmtime::Error) -> C
         Some(Trap::Interrupt) => CallError::Timeout(sandbox.timeout),
         Some(trap) => CallError::Trap(trap.to_string()),
         None => CallError::Trap(error.to_string()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The smallest valid component, `(component)`, with a custom section
+    /// holding `tag` so that each tag gives different bytes.
+    fn component_bytes(tag: &str) -> Vec<u8> {
+        let mut bytes = b"\0asm\x0d\x00\x01\x00".to_vec();
+        let name = b"tag";
+        let size = 1 + name.len() + tag.len();
+        assert!(size < 128 && tag.len() < 128, "one-byte LEB128 lengths only");
+        bytes.extend([0, size as u8, name.len() as u8]);
+        bytes.extend(name);
+        bytes.extend(tag.as_bytes());
+        bytes
+    }
+
+    #[test]
+    fn same_bytes_compile_once() {
+        let cache = ComponentCache::new(4);
+        let first = cache.get_or_compile(&component_bytes("a")).unwrap();
+        let again = cache.get_or_compile(&component_bytes("a")).unwrap();
+        assert_eq!(cache.compilations(), 1, "the second load is a cache hit");
+        assert_eq!(first.image_range(), again.image_range(), "one compiled image, shared");
+        let other = cache.get_or_compile(&component_bytes("b")).unwrap();
+        assert_eq!(cache.compilations(), 2);
+        assert_ne!(first.image_range(), other.image_range());
+        assert_eq!(cache.len(), 2);
+        assert!(cache.get_or_compile(b"not wasm").is_err());
+        assert_eq!(cache.len(), 2, "a failed compilation is not kept");
+    }
+
+    #[test]
+    fn reloads_do_not_grow_the_cache_without_bound() {
+        let cache = ComponentCache::new(3);
+        // A stage reloading 50 new builds, each loaded twice (say, by two stages).
+        for build in 0..50 {
+            let bytes = component_bytes(&format!("build-{build}"));
+            let running = cache.get_or_compile(&bytes).unwrap();
+            let shared = cache.get_or_compile(&bytes).unwrap();
+            assert_eq!(running.image_range(), shared.image_range());
+            assert!(cache.len() <= 3, "{} entries after build {build}", cache.len());
+        }
+        assert_eq!(cache.compilations(), 50, "each build compiled once");
+        assert_eq!(cache.len(), 3);
+        // The most recent builds are still shared; an evicted one compiles again.
+        cache.get_or_compile(&component_bytes("build-49")).unwrap();
+        assert_eq!(cache.compilations(), 50);
+        cache.get_or_compile(&component_bytes("build-0")).unwrap();
+        assert_eq!(cache.compilations(), 51);
+        assert_eq!(cache.len(), 3);
+    }
+
+    #[test]
+    fn least_recently_used_goes_first() {
+        let cache = ComponentCache::new(2);
+        cache.get_or_compile(&component_bytes("old")).unwrap();
+        cache.get_or_compile(&component_bytes("new")).unwrap();
+        // Using `old` again makes `new` the least recently used.
+        cache.get_or_compile(&component_bytes("old")).unwrap();
+        cache.get_or_compile(&component_bytes("third")).unwrap();
+        assert_eq!(cache.compilations(), 3);
+        cache.get_or_compile(&component_bytes("old")).unwrap();
+        assert_eq!(cache.compilations(), 3, "`old` stayed");
+        cache.get_or_compile(&component_bytes("new")).unwrap();
+        assert_eq!(cache.compilations(), 4, "`new` was evicted");
     }
 }

@@ -263,3 +263,127 @@ outputs:
     assert!(out[swapped_at..].iter().all(|v| v["via"] == "testbed"), "never back to the old module");
     assert_eq!(acks(src), vec![AckStatus::Delivered; N]);
 }
+
+/// The probe guest's answers, one JSON document per event of the default port.
+fn answers(events: &[Event]) -> Vec<serde_json::Value> {
+    events.iter().map(|e| serde_json::from_str(&sonic_rs::to_string(&e.data).unwrap()).unwrap()).collect()
+}
+
+fn probe(ops: &[serde_json::Value]) -> Vec<Event> {
+    ops.iter().map(|op| Event::new(sonic_rs::from_str::<Value>(&op.to_string()).unwrap())).collect()
+}
+
+/// A folder with `hello.txt` in it.
+fn lookup_dir() -> tempfile::TempDir {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("hello.txt"), "hello from the host").unwrap();
+    dir
+}
+
+#[tokio::test]
+async fn without_dirs_the_guest_opens_no_file_and_no_socket() {
+    let dir = lookup_dir();
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    listener.set_nonblocking(true).unwrap();
+    let addr = listener.local_addr().unwrap().to_string();
+    let host_file = dir.path().join("hello.txt").display().to_string();
+    let written = dir.path().join("written.txt").display().to_string();
+
+    let (mut s, ports) = stage(serde_json::json!({ "module": guest("probe") }));
+    let got = run(
+        &mut *s,
+        ports,
+        probe(&[
+            serde_json::json!({ "op": "read", "path": "/data/hello.txt" }),
+            serde_json::json!({ "op": "read", "path": host_file }),
+            serde_json::json!({ "op": "write", "path": written, "text": "x" }),
+            serde_json::json!({ "op": "connect", "addr": addr }),
+        ]),
+    )
+    .await;
+    assert!(got[1].is_empty(), "the guest reports its errors itself: {:?}", texts(&got[1]));
+    let said = answers(&got[0]);
+    assert_eq!(said.len(), 4, "{said:?}");
+    // No directory is preopened, so no path exists for the guest at all;
+    // the socket is refused by the host (wasi `access-denied`).
+    let kinds: Vec<(&serde_json::Value, &serde_json::Value)> = said.iter().map(|a| (&a["ok"], &a["kind"])).collect();
+    assert_eq!(
+        kinds,
+        vec![
+            (&false.into(), &"NotFound".into()),
+            (&false.into(), &"NotFound".into()),
+            (&false.into(), &"NotFound".into()),
+            (&false.into(), &"PermissionDenied".into()),
+        ],
+        "{said:?}"
+    );
+    assert!(!dir.path().join("written.txt").exists(), "nothing written on the host");
+    assert_eq!(
+        listener.accept().err().map(|e| e.kind()),
+        Some(std::io::ErrorKind::WouldBlock),
+        "no connection reached the listener"
+    );
+    // The process and the instance survive: the next batch is served.
+    let again = run(&mut *s, ports, probe(&[serde_json::json!({ "op": "count" })])).await;
+    assert_eq!(answers(&again[0]), vec![serde_json::json!({ "events": 5 })]);
+}
+
+#[tokio::test]
+async fn a_granted_directory_is_readable_and_read_only_by_default() {
+    let dir = lookup_dir();
+    let grant = |writable: bool| {
+        serde_json::json!({ "module": guest("probe"),
+            "dirs": [{ "host": dir.path(), "guest": "/data", "writable": writable }] })
+    };
+    let (mut s, ports) = stage(grant(false));
+    let got = run(
+        &mut *s,
+        ports,
+        probe(&[
+            serde_json::json!({ "op": "read", "path": "/data/hello.txt" }),
+            serde_json::json!({ "op": "write", "path": "/data/new.txt", "text": "x" }),
+            serde_json::json!({ "op": "read", "path": "/data/../outside.txt" }),
+            serde_json::json!({ "op": "connect", "addr": "127.0.0.1:9" }),
+        ]),
+    )
+    .await;
+    let said = answers(&got[0]);
+    assert_eq!(said[0], serde_json::json!({ "ok": true, "text": "hello from the host" }));
+    let refused = |answer: &serde_json::Value| answer["ok"] == false && answer["kind"] == "PermissionDenied";
+    assert!(refused(&said[1]), "read-only grant: {said:?}");
+    assert!(!dir.path().join("new.txt").exists());
+    assert!(refused(&said[2]), "no way out of the granted folder: {said:?}");
+    assert!(refused(&said[3]), "a directory grants no network: {said:?}");
+
+    let (mut s, ports) = stage(grant(true));
+    let got = run(
+        &mut *s,
+        ports,
+        probe(&[serde_json::json!({ "op": "write", "path": "/data/new.txt", "text": "from the guest" })]),
+    )
+    .await;
+    assert_eq!(answers(&got[0]), vec![serde_json::json!({ "ok": true })]);
+    assert_eq!(std::fs::read_to_string(dir.path().join("new.txt")).unwrap(), "from the guest");
+}
+
+#[tokio::test]
+async fn instances_are_reused_across_batches_until_one_fails() {
+    let (mut s, ports) = stage(serde_json::json!({ "module": guest("probe") }));
+    let count = || serde_json::json!({ "op": "count" });
+    let events_seen =
+        |got: &[Vec<Event>]| -> Vec<u64> { answers(&got[0]).iter().map(|a| a["events"].as_u64().unwrap()).collect() };
+    let got = run(&mut *s, ports, probe(&[count(), count()])).await;
+    assert_eq!(events_seen(&got), vec![1, 2]);
+    for expected in 3..6 {
+        let got = run(&mut *s, ports, probe(&[count()])).await;
+        assert_eq!(events_seen(&got), vec![expected], "one instance serves batch after batch");
+    }
+    // A refused event keeps the instance; a trap replaces it.
+    let got = run(&mut *s, ports, probe(&[serde_json::json!({ "op": "nonsense" }), count()])).await;
+    assert_eq!(events_seen(&got), vec![7]);
+    assert!(reason(&got[1][0]).contains("unknown op"), "{}", reason(&got[1][0]));
+    let got = run(&mut *s, ports, probe(&[count(), serde_json::json!({ "op": "trap" })])).await;
+    assert!(got[0].is_empty() && got[1].len() == 2, "the trap fails the batch");
+    let got = run(&mut *s, ports, probe(&[count()])).await;
+    assert_eq!(events_seen(&got), vec![1], "a fresh instance after the trap");
+}

@@ -170,7 +170,7 @@ fn conflux_test_runs_the_rhai_cases() {
     let output = conflux().args(["test", cases]).output().unwrap();
     let stdout = String::from_utf8_lossy(&output.stdout);
     assert!(output.status.success(), "{stdout}");
-    assert!(stdout.contains("5 passed, 0 failed"), "{stdout}");
+    assert!(stdout.contains("6 passed, 0 failed"), "{stdout}");
 }
 
 #[test]

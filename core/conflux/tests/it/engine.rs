@@ -37,7 +37,7 @@ outputs:
 }
 
 #[tokio::test]
-async fn ports_route_and_unwired_error_port_rejects() {
+async fn named_ports_route_events_to_their_readers() {
     setup();
     let (src, even, odd) = (key("src"), key("even"), key("odd"));
     let yaml = format!(
@@ -55,6 +55,46 @@ outputs:
     assert_eq!(ns(&delivered(&odd)), vec![1, 3, 5, 7, 9]);
     assert_eq!(acks(&src).len(), 10);
     assert!(acks(&src).iter().all(|s| *s == AckStatus::Delivered));
+}
+
+#[tokio::test]
+async fn unwired_error_port_rejects_the_failed_event_and_counts_it() {
+    setup();
+    conflux_rhai::link();
+    let (src, sink) = (key("src"), key("sink"));
+    // One event per batch, so each acknowledgement is one event's.
+    let yaml = format!(
+        "name: unwired
+inputs:
+  src: {{ type: test_source, key: {src}, count: 10, batch_size: 1 }}
+stages:
+  strict:
+    type: rhai
+    from: src
+    script: |
+      if event.n % 3 == 0 {{ throw \"multiple of three\" }}
+      event
+outputs:
+  out: {{ type: test_sink, key: {sink}, from: strict }}
+"
+    );
+    let cx = RunContext::new();
+    let report = run_yaml(&yaml, cx.clone()).await;
+    assert!(!report.failed && !report.forced);
+    assert_eq!(ns(&delivered(&sink)), vec![1, 2, 4, 5, 7, 8], "the other events flow on");
+    let acks = acks(&src);
+    assert_eq!(acks.len(), 10);
+    let rejected = acks.iter().filter(|s| **s == AckStatus::Rejected).count();
+    let delivered = acks.iter().filter(|s| **s == AckStatus::Delivered).count();
+    assert_eq!((rejected, delivered), (4, 6), "0, 3, 6, 9 go back to the source as rejected: {acks:?}");
+    let metrics = cx.metrics.encode();
+    for line in [
+        r#"conflux_events_discarded_total{pipeline="unwired",component="strict",kind="stage",port="error"} 4"#,
+        r#"conflux_errors_total{pipeline="unwired",component="strict",kind="stage"} 4"#,
+        r#"conflux_events_sent_total{pipeline="unwired",component="strict",kind="stage",port="default"} 6"#,
+    ] {
+        assert!(metrics.contains(line), "missing `{line}` in\n{metrics}");
+    }
 }
 
 #[tokio::test]

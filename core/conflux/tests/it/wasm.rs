@@ -21,7 +21,7 @@ fn conflux_test_runs_the_wasm_case() {
         Command::new(env!("CARGO_BIN_EXE_conflux")).args(["test", case]).env("WASM_GUESTS", guests()).output().unwrap();
     let stdout = String::from_utf8_lossy(&output.stdout);
     assert!(output.status.success(), "{stdout}\n{}", String::from_utf8_lossy(&output.stderr));
-    assert!(stdout.contains("2 passed, 0 failed"), "{stdout}");
+    assert!(stdout.contains("4 passed, 0 failed"), "{stdout}");
 }
 
 #[test]
