@@ -1,8 +1,10 @@
 //! `kafka` input and output against a real Kafka-protocol broker (tansu,
 //! started by scripts/test.sh) and librdkafka's mock cluster for failures.
 
-use std::collections::BTreeSet;
-use std::time::Duration;
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
 
 use conflux_api::AckStatus;
 use conflux_engine::runtime::RunContext;
@@ -11,9 +13,11 @@ use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::client::DefaultClientContext;
 use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::message::{Header, Headers, OwnedHeaders};
 use rdkafka::mocking::MockCluster;
+use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::types::{RDKafkaApiKey, RDKafkaRespErr};
-use rdkafka::{Offset, TopicPartitionList};
+use rdkafka::{Message, Offset, TopicPartitionList};
 
 use crate::{key, setup};
 
@@ -45,24 +49,29 @@ async fn create_topic(brokers: &str, topic: &str, partitions: i32) {
 
 /// Sum of the offsets committed by `group` on `topic`.
 fn committed(brokers: &str, group: &str, topic: &str, partitions: i32) -> i64 {
+    committed_per_partition(brokers, group, topic, partitions).iter().sum()
+}
+
+/// The offset committed by `group` on each partition of `topic` (0 when none).
+fn committed_per_partition(brokers: &str, group: &str, topic: &str, partitions: i32) -> Vec<i64> {
     let consumer: BaseConsumer =
         ClientConfig::new().set("bootstrap.servers", brokers).set("group.id", group).create().unwrap();
     let mut list = TopicPartitionList::new();
     for p in 0..partitions {
         list.add_partition(topic, p);
     }
-    let sum = {
+    let offsets = {
         let got = consumer.committed_offsets(list, Duration::from_secs(10)).unwrap();
-        got.elements()
-            .iter()
-            .map(|e| match e.offset() {
-                Offset::Offset(o) => o,
-                _ => 0,
-            })
-            .sum()
+        let mut offsets = vec![0; partitions as usize];
+        for e in got.elements() {
+            if let Offset::Offset(o) = e.offset() {
+                offsets[e.partition() as usize] = o;
+            }
+        }
+        offsets
     };
     drop(consumer);
-    sum
+    offsets
 }
 
 fn ns(values: &[serde_json::Value]) -> BTreeSet<u64> {
@@ -317,4 +326,359 @@ async fn every_compression_codec_round_trips_through_the_broker() {
     for n in 0..50u64 {
         assert_eq!(got.iter().filter(|v| v["n"] == n).count(), 5, "event {n} once per codec");
     }
+}
+
+/// A message read back from the broker: topic, key, headers, payload.
+#[derive(Debug)]
+struct ReadBack {
+    topic: String,
+    key: Option<String>,
+    headers: BTreeMap<String, String>,
+    payload: serde_json::Value,
+}
+
+/// Reads `count` messages from the start of partition 0 of each of `topics`, without a group commit.
+async fn read_back(brokers: &str, topics: &[&str], count: usize) -> Vec<ReadBack> {
+    let consumer: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .set("group.id", key("reader"))
+        .set("enable.auto.commit", "false")
+        .create()
+        .unwrap();
+    let mut list = TopicPartitionList::new();
+    for topic in topics {
+        list.add_partition_offset(topic, 0, Offset::Beginning).unwrap();
+    }
+    consumer.assign(&list).unwrap();
+    let mut got = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while got.len() < count {
+        assert!(Instant::now() < deadline, "read back only {} of {count} messages: {got:?}", got.len());
+        let Some(message) = consumer.poll(Duration::from_millis(100)) else {
+            tokio::task::yield_now().await;
+            continue;
+        };
+        let m = message.unwrap();
+        let headers = m.headers().map_or_else(BTreeMap::new, |hs| {
+            hs.iter()
+                .map(|h| (h.key.to_string(), String::from_utf8_lossy(h.value.unwrap_or_default()).into_owned()))
+                .collect()
+        });
+        got.push(ReadBack {
+            topic: m.topic().to_string(),
+            key: m.key().map(|k| String::from_utf8_lossy(k).into_owned()),
+            headers,
+            payload: serde_json::from_slice(m.payload().unwrap_or_default()).unwrap(),
+        });
+    }
+    // Nothing beyond the expected messages.
+    if let Some(extra) = consumer.poll(Duration::from_millis(500)) {
+        panic!("more messages than expected: {:?}", extra.map(|m| m.detach()));
+    }
+    drop(list);
+    drop(consumer);
+    got
+}
+
+#[tokio::test]
+async fn kafka_input_events_carry_topic_partition_offset_key_headers_and_timestamp() {
+    setup();
+    conflux_rhai::link();
+    let brokers = brokers().await;
+    let (topic, group, sink) = (key("meta").replace('-', "_"), key("g"), key("sink"));
+    create_topic(&brokers, &topic, 2).await;
+    let producer: FutureProducer = ClientConfig::new().set("bootstrap.servers", &brokers).create().unwrap();
+    let ts = 1_700_000_000_123_i64;
+    // Partition 1 (not the default 0): a message with key, headers and timestamp, then one with neither key nor headers.
+    let headers = OwnedHeaders::new()
+        .insert(Header { key: "trace", value: Some("t-42") })
+        .insert(Header { key: "origin", value: Some("metadata test") });
+    let keyed = FutureRecord::to(&topic).partition(1).key("alpha").payload(r#"{"n":0}"#).headers(headers).timestamp(ts);
+    let keyed = producer.send(keyed, Duration::from_secs(10)).await.map_err(|(e, _)| e).unwrap();
+    let bare = FutureRecord::<(), str>::to(&topic).partition(1).payload(r#"{"n":1}"#).timestamp(ts + 1_000);
+    let bare = producer.send(bare, Duration::from_secs(10)).await.map_err(|(e, _)| e).unwrap();
+    assert_eq!((keyed.partition, bare.partition), (1, 1));
+    assert_eq!(bare.offset, keyed.offset + 1);
+
+    // The test sink records payloads only: a rhai stage copies the metadata into the payload.
+    let cx = RunContext::new();
+    let yaml = format!(
+        "runtime: {{ shutdown_timeout: 200ms }}
+inputs:
+  in: {{ type: kafka, brokers: [\"{brokers}\"], topics: [{topic}], group: {group}, commit_interval: 100ms, options: {{ session.timeout.ms: \"6000\" }} }}
+stages:
+  copy:
+    type: rhai
+    from: in
+    script: 'event.m = meta; event'
+outputs:
+  out: {{ type: test_sink, key: {sink}, from: copy }}
+"
+    );
+    let run = tokio::spawn({
+        let cx = cx.clone();
+        async move { run_yaml(&yaml, cx).await }
+    });
+    wait_for(|| delivered(&sink).len() >= 2, "both messages through the pipeline").await;
+    cx.stop.cancel();
+    run.await.unwrap();
+    let got = delivered(&sink);
+    assert_eq!(got.len(), 2, "{got:?}");
+    let (first, second) = (&got[0], &got[1]);
+    assert_eq!(first["n"], 0, "in partition order: {got:?}");
+
+    let m = &first["m"];
+    assert_eq!(m["kafka.topic"], topic.as_str(), "{m}");
+    assert_eq!(m["kafka.partition"], 1, "{m}");
+    assert_eq!(m["kafka.offset"], keyed.offset, "{m}");
+    assert_eq!(m["kafka.key"], "alpha", "{m}");
+    assert_eq!(m["kafka.headers"], serde_json::json!({ "trace": "t-42", "origin": "metadata test" }), "{m}");
+    assert_eq!(m["kafka.timestamp"], ts, "the producer's timestamp, in ms: {m}");
+
+    let m = &second["m"];
+    assert_eq!(m["kafka.topic"], topic.as_str(), "{m}");
+    assert_eq!(m["kafka.partition"], 1, "{m}");
+    assert_eq!(m["kafka.offset"], bare.offset, "{m}");
+    assert!(m.get("kafka.key").is_none(), "no key, no kafka.key: {m}");
+    assert!(m.get("kafka.headers").is_none_or(|h| h.as_object().is_some_and(|h| h.is_empty())), "no headers: {m}");
+    assert_eq!(m["kafka.timestamp"], ts + 1_000, "{m}");
+}
+
+#[tokio::test]
+async fn kafka_output_renders_topic_key_and_headers_from_each_event() {
+    setup();
+    conflux_rhai::link();
+    let brokers = brokers().await;
+    let (base, src) = (key("tmpl").replace('-', "_"), key("src"));
+    let (even, odd) = (format!("{base}_even"), format!("{base}_odd"));
+    create_topic(&brokers, &even, 1).await;
+    create_topic(&brokers, &odd, 1).await;
+    let yaml = format!(
+        "inputs:
+  src: {{ type: test_source, key: {src}, count: 20, batch_size: 5 }}
+stages:
+  shape:
+    type: rhai
+    from: src
+    script: |
+      event.route = if event.n % 2 == 0 {{ \"even\" }} else {{ \"odd\" }};
+      event.user = #{{ id: \"user-\" + event.n }};
+      event
+outputs:
+  out:
+    type: kafka
+    brokers: [\"{brokers}\"]
+    topic: \"{base}_{{{{ route }}}}\"
+    key: \"{{{{ user.id }}}}\"
+    headers: {{ origin: conflux, n: \"{{{{ n }}}}\", route: \"r-{{{{ route }}}}\" }}
+    from: shape
+"
+    );
+    run_yaml(&yaml, RunContext::new()).await;
+    assert_eq!(acks(&src), vec![AckStatus::Delivered; 20], "every event confirmed by its delivery report");
+
+    let got = read_back(&brokers, &[&even, &odd], 20).await;
+    let mut seen = BTreeSet::new();
+    for m in &got {
+        let n = m.payload["n"].as_u64().unwrap();
+        let route = if n % 2 == 0 { "even" } else { "odd" };
+        assert_eq!(m.topic, format!("{base}_{route}"), "topic from the event's `route`: {m:?}");
+        assert_eq!(m.key.as_deref(), Some(format!("user-{n}").as_str()), "key from `user.id`: {m:?}");
+        let expected: BTreeMap<String, String> =
+            [("origin", "conflux".to_string()), ("n", n.to_string()), ("route", format!("r-{route}"))]
+                .into_iter()
+                .map(|(k, v)| (k.to_string(), v))
+                .collect();
+        assert_eq!(m.headers, expected, "static and templated headers: {m:?}");
+        assert_eq!(m.payload["user"]["id"], format!("user-{n}"), "the payload is the event: {m:?}");
+        assert!(seen.insert(n), "event {n} produced once");
+    }
+    assert_eq!(seen, (0..20).collect());
+}
+
+#[tokio::test]
+async fn kafka_input_subscribes_to_every_topic_matching_a_regex() {
+    setup();
+    conflux_rhai::link();
+    let brokers = brokers().await;
+    let (base, group, sink) = (key("rx").replace('-', "_"), key("g"), key("sink"));
+    let (a, b, other) = (format!("{base}_a"), format!("{base}_b"), format!("{base}x_c"));
+    for topic in [&a, &b, &other] {
+        create_topic(&brokers, topic, 1).await;
+        produce(&brokers, topic, 50).await;
+    }
+    let cx = RunContext::new();
+    let yaml = format!(
+        "runtime: {{ shutdown_timeout: 200ms }}
+inputs:
+  in: {{ type: kafka, brokers: [\"{brokers}\"], topics: [\"^{base}_.*\"], group: {group}, commit_interval: 100ms, options: {{ session.timeout.ms: \"6000\" }} }}
+stages:
+  tag:
+    type: rhai
+    from: in
+    script: 'event.topic = meta[\"kafka.topic\"]; event'
+outputs:
+  out: {{ type: test_sink, key: {sink}, from: tag }}
+"
+    );
+    let run = tokio::spawn({
+        let cx = cx.clone();
+        async move { run_yaml(&yaml, cx).await }
+    });
+    wait_for(|| delivered(&sink).len() >= 100, "50 events from each matching topic").await;
+    wait_for(
+        || committed(&brokers, &group, &a, 1) == 50 && committed(&brokers, &group, &b, 1) == 50,
+        "both topics committed",
+    )
+    .await;
+    // Time for anything from a topic that should not match to show up.
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    cx.stop.cancel();
+    run.await.unwrap();
+    let got = delivered(&sink);
+    let from =
+        |topic: &str| -> Vec<serde_json::Value> { got.iter().filter(|v| v["topic"] == topic).cloned().collect() };
+    assert_eq!(ns(&from(&a)), (0..50).collect(), "every event of {a}");
+    assert_eq!(ns(&from(&b)), (0..50).collect(), "every event of {b}");
+    assert_eq!(got.len(), 100, "nothing from {other} or read twice: {} events", got.len());
+    assert_eq!(committed(&brokers, &group, &other, 1), 0, "the group never consumed {other}");
+}
+
+/// A `conflux run` process, killed when dropped so a failing test leaves none behind.
+struct Conflux(Child);
+
+impl Drop for Conflux {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn start_conflux(pipeline: &Path) -> Conflux {
+    Conflux(
+        Command::new(env!("CARGO_BIN_EXE_conflux"))
+            .env("CONFLUX_LOG", "warn")
+            .arg("run")
+            .arg(pipeline)
+            .stderr(Stdio::inherit())
+            .spawn()
+            .unwrap(),
+    )
+}
+
+/// (partition, offset, n) of every complete line an output file holds.
+fn written(path: &Path) -> Vec<(i64, i64, u64)> {
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    text.lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .map(|v| (v["p"].as_i64().unwrap(), v["o"].as_i64().unwrap(), v["n"].as_u64().unwrap()))
+        .collect()
+}
+
+#[tokio::test]
+async fn kafka_consumer_killed_mid_stream_loses_no_acknowledged_event() {
+    setup();
+    let brokers = brokers().await;
+    let (topic, group) = (key("sigkill").replace('-', "_"), key("g"));
+    const N: usize = 4000;
+    create_topic(&brokers, &topic, 2).await;
+    produce(&brokers, &topic, N).await;
+
+    let dir = tempfile::tempdir().unwrap();
+    // Kafka → file (fsync per batch) and, beside it, a slow `drop` that paces the run (≤ 1000 events/s)
+    // so the kill lands mid-stream with events read, maybe written, not yet acknowledged.
+    let pipeline = |name: &str, out: &str| {
+        let path = dir.path().join(name);
+        std::fs::write(
+            &path,
+            format!(
+                "runtime: {{ shutdown_timeout: 2s, channel_capacity: 2 }}
+inputs:
+  in: {{ type: kafka, brokers: [\"{brokers}\"], topics: [{topic}], group: {group}, batch_size: 20, commit_interval: 100ms, options: {{ session.timeout.ms: \"6000\" }} }}
+stages:
+  tag:
+    type: rhai
+    from: in
+    script: 'event.p = meta[\"kafka.partition\"]; event.o = meta[\"kafka.offset\"]; event'
+outputs:
+  out: {{ type: file, path: {out}, sync: true, from: tag }}
+  pace: {{ type: drop, delay: 20ms, from: tag }}
+"
+            ),
+        )
+        .unwrap();
+        path
+    };
+    let (out1, out2) = (dir.path().join("out1.ndjson"), dir.path().join("out2.ndjson"));
+
+    let mut first = start_conflux(&pipeline("first.yaml", "out1.ndjson"));
+    let started = Instant::now();
+    loop {
+        assert!(started.elapsed() < Duration::from_secs(60), "the first run made no progress");
+        if let Ok(Some(status)) = first.0.try_wait() {
+            panic!("the first run exited on its own: {status}");
+        }
+        if written(&out1).len() >= 400 && committed(&brokers, &group, &topic, 2) >= 100 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    first.0.kill().unwrap(); // SIGKILL: no drain, no final commit
+    first.0.wait().unwrap();
+
+    // Every offset the group committed is in the file: nothing acknowledged was lost with the process.
+    let at_kill = committed_per_partition(&brokers, &group, &topic, 2);
+    let run1 = written(&out1);
+    let offsets1: BTreeSet<(i64, i64)> = run1.iter().map(|&(p, o, _)| (p, o)).collect();
+    for (p, &c) in at_kill.iter().enumerate() {
+        let missing: Vec<i64> = (0..c).filter(|&o| !offsets1.contains(&(p as i64, o))).collect();
+        assert!(missing.is_empty(), "partition {p} committed up to {c} but never wrote offsets {missing:?}");
+    }
+    let ns1: BTreeSet<u64> = run1.iter().map(|&(_, _, n)| n).collect();
+    assert!(ns1.len() < N, "killed mid-stream: the first run wrote {} of {N}", ns1.len());
+
+    // Restarted in the same group: it resumes from the committed offsets and catches up.
+    let mut second = start_conflux(&pipeline("second.yaml", "out2.ndjson"));
+    let started = Instant::now();
+    loop {
+        assert!(
+            started.elapsed() < Duration::from_secs(60),
+            "after the restart only {} of {N} events were written",
+            ns1.union(&written(&out2).iter().map(|&(_, _, n)| n).collect()).count()
+        );
+        if let Ok(Some(status)) = second.0.try_wait() {
+            panic!("the second run exited on its own: {status}");
+        }
+        let ns2: BTreeSet<u64> = written(&out2).iter().map(|&(_, _, n)| n).collect();
+        if ns1.union(&ns2).count() >= N {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(Command::new("kill").args(["-TERM", &second.0.id().to_string()]).status().unwrap().success());
+    assert!(second.0.wait().unwrap().success(), "the second run stops cleanly");
+
+    let run2 = written(&out2);
+    for &(p, o, n) in &run2 {
+        assert!(
+            o >= at_kill[p as usize],
+            "event {n} ({p}/{o}) read again below the committed offset {}",
+            at_kill[p as usize]
+        );
+    }
+    let all: BTreeSet<u64> = run1.iter().chain(&run2).map(|&(_, _, n)| n).collect();
+    assert_eq!(all, (0..N as u64).collect(), "every event written at least once");
+    let duplicates = run1.len() + run2.len() - N;
+    let committed_at_kill: i64 = at_kill.iter().sum();
+    assert!(
+        duplicates <= run1.len() - committed_at_kill as usize,
+        "{duplicates} duplicates, more than the {} events written but not committed at the kill",
+        run1.len() - committed_at_kill as usize
+    );
+    eprintln!(
+        "SIGKILL after {} events written, {committed_at_kill} committed; {} written after the restart; {duplicates} redelivered",
+        run1.len(),
+        run2.len()
+    );
+    assert_eq!(committed(&brokers, &group, &topic, 2), N as i64, "every offset committed after the restart");
 }
