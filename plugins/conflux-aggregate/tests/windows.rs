@@ -154,6 +154,22 @@ async fn hopping_windows_count_an_event_in_each_overlap() {
     );
 }
 
+/// (start, end, count) of each session result, by time of day, sorted.
+fn session_rows(results: &[(usize, J)]) -> Vec<(String, String, i64)> {
+    let mut rows: Vec<(String, String, i64)> = results
+        .iter()
+        .map(|(_, r)| {
+            (
+                r["window"]["start"].as_str().unwrap()[11..19].to_string(),
+                r["window"]["end"].as_str().unwrap()[11..19].to_string(),
+                r["n"].as_i64().unwrap(),
+            )
+        })
+        .collect();
+    rows.sort();
+    rows
+}
+
 #[tokio::test]
 async fn sessions_grow_and_split_on_the_gap() {
     let mut s = stage(json!({
@@ -168,17 +184,7 @@ async fn sessions_grow_and_split_on_the_gap() {
     )
     .await;
     all.extend(finish(&mut s).await);
-    let mut rows: Vec<(String, String, i64)> = all
-        .iter()
-        .map(|(_, r)| {
-            (
-                r["window"]["start"].as_str().unwrap()[11..19].to_string(),
-                r["window"]["end"].as_str().unwrap()[11..19].to_string(),
-                r["n"].as_i64().unwrap(),
-            )
-        })
-        .collect();
-    rows.sort();
+    let rows = session_rows(&all);
     assert_eq!(rows, vec![("10:00:00".into(), "10:01:15".into(), 3), ("10:02:00".into(), "10:02:30".into(), 1)]);
 }
 
@@ -198,24 +204,14 @@ async fn out_of_order_events_join_and_bridge_sessions() {
         // Before the open session, and then within the gap of each other.
         at(0, 0, "a", "x", 1),
         at(0, 10, "a", "x", 1),
-        // [10:01:00, 10:01:30) and [10:01:50, 10:02:20): 10:01:25 reaches both.
+        // Sessions [10:01:00, 10:01:30) and [10:01:50, 10:02:30): 10:01:25 reaches both.
         at(1, 0, "a", "x", 1),
         at(1, 50, "a", "x", 1),
         at(1, 25, "a", "x", 1),
     ];
     let mut all = feed(&mut s, events).await;
     all.extend(finish(&mut s).await);
-    let mut rows: Vec<(String, String, i64)> = all
-        .iter()
-        .map(|(_, r)| {
-            (
-                r["window"]["start"].as_str().unwrap()[11..19].to_string(),
-                r["window"]["end"].as_str().unwrap()[11..19].to_string(),
-                r["n"].as_i64().unwrap(),
-            )
-        })
-        .collect();
-    rows.sort();
+    let rows = session_rows(&all);
     assert_eq!(rows, vec![("10:00:00".into(), "10:00:40".into(), 2), ("10:01:00".into(), "10:02:30".into(), 4),]);
 }
 

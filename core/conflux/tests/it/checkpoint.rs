@@ -4,7 +4,7 @@
 use std::collections::BTreeMap;
 use std::io::Write;
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 const LINES: u64 = 6_000;
@@ -39,27 +39,6 @@ fn append(path: &Path, lines: std::ops::Range<u64>) {
     let mut file = std::fs::OpenOptions::new().create(true).append(true).open(path).unwrap();
     let text: String = lines.map(line).collect();
     file.write_all(text.as_bytes()).unwrap();
-}
-
-/// A `conflux run` killed when dropped, so a failing test leaves no process behind.
-struct Running(Child);
-
-impl Drop for Running {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn start(pipeline: &Path) -> Running {
-    let child = Command::new(env!("CARGO_BIN_EXE_conflux"))
-        .env("CONFLUX_LOG", "warn")
-        .arg("run")
-        .arg(pipeline)
-        .stderr(Stdio::inherit())
-        .spawn()
-        .unwrap();
-    Running(child)
 }
 
 /// Every complete result line written so far, as (key, (count, sum)).
@@ -132,7 +111,7 @@ fn killed_and_restarted(
 
     // First run: a stream arriving in chunks; killed once snapshots and results exist
     // and more lines have arrived since.
-    let mut first = start(pipeline);
+    let mut first = crate::start_conflux(pipeline);
     for chunk in 0..12 {
         feed(chunk * 200..(chunk + 1) * 200);
         std::thread::sleep(Duration::from_millis(30));
@@ -148,7 +127,7 @@ fn killed_and_restarted(
     assert!(before_restart > 20, "the first run got somewhere: {before_restart} results");
 
     // Second run: what the snapshot counted is skipped when it comes again.
-    let mut second = start(pipeline);
+    let mut second = crate::start_conflux(pipeline);
     // What the killed run had not acknowledged comes back first (JetStream
     // redelivers it after ack_wait; sent behind newer messages, it would be
     // late in event time), then the stream goes on.

@@ -3,7 +3,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use conflux_api::AckStatus;
@@ -19,7 +19,7 @@ use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::types::{RDKafkaApiKey, RDKafkaRespErr};
 use rdkafka::{Message, Offset, TopicPartitionList};
 
-use crate::{key, setup};
+use crate::{key, setup, start_conflux};
 
 /// The broker address, after checking something listens there.
 async fn brokers() -> String {
@@ -542,28 +542,6 @@ outputs:
     assert_eq!(ns(&from(&b)), (0..50).collect(), "every event of {b}");
     assert_eq!(got.len(), 100, "nothing from {other} or read twice: {} events", got.len());
     assert_eq!(committed(&brokers, &group, &other, 1), 0, "the group never consumed {other}");
-}
-
-/// A `conflux run` process, killed when dropped so a failing test leaves none behind.
-struct Conflux(Child);
-
-impl Drop for Conflux {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn start_conflux(pipeline: &Path) -> Conflux {
-    Conflux(
-        Command::new(env!("CARGO_BIN_EXE_conflux"))
-            .env("CONFLUX_LOG", "warn")
-            .arg("run")
-            .arg(pipeline)
-            .stderr(Stdio::inherit())
-            .spawn()
-            .unwrap(),
-    )
 }
 
 /// (partition, offset, n) of every complete line an output file holds.

@@ -64,3 +64,25 @@ pub async fn wait_listening(addr: std::net::SocketAddr) {
 pub fn fixture(name: &str) -> String {
     format!("{}/tests/it/fixtures/{name}", env!("CARGO_MANIFEST_DIR"))
 }
+
+/// A `conflux run` process, killed when dropped so a failing test leaves none behind.
+pub struct Conflux(pub std::process::Child);
+
+impl Drop for Conflux {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Starts the real binary on a pipeline file (logs at warn, to the test's stderr).
+pub fn start_conflux(pipeline: &std::path::Path) -> Conflux {
+    let child = std::process::Command::new(env!("CARGO_BIN_EXE_conflux"))
+        .env("CONFLUX_LOG", "warn")
+        .arg("run")
+        .arg(pipeline)
+        .stderr(std::process::Stdio::inherit())
+        .spawn()
+        .unwrap();
+    Conflux(child)
+}
