@@ -4,6 +4,7 @@
 use std::collections::BTreeSet;
 use std::time::Duration;
 
+use async_nats::jetstream::consumer::pull::Config as PullConfig;
 use conflux_engine::runtime::RunContext;
 use conflux_testkit::{acks, attempts, delivered, release, run_yaml};
 use futures_util::StreamExt;
@@ -313,9 +314,13 @@ async fn jetstream_delivers_no_more_than_max_ack_pending_while_the_pipeline_hold
         let cx = cx.clone();
         async move { run_yaml(&yaml, cx).await }
     });
+    // The pipeline creates the durable consumer once it connects.
     for _ in 0..200 {
-        if stream_state(&url, &stream, "held").await.2 >= 20 {
-            break;
+        let consumer = js.get_stream(&stream).await.unwrap().get_consumer::<PullConfig>("held").await;
+        if let Ok(mut consumer) = consumer {
+            if consumer.info().await.unwrap().num_ack_pending >= 20 {
+                break;
+            }
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
