@@ -52,6 +52,9 @@ pub struct Snapshot<W, P> {
     pub gauges: Vec<(String, Vec<f64>)>,
     pub max_event_time: Option<i64>,
     pub last_slide_emitted: i64,
+    /// The last window the state limit closed early (see the stage's `closed_early`).
+    #[serde(default)]
+    pub closed_early: Option<(i64, i64)>,
     pub pending: Vec<P>,
 }
 
@@ -303,6 +306,7 @@ impl Durability {
             sessions: Vec::new(),
             gauges: Vec::new(),
             max_event_time: None,
+            closed_early: None,
             last_slide_emitted: i64::MIN,
             pending: self.pending.values().collect(),
         }

@@ -104,6 +104,10 @@ pub struct AggregateStage {
     gauges: HashMap<String, Vec<f64>>,
     has_gauge: bool,
     max_event_time: Option<i64>,
+    /// The last window the state limit closed early: its result was final,
+    /// so an event for it or an older window is late, not the start of a
+    /// second, smaller result that would overwrite the first.
+    closed_early: Option<(i64, i64)>,
     last_event_wall: Instant,
     last_updates: Instant,
     last_slide_emitted: i64,
@@ -326,6 +330,7 @@ impl StageConfig for AggregateConfig {
             gauges: HashMap::new(),
             has_gauge,
             max_event_time: None,
+            closed_early: None,
             last_event_wall: Instant::now(),
             last_updates: Instant::now(),
             last_slide_emitted: i64::MIN,
@@ -830,6 +835,7 @@ impl AggregateStage {
         }
         self.gauges = snapshot.gauges.into_iter().collect();
         self.max_event_time = snapshot.max_event_time;
+        self.closed_early = snapshot.closed_early;
         self.last_slide_emitted = snapshot.last_slide_emitted;
         let replay = durability.restore(snapshot.positions, snapshot.counted, snapshot.pending);
         info!(
@@ -861,6 +867,7 @@ impl AggregateStage {
         snapshot.sessions = self.sessions.iter().flat_map(|(k, list)| list.iter().map(|w| (k.clone(), *w))).collect();
         snapshot.gauges = self.gauges.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
         snapshot.max_event_time = self.max_event_time;
+        snapshot.closed_early = self.closed_early;
         snapshot.last_slide_emitted = self.last_slide_emitted;
         // Values and accumulators always serialize; an empty snapshot would only mean a fresh start.
         conflux_api::sonic_rs::to_vec(&snapshot).unwrap_or_default()
@@ -916,6 +923,7 @@ impl AggregateStage {
                     "aggregate state limit reached: closing the oldest window early"
                 );
             }
+            self.closed_early = self.closed_early.max(Some(oldest));
             self.close(oldest, out);
         }
     }
@@ -997,7 +1005,8 @@ impl Stage for AggregateStage {
                         Some((size, _)) => watermark.saturating_sub(size),
                         None => watermark,
                     };
-                    assigned.retain(|w| w.1 > floor);
+                    let closed_early = self.closed_early;
+                    assigned.retain(|w| w.1 > floor && closed_early.is_none_or(|c| *w > c));
                     self.assigned = assigned;
                     if self.assigned.is_empty() {
                         out.emit_to(LATE, event);

@@ -379,6 +379,17 @@ async fn the_group_limit_closes_the_oldest_window_and_counts_it() {
     assert_eq!(closed, vec!["2026-11-22T10:00:00.000Z"; 2], "minute 0 closed early for both groups");
     let evicted = cx.metrics.declared().into_iter().find(|d| d.name == "aggregate_windows_evicted").unwrap();
     assert!(matches!(evicted.metric, conflux_api::metrics::Metric::Counter(c) if c.get() == 1));
+    // Minute 0's results were final: a later event for it is late (port 1),
+    // not the start of a second, smaller result for (a, 10:00).
+    let mut after = feed(&mut s, vec![at(0, 30, "a", "booking_created", 1)]).await;
+    assert_eq!(after.iter().map(|(p, _)| *p).collect::<Vec<_>>(), vec![1], "{after:?}");
+    after.extend(finish(&mut s).await);
+    let finals: Vec<(&str, &str, &J)> = after
+        .iter()
+        .filter(|(p, _)| *p == 0)
+        .map(|(_, r)| (r["data"]["restaurantId"].as_str().unwrap(), r["window"]["start"].as_str().unwrap(), &r["n"]))
+        .collect();
+    assert_eq!(finals, vec![("a", "2026-11-22T10:01:00.000Z", &json!(1))], "only minute 1 closes at the end");
 }
 
 fn occupancy_metric() -> J {
