@@ -159,6 +159,12 @@ impl Payload {
         path.iter().try_fold(self.root(), |at, key| at.get(key.as_ref()))
     }
 
+    /// The payload as its text alone, while it has one: a copy that costs a
+    /// reference count (no tree), to put back if a change must be undone.
+    pub fn text_copy(&self) -> Option<Payload> {
+        self.raw.as_ref().map(|raw| Payload { value: OnceLock::new(), raw: Some(raw.clone()) })
+    }
+
     /// The JSON text the value was parsed from, if it is still unchanged.
     pub fn raw_json(&self) -> Option<&[u8]> {
         self.raw.as_ref().map(|raw| &raw[..])
@@ -307,9 +313,14 @@ impl std::fmt::Debug for Payload {
     }
 }
 
+/// The kept text when there is one (as outputs write it), else the tree.
 impl std::fmt::Display for Payload {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        (**self).fmt(f)
+        // Kept text was checked as UTF-8 when it was accepted.
+        match self.raw.as_deref().map(std::str::from_utf8) {
+            Some(Ok(text)) => f.write_str(text),
+            _ => (**self).fmt(f),
+        }
     }
 }
 

@@ -73,6 +73,40 @@ fn tumbling_config() -> J {
     })
 }
 
+/// A result's JSON text lists its keys in one order (sorted), whatever the
+/// run: outputs write it as is, and a file or topic should not change from
+/// one run to the next.
+#[tokio::test]
+async fn results_are_written_with_their_keys_in_one_order() {
+    let mut texts = Vec::new();
+    for _ in 0..5 {
+        let mut s = stage(json!({
+            "group_by": ["data.restaurantId"],
+            "time": { "field": "timestamp" },
+            "window": { "tumbling": "1m" },
+            "metrics": {
+                "n": { "count": {} },
+                "guests": { "sum": "data.guests" },
+                "zones": { "top_k": { "field": "type", "k": 2 } }
+            }
+        }));
+        let mut out = Emitter::new(s.ports.len());
+        s.stage.process(vec![at(0, 1, "a", "booking_created", 2), at(0, 2, "a", "x", 3)], &mut out).await;
+        s.stage.finish(&mut out).await;
+        let results: Vec<String> = out.drain().flat_map(|(_, b)| b).map(|e| e.data.to_string()).collect();
+        texts.push(results);
+    }
+    assert!(texts.iter().all(|t| *t == texts[0]), "{texts:#?}");
+    assert_eq!(
+        texts[0],
+        vec![concat!(
+            r#"{"data":{"restaurantId":"a"},"final":true,"guests":5,"n":2,"#,
+            r#""window":{"end":"2026-11-22T10:01:00.000Z","start":"2026-11-22T10:00:00.000Z"},"#,
+            r#""zones":[{"count":1,"value":"booking_created"},{"count":1,"value":"x"}]}"#
+        )]
+    );
+}
+
 #[tokio::test]
 async fn tumbling_windows_with_out_of_order_and_late_events() {
     let mut s = stage(tumbling_config());

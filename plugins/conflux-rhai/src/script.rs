@@ -215,8 +215,12 @@ impl Script {
     }
 
     /// Runs on one event, moving its payload behind the `event` handle.
-    /// On error the payload is put back and the message returned.
+    /// On error the payload is put back and the message returned: the event
+    /// as it came, text and field order included, when it had its text
+    /// (kept at the cost of a reference count), else the tree as the script
+    /// left it.
     pub fn run<'s>(&self, state: &'s mut RunState, event: &mut Event) -> Result<Run<'s>, String> {
+        let original = event.data.text_copy();
         *state.slot.lock().unwrap_or_else(|p| p.into_inner()) = std::mem::take(&mut *event.data);
         // Drop the script's own variables; `event` (and `meta`) stay first.
         state.scope.rewind(1 + usize::from(self.uses_meta));
@@ -256,7 +260,11 @@ impl Script {
             Err(error) => {
                 // An error can leave cache levels pushed; start clean.
                 *state.caches = Caches::new();
-                *event.data = std::mem::take(&mut *state.slot.lock().unwrap_or_else(|p| p.into_inner()));
+                let left = std::mem::take(&mut *state.slot.lock().unwrap_or_else(|p| p.into_inner()));
+                match original {
+                    Some(original) => event.data = original,
+                    None => *event.data = left,
+                }
                 Err(error.to_string())
             }
         }

@@ -244,8 +244,9 @@ mod tests {
         config.build(&cx)
     }
 
+    /// An event as inputs make them: its JSON text, checked, not parsed.
     fn event(json: &str) -> Event {
-        Event::new(conflux_api::sonic_rs::from_str(json).unwrap())
+        Event::with_time(conflux_api::Payload::from_json(json.as_bytes()).unwrap(), conflux_api::Timestamp(0))
     }
 
     /// Runs one batch; returns (port, payload JSON, error reason) per emitted event.
@@ -456,6 +457,18 @@ mod tests {
         .await;
         let by_port: Vec<(usize, &str)> = got.iter().map(|g| (g.0, g.1.as_str())).collect();
         assert_eq!(by_port, vec![(0, r#"{"id":1}"#), (0, r#"{"id":3}"#), (1, r#"{"id":2,"bad":true}"#)]);
+    }
+
+    /// The error port gets the event as it came, not as the script had
+    /// half changed it before it threw.
+    #[tokio::test]
+    async fn a_failed_event_keeps_its_original_payload() {
+        let mut changes_then_throws = build::<RhaiConfig>(serde_json::json!({
+            "script": "event.added = 1; event.id = 99; if event.k == 0 { throw \"no\" } event" }))
+        .unwrap();
+        let got = run(&mut changes_then_throws, vec![event(r#"{"id":7,"k":0,"z":true}"#)]).await;
+        let by_port: Vec<(usize, &str)> = got.iter().map(|g| (g.0, g.1.as_str())).collect();
+        assert_eq!(by_port, vec![(1, r#"{"id":7,"k":0,"z":true}"#)]);
     }
 
     #[tokio::test]

@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use conflux_api::component::ERROR_META;
 use conflux_api::registry::deserialize_options;
 use conflux_api::sonic_rs::{self, JsonValueTrait};
-use conflux_api::{AckStatus, BuildContext, BuildError, Emitter, Event, Stage, StageConfig, Value};
+use conflux_api::{AckStatus, BuildContext, BuildError, Emitter, Event, Payload, Stage, StageConfig, Timestamp, Value};
 use conflux_engine::runtime::RunContext;
 use conflux_testkit::{acks, delivered, run_yaml};
 use conflux_wasm::WasmConfig;
@@ -53,8 +53,9 @@ fn stage(options: serde_json::Value) -> (Box<dyn Stage>, usize) {
     (stage, ports.len())
 }
 
+/// Events as inputs make them: JSON text, checked, not parsed.
 fn events(docs: &[&str]) -> Vec<Event> {
-    docs.iter().map(|d| Event::new(sonic_rs::from_str::<Value>(d).unwrap())).collect()
+    docs.iter().map(|d| Event::with_time(Payload::from_json(d.as_bytes()).unwrap(), Timestamp(0))).collect()
 }
 
 /// Runs one batch; returns what each port got, the `error` port last.
@@ -69,7 +70,7 @@ async fn run(stage: &mut dyn Stage, ports: usize, batch: Vec<Event>) -> Vec<Vec<
 }
 
 fn texts(events: &[Event]) -> Vec<String> {
-    events.iter().map(|e| sonic_rs::to_string(&e.data).unwrap()).collect()
+    events.iter().map(|e| e.data.to_string()).collect()
 }
 
 fn reason(event: &Event) -> String {
