@@ -82,7 +82,7 @@ pub struct HttpServerConfig {
     /// Authentication; unset accepts anyone.
     #[serde(default)]
     pub auth: Option<AuthConfig>,
-    /// Token bucket per client (API key, JWT subject, else IP address).
+    /// Token bucket per client (API key, JWT subject, else IP address); failed credentials are charged to the IP address.
     #[serde(default)]
     pub rate_limit: Option<RateLimitConfig>,
     /// JSON Schema file events must match, else `422` (relative to the pipeline file).
@@ -227,25 +227,38 @@ pub fn admit(
                     }
                 }
             }
-            auth.check(&credentials).map_err(|e| match e {
-                AuthError::Unauthorized(m) => {
-                    let mut r = error(StatusCode::UNAUTHORIZED, m);
-                    r.headers_mut().insert(header::WWW_AUTHENTICATE, header::HeaderValue::from_static("Bearer"));
-                    Box::new(r)
+            match auth.check(&credentials) {
+                Ok(identity) => identity,
+                Err(e) => {
+                    // Failed credentials are charged to the caller's address, so
+                    // guessing keys or tokens is throttled like any other client.
+                    limit(limiter, &format!("ip:{}", peer.ip()))?;
+                    return Err(match e {
+                        AuthError::Unauthorized(m) => {
+                            let mut r = error(StatusCode::UNAUTHORIZED, m);
+                            r.headers_mut()
+                                .insert(header::WWW_AUTHENTICATE, header::HeaderValue::from_static("Bearer"));
+                            Box::new(r)
+                        }
+                        AuthError::Forbidden(m) => Box::new(error(StatusCode::FORBIDDEN, m)),
+                    });
                 }
-                AuthError::Forbidden(m) => Box::new(error(StatusCode::FORBIDDEN, m)),
-            })?
+            }
         }
     };
-    if let Some(limiter) = limiter {
-        let client = identity.client.clone().unwrap_or_else(|| format!("ip:{}", peer.ip()));
-        if let Err(wait) = limiter.check(&client) {
-            return Err(Box::new(
-                Reply::retry(StatusCode::TOO_MANY_REQUESTS, "rate limit exceeded", wait).into_response(),
-            ));
-        }
-    }
+    let client = identity.client.clone().unwrap_or_else(|| format!("ip:{}", peer.ip()));
+    limit(limiter, &client)?;
     Ok(identity)
+}
+
+/// Takes a token from `client`'s bucket, or answers `429` with `Retry-After`.
+fn limit(limiter: Option<&Limiter>, client: &str) -> Result<(), Box<Response>> {
+    match limiter.map(|l| l.check(client)) {
+        Some(Err(wait)) => {
+            Err(Box::new(Reply::retry(StatusCode::TOO_MANY_REQUESTS, "rate limit exceeded", wait).into_response()))
+        }
+        _ => Ok(()),
+    }
 }
 
 async fn ingest(

@@ -61,7 +61,7 @@ pub struct WebsocketServerConfig {
     /// Authentication at the upgrade; unset accepts anyone.
     #[serde(default)]
     pub auth: Option<AuthConfig>,
-    /// Token bucket per connection (`per_connection: 50/s`).
+    /// Token bucket per connection (`per_connection: 50/s`); failed credentials at the upgrade are charged to the IP address.
     #[serde(default)]
     pub rate_limit: Option<RateLimitConfig>,
     /// JSON Schema file events must match, else a `422` reply.

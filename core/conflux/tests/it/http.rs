@@ -236,6 +236,13 @@ outputs:
     assert_eq!(status, StatusCode::TOO_MANY_REQUESTS);
     assert!(retry.is_some_and(|s| (1..=30).contains(&s)), "{retry:?}");
     assert_eq!(send("beta").await.0, StatusCode::ACCEPTED, "another client has its own bucket");
+    // Wrong keys are charged to the caller's address: guessing is throttled too.
+    assert_eq!(send("guess-1").await.0, StatusCode::FORBIDDEN);
+    assert_eq!(send("guess-2").await.0, StatusCode::FORBIDDEN);
+    let (status, retry) = send("guess-3").await;
+    assert_eq!(status, StatusCode::TOO_MANY_REQUESTS, "the third wrong key from one address");
+    assert!(retry.is_some());
+    assert_eq!(send("beta").await.0, StatusCode::ACCEPTED, "a valid key keeps its own bucket");
     run.stop().await;
 }
 
