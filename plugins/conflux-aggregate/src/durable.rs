@@ -14,7 +14,7 @@
 //! Positions are taken at batch boundaries: the events one source event
 //! became (a split) travel in one batch, so a position is never half-counted.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -122,13 +122,14 @@ const MAX_RUNS: usize = 65_536;
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Counted {
     floor: Option<u64>,
-    /// (first, last) of each run, in order.
-    runs: Vec<(u64, u64)>,
+    /// (first, last) of each run, in order. A deque: new positions join at
+    /// the back, a full list drops its lowest run at the front.
+    runs: VecDeque<(u64, u64)>,
 }
 
 impl Counted {
     fn up_to(highest: u64) -> Self {
-        Counted { floor: Some(highest), runs: Vec::new() }
+        Counted { floor: Some(highest), runs: VecDeque::new() }
     }
 
     pub fn contains(&self, at: u64) -> bool {
@@ -141,7 +142,7 @@ impl Counted {
     }
 
     fn highest(&self) -> Option<u64> {
-        self.runs.last().map(|&(_, last)| last).or(self.floor)
+        self.runs.back().map(|&(_, last)| last).or(self.floor)
     }
 
     /// Counts `first..=last`, joining the runs (and the floor) it touches.
@@ -155,20 +156,21 @@ impl Counted {
         // Runs that overlap or touch [first, last] sit together in the list.
         let from = self.runs.partition_point(|&(_, end)| end.saturating_add(1) < first);
         let to = self.runs.partition_point(|&(start, _)| start <= last.saturating_add(1));
-        for &(start, end) in &self.runs[from..to] {
+        for (start, end) in self.runs.drain(from..to) {
             first = first.min(start);
             last = last.max(end);
         }
-        self.runs.splice(from..to, [(first, last)]);
-        if let (Some(floor), Some(&(start, end))) = (self.floor, self.runs.first()) {
+        self.runs.insert(from, (first, last));
+        if let (Some(floor), Some(&(start, end))) = (self.floor, self.runs.front()) {
             if start == floor + 1 {
                 self.floor = Some(end);
-                self.runs.remove(0);
+                self.runs.pop_front();
             }
         }
         if self.runs.len() > MAX_RUNS {
-            let (_, end) = self.runs.remove(0);
-            self.floor = Some(end);
+            if let Some((_, end)) = self.runs.pop_front() {
+                self.floor = Some(end);
+            }
         }
     }
 }
@@ -400,7 +402,7 @@ mod tests {
         assert!(d.already_counted(&at(&js, 4)));
         assert!(!d.already_counted(&at(&js, 5)));
         d.end_batch();
-        assert_eq!(d.counted[&js], Counted { floor: None, runs: vec![(1, 7)] });
+        assert_eq!(d.counted[&js], Counted { floor: None, runs: VecDeque::from([(1, 7)]) });
         // Restored from a snapshot that had only the highest position: everything up to it.
         let old = d.restore(BTreeMap::from([("jetstream:S".to_string(), 9)]), BTreeMap::new(), Vec::new());
         assert!(old.is_empty());
@@ -413,11 +415,11 @@ mod tests {
         c.insert_run(10, 12);
         c.insert_run(20, 20);
         c.insert_run(14, 15);
-        assert_eq!(c.runs, vec![(10, 12), (14, 15), (20, 20)]);
+        assert_eq!(c.runs, [(10, 12), (14, 15), (20, 20)]);
         c.insert_run(13, 13);
-        assert_eq!(c.runs, vec![(10, 15), (20, 20)]);
+        assert_eq!(c.runs, [(10, 15), (20, 20)]);
         c.insert_run(5, 30);
-        assert_eq!(c.runs, vec![(5, 30)]);
+        assert_eq!(c.runs, [(5, 30)]);
         assert!(c.contains(5) && c.contains(30) && !c.contains(4) && !c.contains(31));
         let mut gappy = Counted::default();
         for i in 0..(MAX_RUNS as u64 + 10) {
@@ -427,7 +429,7 @@ mod tests {
         assert_eq!(gappy.floor, Some(18), "the ten lowest gaps were closed");
         assert!(gappy.contains(17) && !gappy.contains(21) && gappy.contains(20));
         gappy.insert_run(19, 19);
-        assert_eq!((gappy.floor, gappy.runs.first().copied()), (Some(20), Some((22, 22))), "a run joins the floor");
+        assert_eq!((gappy.floor, gappy.runs.front().copied()), (Some(20), Some((22, 22))), "a run joins the floor");
     }
 
     #[test]
