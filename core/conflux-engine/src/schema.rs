@@ -150,8 +150,7 @@ fn push_option(
         .or_else(|| own(resolve(prop, defs)))
         .or_else(|| own(target))
         .unwrap_or("");
-    let description = description.split_whitespace().collect::<Vec<_>>().join(" ");
-    let (default, mut description) = split_default(prop.get("default"), description);
+    let (default, mut description) = split_default(prop.get("default"), one_line(description));
     // An enum with data, written as a map with one key: name the keys.
     let shapes = variants(target, defs);
     let keys: Vec<&String> = shapes
@@ -163,16 +162,10 @@ fn push_option(
         let keys: Vec<String> = keys.iter().map(|k| format!("`{k}`")).collect();
         description = format!("{description} Exactly one of {}.", keys.join(", ")).trim_start().to_string();
     }
-    let values = variants(target, defs).into_iter().chain([target]).flat_map(|v| {
+    let values = shapes.iter().copied().chain([target]).flat_map(|v| {
         let text = match v == target {
             true => String::new(),
-            false => v
-                .get("description")
-                .and_then(|d| d.as_str())
-                .unwrap_or("")
-                .split_whitespace()
-                .collect::<Vec<_>>()
-                .join(" "),
+            false => one_line(v.get("description").and_then(|d| d.as_str()).unwrap_or("")),
         };
         let consts = v.get("const").into_iter().chain(v.get("enum").and_then(|e| e.as_array()).into_iter().flatten());
         consts.filter_map(|c| c.as_str()).map(|c| (c.to_string(), text.clone())).collect::<Vec<_>>()
@@ -217,6 +210,11 @@ fn nested(schema: &Value, defs: &Value, name: &str, depth: usize, docs: &mut Vec
             }
         }
     }
+}
+
+/// A doc comment's text on one line.
+fn one_line(text: &str) -> String {
+    text.split_whitespace().collect::<Vec<_>>().join(" ")
 }
 
 /// The schema a `$ref` points to, or the schema itself.

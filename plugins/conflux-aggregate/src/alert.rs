@@ -127,8 +127,7 @@ struct AlertStage {
     order: BTreeMap<u64, (usize, String)>,
     next_seq: u64,
     max_pending: usize,
-    evicted: u64,
-    evictions: conflux_api::metrics::Counter,
+    evictions: crate::Evictions,
     clock: Option<i64>,
     last_event_wall: Instant,
 }
@@ -199,11 +198,10 @@ impl StageConfig for AlertConfig {
             order: BTreeMap::new(),
             next_seq: 0,
             max_pending: self.max_pending,
-            evicted: 0,
-            evictions: cx.counter(
+            evictions: crate::Evictions::new(cx.counter(
                 "alert_expectations_evicted",
                 "Absence expectations an alert stage forgot because max_pending was reached",
-            ),
+            )),
             clock: None,
             last_event_wall: Instant::now(),
         }))
@@ -336,13 +334,11 @@ impl AlertStage {
         while self.pending.len() > self.max_pending {
             let Some((_, id)) = self.order.pop_first() else { break };
             self.pending.remove(&id);
-            self.evicted += 1;
-            self.evictions.inc();
-            if self.evicted == 1 || self.evicted.is_power_of_two() {
+            if let Some(evicted) = self.evictions.record() {
                 warn!(
                     pending = self.pending.len(),
                     max_pending = self.max_pending,
-                    evicted = self.evicted,
+                    evicted,
                     "alert expectation limit reached: forgetting the oldest (it will neither fire nor resolve)"
                 );
             }

@@ -111,8 +111,7 @@ pub struct AggregateStage {
     last_event_wall: Instant,
     last_updates: Instant,
     last_slide_emitted: i64,
-    evicted_windows: u64,
-    evictions: conflux_api::metrics::Counter,
+    evictions: crate::Evictions,
     key: String,
     assigned: Vec<(i64, i64)>,
     contributions: Vec<Contribution>,
@@ -334,11 +333,10 @@ impl StageConfig for AggregateConfig {
             last_event_wall: Instant::now(),
             last_updates: Instant::now(),
             last_slide_emitted: i64::MIN,
-            evicted_windows: 0,
-            evictions: cx.counter(
+            evictions: crate::Evictions::new(cx.counter(
                 "aggregate_windows_evicted",
                 "Windows an aggregate closed early because max_groups was reached",
-            ),
+            )),
             key: String::new(),
             assigned: Vec::new(),
             contributions: Vec::new(),
@@ -913,13 +911,11 @@ impl AggregateStage {
     fn enforce_limit(&mut self, out: &mut Emitter) {
         while self.states > self.max_groups {
             let Some(oldest) = self.windows.keys().next().copied() else { break };
-            self.evicted_windows += 1;
-            self.evictions.inc();
-            if self.evicted_windows == 1 || self.evicted_windows.is_power_of_two() {
+            if let Some(evicted) = self.evictions.record() {
                 warn!(
                     states = self.states,
                     max_groups = self.max_groups,
-                    evicted = self.evicted_windows,
+                    evicted,
                     "aggregate state limit reached: closing the oldest window early"
                 );
             }

@@ -277,8 +277,8 @@ async fn a_consumer_with_another_ack_policy_is_refused_with_the_reason() {
     js.delete_stream(&stream).await.ok();
 }
 
-/// A stream `CF_<tag>` over subject `<tag>` holding `{"n": 0..count}`.
-async fn filled_stream(url: &str, tag: &str, count: u64) -> (async_nats::jetstream::Context, String) {
+/// A stream `CF_<tag>` over subject `<tag>`, and its name.
+pub async fn stream_over(url: &str, tag: &str) -> (async_nats::jetstream::Context, String) {
     let js = async_nats::jetstream::new(async_nats::connect(url).await.unwrap());
     let stream = format!("CF_{tag}");
     js.get_or_create_stream(async_nats::jetstream::stream::Config {
@@ -288,6 +288,12 @@ async fn filled_stream(url: &str, tag: &str, count: u64) -> (async_nats::jetstre
     })
     .await
     .unwrap();
+    (js, stream)
+}
+
+/// A stream `CF_<tag>` over subject `<tag>` holding `{"n": 0..count}`.
+async fn filled_stream(url: &str, tag: &str, count: u64) -> (async_nats::jetstream::Context, String) {
+    let (js, stream) = stream_over(url, tag).await;
     let mut published = Vec::new();
     for n in 0..count {
         published.push(js.publish(tag.to_owned(), format!("{{\"n\":{n}}}").into()).await.unwrap());
