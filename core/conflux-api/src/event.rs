@@ -9,6 +9,7 @@ use bytes::Bytes;
 
 use crate::ack::AckToken;
 use crate::field::Field;
+use crate::JsonError;
 use sonic_rs::{JsonValueMutTrait, Value};
 
 /// Events move between components in batches: every hop carries one.
@@ -123,7 +124,7 @@ impl Payload {
     /// ([`Payload::field`]), the tree is built only if someone asks for it,
     /// and outputs copy the text. A body with line breaks is parsed and not
     /// kept, so that writing the payload as a JSON line stays one line.
-    pub fn from_json(text: &[u8]) -> Result<Self, sonic_rs::Error> {
+    pub fn from_json(text: &[u8]) -> Result<Self, JsonError> {
         match check_json_line(text)? {
             Checked::Line(line) => Ok(Payload { value: OnceLock::new(), raw: Some(Bytes::copy_from_slice(line)) }),
             Checked::Parsed(value) => Ok(value.into()),
@@ -133,7 +134,7 @@ impl Payload {
     /// [`Payload::from_json`] for a body the caller already holds as
     /// `Bytes` (a NATS message, a slice of an input's read buffer): a
     /// single-line body is kept without a copy.
-    pub fn from_json_bytes(body: Bytes) -> Result<Self, sonic_rs::Error> {
+    pub fn from_json_bytes(body: Bytes) -> Result<Self, JsonError> {
         match check_json_line(&body)? {
             Checked::Line(line) => {
                 let start = line.as_ptr() as usize - body.as_ptr() as usize;
@@ -257,18 +258,20 @@ enum Checked<'t> {
     Parsed(Value),
 }
 
-/// Trims a body and checks it: single-line text completely (syntax, UTF-8)
+/// Trims a body and checks it (nesting and numbers by [`crate::json_guard`]): single-line text completely (syntax, UTF-8)
 /// without building a tree; a body with line breaks is parsed, so that
 /// writing the payload as a JSON line stays one line.
-fn check_json_line(text: &[u8]) -> Result<Checked<'_>, sonic_rs::Error> {
+fn check_json_line(text: &[u8]) -> Result<Checked<'_>, JsonError> {
     let text = text.trim_ascii();
     if memchr::memchr2(b'\n', b'\r', text).is_some() {
-        return sonic_rs::from_slice::<Value>(text).map(Checked::Parsed);
+        return crate::json_guard::parse(text).map(Checked::Parsed);
     }
-    // The fast check vouches for the common shapes; for anything else (and
-    // for the error message) skipping with `IgnoredAny` checks all of it,
-    // allocating nothing.
+    // The fast check vouches for the common shapes (depth and numbers
+    // included); for anything else (and for the error message) the guard
+    // bounds depth and numbers, then skipping with `IgnoredAny` checks the
+    // rest, allocating nothing.
     if !crate::json_check::is_valid(text) {
+        crate::json_guard::check(text)?;
         sonic_rs::from_slice::<serde::de::IgnoredAny>(text)?;
     }
     Ok(Checked::Line(text))

@@ -16,14 +16,19 @@
 /// Deeper nesting is left to the parser.
 const MAX_DEPTH: usize = 128;
 
-/// Longer numbers are left to the parser (it decides how big is too big).
+/// Longer numbers are left to the parser and `json_guard` (which decide
+/// how big is too big); integers this short always fit an i64.
 const MAX_NUMBER_LEN: usize = 18;
+
+/// Digits of a number with a fraction that any double holds exactly.
+const MAX_EXACT_FRACTION_DIGITS: usize = 15;
 
 /// Whether `text` is certainly one JSON value (whitespace around it allowed).
 /// UTF-8 is checked on the way: outside strings only ASCII is JSON, and
 /// inside them each run of non-ASCII bytes is checked where the scan meets it.
+/// Nesting deeper than [`crate::json_guard::max_depth`] is left to the parser's side too.
 pub fn is_valid(text: &[u8]) -> bool {
-    Checker { text, at: 0 }.document()
+    Checker { text, at: 0 }.document(crate::json_guard::max_depth().min(MAX_DEPTH))
 }
 
 struct Checker<'t> {
@@ -92,7 +97,7 @@ impl Checker<'_> {
 
     /// The whole text: one value, then only whitespace. Containers are
     /// tracked on an explicit stack (`true` = object), so depth costs no recursion.
-    fn document(&mut self) -> bool {
+    fn document(&mut self, max_depth: usize) -> bool {
         let mut stack = [false; MAX_DEPTH];
         let mut depth = 0;
         'value: loop {
@@ -105,7 +110,7 @@ impl Checker<'_> {
                     if self.eat(if object { b'}' } else { b']' }) {
                         // Empty container: a complete value.
                     } else {
-                        if depth == MAX_DEPTH {
+                        if depth == max_depth {
                             return false;
                         }
                         stack[depth] = object;
@@ -234,16 +239,20 @@ impl Checker<'_> {
         } else {
             first
         };
+        let mut count = 1;
         match lead {
             b'0' => {}
             b'1'..=b'9' => {
-                digits(self);
+                count += digits(self);
             }
             _ => return false,
         }
         if self.peek() == Some(b'.') {
             self.at += 1;
-            if digits(self) == 0 {
+            let fraction = digits(self);
+            // Up to 15 significant digits a double always holds exactly;
+            // longer fractions are for `json_guard` to judge.
+            if fraction == 0 || count + fraction > MAX_EXACT_FRACTION_DIGITS {
                 return false;
             }
         }

@@ -14,6 +14,7 @@ pub mod event;
 pub mod field;
 pub mod json_check;
 pub mod json_edit;
+pub mod json_guard;
 pub mod metrics;
 pub mod path;
 pub mod registry;
@@ -26,6 +27,7 @@ pub use component::{BuildContext, BuiltInput, BuiltStage, Emitter, Input, Output
 pub use error::{BuildError, PluginError};
 pub use event::{Batch, Event, Metadata, Payload, Position, Timestamp};
 pub use field::Field;
+pub use json_guard::JsonError;
 pub use registry::{InputConfig, Kind, OutputConfig, Registration, StageConfig};
 pub use sonic_rs::{self, Value};
 

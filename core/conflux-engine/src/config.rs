@@ -59,11 +59,20 @@ pub struct RuntimeConfig {
     pub shutdown_timeout: Duration,
     /// Folder for local state such as checkpoints, relative to the pipeline file.
     pub data_dir: String,
+    /// Deepest nesting of arrays and objects accepted in any payload (HTTP
+    /// and WebSocket bodies, lines, Kafka and NATS messages, `from_json`);
+    /// deeper ones are refused with this limit named. At most 1024.
+    pub max_json_depth: usize,
 }
 
 impl Default for RuntimeConfig {
     fn default() -> Self {
-        RuntimeConfig { channel_capacity: 8, shutdown_timeout: Duration::from_secs(10), data_dir: ".conflux".into() }
+        RuntimeConfig {
+            channel_capacity: 8,
+            shutdown_timeout: Duration::from_secs(10),
+            data_dir: ".conflux".into(),
+            max_json_depth: conflux_api::json_guard::DEFAULT_MAX_DEPTH,
+        }
     }
 }
 
@@ -640,6 +649,10 @@ pub fn load_str(path: &Path, text: &str, env: Env) -> Result<PipelineSpec, Vec<D
             "admin" => spec.admin = loader.typed::<AdminConfig>(v, k.pos).map(|(a, _)| a),
             "runtime" => {
                 if let Some((r, _)) = loader.typed::<RuntimeConfig>(v, k.pos) {
+                    let limit = conflux_api::json_guard::LIMIT_MAX_DEPTH;
+                    if !(1..=limit).contains(&r.max_json_depth) {
+                        loader.error(v.pos, format!("runtime.max_json_depth must be between 1 and {limit}"));
+                    }
                     spec.runtime = r;
                 }
             }

@@ -1,7 +1,8 @@
 //! Request bodies to events: a JSON object, a JSON array of objects, or
 //! NDJSON. Every bad element is reported, not just the first.
 
-use conflux_api::sonic_rs::{self, JsonContainerTrait, JsonValueTrait};
+use conflux_api::json_guard::{self, JsonError};
+use conflux_api::sonic_rs::{JsonContainerTrait, JsonValueTrait};
 use conflux_api::Value;
 use serde::Serialize;
 
@@ -81,7 +82,7 @@ pub fn parse(format: Format, bytes: &[u8]) -> Result<Vec<Value>, BadBody> {
 }
 
 fn parse_json(bytes: &[u8]) -> Result<Vec<Value>, BadBody> {
-    let value: Value = match sonic_rs::from_slice(bytes) {
+    let value: Value = match json_guard::parse(bytes) {
         Ok(v) => v,
         Err(e) => {
             // A broken array: find which elements are broken.
@@ -89,7 +90,7 @@ fn parse_json(bytes: &[u8]) -> Result<Vec<Value>, BadBody> {
                 let elements: Vec<BadElement> = parts
                     .iter()
                     .enumerate()
-                    .filter_map(|(i, part)| match sonic_rs::from_slice::<Value>(part) {
+                    .filter_map(|(i, part)| match json_guard::parse(part) {
                         Ok(v) if v.is_object() => None,
                         Ok(v) => Some(BadElement {
                             index: Some(i),
@@ -103,7 +104,10 @@ fn parse_json(bytes: &[u8]) -> Result<Vec<Value>, BadBody> {
                     return Err(BadBody { reason: "malformed JSON array".into(), elements });
                 }
             }
-            return Err(BadBody::whole(format!("malformed JSON: {e}")));
+            return Err(BadBody::whole(match e {
+                JsonError::Refused(refusal) => refusal.to_string(),
+                JsonError::Syntax(e) => format!("malformed JSON: {e}"),
+            }));
         }
     };
     if value.is_object() {
@@ -139,7 +143,7 @@ fn parse_ndjson(bytes: &[u8]) -> Result<Vec<Value>, BadBody> {
         if line.iter().all(u8::is_ascii_whitespace) {
             continue;
         }
-        match sonic_rs::from_slice::<Value>(line) {
+        match json_guard::parse(line) {
             Ok(v) if v.is_object() => events.push(v),
             Ok(v) => elements.push(BadElement {
                 index: None,
