@@ -205,10 +205,19 @@ struct HttpState {
     max_body: usize,
 }
 
+/// Which buckets [`admit`] charges: failed credentials to the caller's
+/// address, admitted clients to their own (a WebSocket limits its messages
+/// per connection instead, so it charges failures only).
+#[derive(Clone, Copy)]
+pub struct Buckets<'l> {
+    pub failures: Option<&'l Limiter>,
+    pub clients: Option<&'l Limiter>,
+}
+
 /// Authentication then rate limit; shared with the WebSocket upgrade.
 pub fn admit(
     auth: Option<&Auth>,
-    limiter: Option<&Limiter>,
+    buckets: Buckets<'_>,
     headers: &HeaderMap,
     query_token: Option<&str>,
     peer: SocketAddr,
@@ -232,7 +241,7 @@ pub fn admit(
                 Err(e) => {
                     // Failed credentials are charged to the caller's address, so
                     // guessing keys or tokens is throttled like any other client.
-                    limit(limiter, &format!("ip:{}", peer.ip()))?;
+                    limit(buckets.failures, &format!("ip:{}", peer.ip()))?;
                     return Err(match e {
                         AuthError::Unauthorized(m) => {
                             let mut r = error(StatusCode::UNAUTHORIZED, m);
@@ -247,7 +256,7 @@ pub fn admit(
         }
     };
     let client = identity.client.clone().unwrap_or_else(|| format!("ip:{}", peer.ip()));
-    limit(limiter, &client)?;
+    limit(buckets.clients, &client)?;
     Ok(identity)
 }
 
@@ -268,7 +277,13 @@ async fn ingest(
     headers: HeaderMap,
     body: Body,
 ) -> Response {
-    let identity = match admit(state.auth.as_deref(), state.limiter.as_deref(), &headers, None, peer) {
+    let identity = match admit(
+        state.auth.as_deref(),
+        Buckets { failures: state.limiter.as_deref(), clients: state.limiter.as_deref() },
+        &headers,
+        None,
+        peer,
+    ) {
         Ok(identity) => identity,
         Err(response) => return *response,
     };

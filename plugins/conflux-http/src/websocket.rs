@@ -21,8 +21,8 @@ use tokio_util::sync::CancellationToken;
 
 use crate::auth::{Auth, AuthConfig, Identity};
 use crate::body::{parse, Format};
-use crate::http_server::{admit, build_common, Paths};
-use crate::intake::{AckMode, Intake, PartialMode, RateLimitConfig, Reply};
+use crate::http_server::{admit, build_common, Buckets, Paths};
+use crate::intake::{AckMode, Intake, Limiter, PartialMode, RateLimitConfig, Reply};
 use crate::server::{Listen, QueueInput, TlsConfig};
 
 /// Receives events over WebSocket: each text (or binary) message holds a
@@ -102,6 +102,7 @@ impl InputConfig for WebsocketServerConfig {
             intake: common.intake,
             auth: common.auth,
             quota,
+            failures: quota.map(|q| Arc::new(Limiter::new(q))),
             max_message: self.max_message.0 as usize,
         });
         let mut app = Router::new();
@@ -129,6 +130,8 @@ struct WsState {
     intake: Arc<Intake>,
     auth: Option<Arc<Auth>>,
     quota: Option<Quota>,
+    /// Failed credentials at the upgrade, per caller address (as `http_server` charges them).
+    failures: Option<Arc<Limiter>>,
     max_message: usize,
 }
 
@@ -141,7 +144,13 @@ async fn upgrade(
     ws: WebSocketUpgrade,
 ) -> Response {
     let token = query.get("token").or_else(|| query.get("api_key")).map(String::as_str);
-    let identity = match admit(state.auth.as_deref(), None, &headers, token, peer) {
+    let identity = match admit(
+        state.auth.as_deref(),
+        Buckets { failures: state.failures.as_deref(), clients: None },
+        &headers,
+        token,
+        peer,
+    ) {
         Ok(identity) => identity,
         Err(response) => return *response,
     };

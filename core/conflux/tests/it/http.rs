@@ -557,6 +557,14 @@ outputs:
     assert!(refused.to_string().contains("401"), "{refused}");
     let refused = tokio_tungstenite::connect_async(format!("{base}?token=nope")).await.unwrap_err();
     assert!(refused.to_string().contains("403"), "{refused}");
+    // Failed credentials at the upgrade are charged to the caller's address
+    // (4 a minute here, two spent above by the 401 and the 403): guessing keys soon gets 429.
+    let mut answers = Vec::new();
+    for _ in 0..30 {
+        answers.push(tokio_tungstenite::connect_async(format!("{base}?token=guess")).await.unwrap_err().to_string());
+    }
+    assert!(answers[..2].iter().all(|a| a.contains("403")), "{answers:?}");
+    assert!(answers[2..].iter().all(|a| a.contains("429")), "{answers:?}");
 
     let mut ws = ws_connect(&format!("{base}?token=k1")).await;
     let r = ws_send(&mut ws, r#"[{"id":"a","qty":1},{"id":"b","qty":2}]"#).await;

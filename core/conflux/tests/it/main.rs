@@ -4,6 +4,7 @@ mod checkpoint;
 mod cli;
 mod engine;
 mod generated;
+mod hostile;
 mod http;
 mod kafka;
 mod nats;

@@ -1,0 +1,195 @@
+//! The real binary against hostile input: every body here once crashed the
+//! process or altered an accepted event. Each test checks the refusal and
+//! that the process goes on serving.
+
+use std::time::Duration;
+
+use serde_json::Value;
+
+use crate::{free_addr, start_conflux, wait_listening, Conflux};
+
+/// A `conflux run` of `yaml` (where `{addr}` is a free loopback address)
+/// in a temporary folder, listening.
+pub struct Served {
+    pub dir: tempfile::TempDir,
+    pub addr: std::net::SocketAddr,
+    pub process: Conflux,
+}
+
+impl Served {
+    pub async fn start(yaml: &str) -> Served {
+        let dir = tempfile::tempdir().unwrap();
+        let addr = free_addr();
+        let pipeline = dir.path().join("p.yaml");
+        std::fs::write(&pipeline, yaml.replace("{addr}", &addr.to_string())).unwrap();
+        let process = start_conflux(&pipeline);
+        wait_listening(addr).await;
+        Served { dir, addr, process }
+    }
+
+    pub fn alive(&mut self) -> bool {
+        self.process.0.try_wait().unwrap().is_none()
+    }
+
+    /// The lines the pipeline wrote to `name` in its folder.
+    pub fn lines(&self, name: &str) -> Vec<String> {
+        std::fs::read_to_string(self.dir.path().join(name))
+            .unwrap_or_default()
+            .lines()
+            .map(str::to_string)
+            .collect()
+    }
+
+    /// Waits until `name` has `n` lines (10 s at most) and returns them.
+    pub async fn wait_lines(&self, name: &str, n: usize) -> Vec<String> {
+        for _ in 0..1000 {
+            if self.lines(name).len() >= n {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        self.lines(name)
+    }
+}
+
+pub async fn post(addr: std::net::SocketAddr, content_type: &str, body: Vec<u8>) -> (u16, Value) {
+    let response = reqwest::Client::new()
+        .post(format!("http://{addr}/"))
+        .header("content-type", content_type)
+        .timeout(Duration::from_secs(10))
+        .body(body)
+        .send()
+        .await
+        .unwrap_or_else(|e| panic!("no answer: {e}"));
+    let status = response.status().as_u16();
+    (status, response.json().await.unwrap_or(Value::Null))
+}
+
+const HTTP_TO_FILE: &str = "inputs:
+  api: { type: http_server, address: \"{addr}\", ack: sync }
+outputs:
+  out: { type: file, path: out.ndjson, from: api }
+";
+
+#[tokio::test]
+async fn deep_nesting_is_refused_over_http_and_the_process_keeps_serving() {
+    let mut served = Served::start(HTTP_TO_FILE).await;
+    let deep = "[".repeat(10_000);
+    let bodies = [
+        ("application/json", deep.clone()),
+        ("application/json", format!(r#"{{"ok":true,"data":{{"x":{deep}}}}}"#)),
+        ("application/json", format!(r#"[{{"a":1}},{{"b":{deep}}}]"#)),
+        ("application/x-ndjson", format!("{{\"a\":1}}\n{{\"b\":{deep}}}\n")),
+    ];
+    for (content_type, body) in bodies {
+        let (status, answer) = post(served.addr, content_type, body.into_bytes()).await;
+        assert_eq!(status, 400, "{answer}");
+        assert!(answer.to_string().contains("nested deeper than 128 levels"), "the limit is named: {answer}");
+        assert!(served.alive(), "conflux died on a deep body");
+    }
+    let (status, answer) = post(served.addr, "application/json", br#"{"n":1}"#.to_vec()).await;
+    assert_eq!(status, 200, "{answer}");
+    assert_eq!(served.wait_lines("out.ndjson", 1).await, vec![r#"{"n":1}"#]);
+}
+
+#[tokio::test]
+async fn deep_nesting_is_refused_over_websocket() {
+    use futures_util::{SinkExt, StreamExt};
+    use tokio_tungstenite::tungstenite::Message;
+    let mut served = Served::start(
+        "inputs:
+  ws: { type: websocket_server, address: \"{addr}\", ack: sync }
+outputs:
+  out: { type: file, path: out.ndjson, from: ws }
+",
+    )
+    .await;
+    let (mut ws, _) = tokio_tungstenite::connect_async(format!("ws://{}/", served.addr)).await.unwrap();
+    for text in [format!(r#"{{"x":{}}}"#, "[".repeat(10_000)), r#"{"n":2}"#.to_string()] {
+        ws.send(Message::Text(text.into())).await.unwrap();
+    }
+    let mut replies = Vec::new();
+    while replies.len() < 2 {
+        match ws.next().await {
+            Some(Ok(Message::Text(t))) => replies.push(serde_json::from_str::<Value>(&t).unwrap()),
+            other => panic!("no reply: {other:?}"),
+        }
+    }
+    assert_eq!(replies[0]["status"], 400, "{replies:?}");
+    assert!(replies[0]["error"].to_string().contains("nested deeper"), "{replies:?}");
+    assert_eq!(replies[1]["status"], 200, "{replies:?}");
+    assert!(served.alive());
+    assert_eq!(served.wait_lines("out.ndjson", 1).await, vec![r#"{"n":2}"#]);
+}
+
+/// A line of a file input deeper than the limit goes to `invalid`; the next
+/// line is delivered. A lower limit set in `runtime` applies.
+#[test]
+fn deep_lines_of_a_file_go_to_invalid() {
+    let dir = tempfile::tempdir().unwrap();
+    let deep = "[".repeat(100_000);
+    std::fs::write(dir.path().join("in.ndjson"), format!("{{\"a\":[[[1]]]}}\n{deep}\n{{\"b\":[[1]]}}\n")).unwrap();
+    std::fs::write(
+        dir.path().join("p.yaml"),
+        "runtime: { max_json_depth: 3 }
+inputs:
+  src: { type: file, path: in.ndjson }
+outputs:
+  out: { type: file, path: out.ndjson, from: src }
+  bad: { type: file, path: bad.ndjson, from: src.invalid }
+",
+    )
+    .unwrap();
+    let output = std::process::Command::new(env!("CARGO_BIN_EXE_conflux"))
+        .env("CONFLUX_LOG", "warn")
+        .arg("run")
+        .arg(dir.path().join("p.yaml"))
+        .output()
+        .unwrap();
+    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+    let out = std::fs::read_to_string(dir.path().join("out.ndjson")).unwrap();
+    assert_eq!(out, "{\"b\":[[1]]}\n", "three levels pass, four do not");
+    let bad = std::fs::read_to_string(dir.path().join("bad.ndjson")).unwrap();
+    assert_eq!(bad.lines().count(), 2, "{}", &bad[..bad.len().min(300)]);
+}
+
+/// Numbers leave as they came or are refused, naming the field: never rounded.
+#[tokio::test]
+async fn numbers_are_kept_exactly_or_refused_naming_the_field() {
+    let served = Served::start(HTTP_TO_FILE).await;
+    let hundred = "1".repeat(100);
+    for (body, field) in [
+        (r#"{"id":1,"big":18446744073709551616}"#.to_string(), "big"),
+        (format!(r#"{{"data":{{"n":{hundred}}}}}"#), "data.n"),
+        (r#"[{"ok":1},{"tiny":1e-400}]"#.to_string(), "tiny"),
+        (r#"{"x":{"y":[0.1234567890123456789]}}"#.to_string(), "x.y[0]"),
+    ] {
+        let (status, answer) = post(served.addr, "application/json", body.into_bytes()).await;
+        assert_eq!(status, 400, "{answer}");
+        assert!(answer.to_string().contains(&format!("`{field}`")), "names {field}: {answer}");
+    }
+    // Numbers that a double or a 64-bit integer holds come out with their value.
+    let (status, answer) = post(
+        served.addr,
+        "application/json",
+        br#"{"u":18446744073709551615,"i":-9223372036854775808,"f":0.1,"e":2.5e-300,"g":129.5}"#.to_vec(),
+    )
+    .await;
+    assert_eq!(status, 200, "{answer}");
+    let lines = served.wait_lines("out.ndjson", 1).await;
+    assert_eq!(lines.len(), 1, "only the exact body was accepted: {lines:?}");
+    // Compared as text with Python's reading of the same numbers: decimal
+    // module equality, so a rounded double would show.
+    let script = "import sys, json, decimal\nout = json.loads(sys.argv[1], parse_float=decimal.Decimal)\n\
+                  want = json.loads(sys.argv[2], parse_float=decimal.Decimal)\nprint(out == want)";
+    let verdict = std::process::Command::new("python3")
+        .args([
+            "-c",
+            script,
+            &lines[0],
+            r#"{"u":18446744073709551615,"i":-9223372036854775808,"f":0.1,"e":2.5e-300,"g":129.5}"#,
+        ])
+        .output()
+        .unwrap();
+    assert_eq!(String::from_utf8_lossy(&verdict.stdout).trim(), "True", "{}", lines[0]);
+}
