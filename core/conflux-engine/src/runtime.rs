@@ -187,7 +187,9 @@ pub async fn run(pipeline: Pipeline, cx: RunContext) -> RunReport {
         let hard = hard.clone();
         let declared = ports.len().saturating_sub(2);
         let handle = match (body, rx) {
-            (Body::Input(input), _) => tasks.spawn(run_input(input, declared, router, stop, readiness, ready_key)),
+            (Body::Input(input), _) => {
+                tasks.spawn(run_input(input, declared, router, retry, stop, readiness, ready_key))
+            }
             (Body::Stage(stage), Some(rx)) => {
                 tasks.spawn(run_stage(stage, declared, rx, router, stop, hard, readiness, ready_key))
             }
@@ -281,28 +283,42 @@ impl Connectable<'_> {
     }
 }
 
-/// Connects, retrying with backoff; false if `stop` fired first.
-/// Connects, retrying with backoff: `Ok(false)` when stopped first, `Err`
-/// when the plugin says retrying cannot help (a fatal error: bad settings, a
-/// server-side object that contradicts the configuration).
+/// How a connect with backoff ended.
+#[derive(Debug, PartialEq)]
+enum Connect {
+    Connected,
+    /// `stop` fired first.
+    Stopped,
+    /// `retry.max_attempts` attempts failed; a later batch may try again.
+    GaveUp(String),
+    /// The plugin says retrying cannot help (bad settings, a server-side
+    /// object that contradicts the configuration).
+    Fatal(String),
+}
+
+/// Connects, retrying with backoff, at most `retry.max_attempts` times (0 = until stopped).
 async fn connect_with_backoff(
     component: &str,
     stop: &CancellationToken,
+    retry: &RetryConfig,
     mut target: Connectable<'_>,
-) -> Result<bool, String> {
-    let retry = RetryConfig::default();
+) -> Connect {
     let mut attempt = 0;
     loop {
         match target.connect().await {
-            Ok(()) => return Ok(true),
-            Err(e) if !e.is_retryable() => return Err(format!("cannot connect: {}", e.chain())),
+            Ok(()) => return Connect::Connected,
+            Err(e) if !e.is_retryable() => return Connect::Fatal(format!("cannot connect: {}", e.chain())),
             Err(e) => {
                 attempt += 1;
+                if retry.max_attempts > 0 && attempt >= retry.max_attempts {
+                    warn!(%component, attempt, error = %e.chain(), "connect failed; giving up (retry.max_attempts)");
+                    return Connect::GaveUp(format!("cannot connect after {attempt} attempts: {}", e.chain()));
+                }
                 let wait = retry.backoff(attempt);
                 warn!(%component, attempt, error = %e.chain(), retry_in = ?wait, "connect failed");
                 tokio::select! {
                     _ = tokio::time::sleep(wait) => {}
-                    _ = stop.cancelled() => return Ok(false),
+                    _ = stop.cancelled() => return Connect::Stopped,
                 }
             }
         }
@@ -313,20 +329,20 @@ async fn run_input(
     mut input: Box<dyn Input>,
     declared_ports: usize,
     router: Router,
+    retry: RetryConfig,
     stop: CancellationToken,
     readiness: Arc<Readiness>,
     ready_key: String,
 ) -> Result<(), String> {
     let component = router.name.clone();
-    match connect_with_backoff(&component, &stop, Connectable::Input(&mut *input)).await {
-        Ok(true) => {}
-        Ok(false) => return Ok(()),
-        Err(e) => return Err(format!("input failed: {e}")),
+    match connect_with_backoff(&component, &stop, &retry, Connectable::Input(&mut *input)).await {
+        Connect::Connected => {}
+        Connect::Stopped => return Ok(()),
+        Connect::GaveUp(e) | Connect::Fatal(e) => return Err(format!("input failed: {e}")),
     }
     readiness.set_ready(&ready_key);
     debug!(%component, "input started");
     let mut out = Emitter::new(declared_ports);
-    let retry = RetryConfig::default();
     let mut failures = 0;
     let result = loop {
         let read = tokio::select! {
@@ -348,10 +364,10 @@ async fn run_input(
                     _ = stop.cancelled() => break Ok(()),
                 }
                 if matches!(e, PluginError::NotConnected { .. }) {
-                    match connect_with_backoff(&component, &stop, Connectable::Input(&mut *input)).await {
-                        Ok(true) => {}
-                        Ok(false) => break Ok(()),
-                        Err(e) => break Err(format!("input failed: {e}")),
+                    match connect_with_backoff(&component, &stop, &retry, Connectable::Input(&mut *input)).await {
+                        Connect::Connected => {}
+                        Connect::Stopped => break Ok(()),
+                        Connect::GaveUp(e) | Connect::Fatal(e) => break Err(format!("input failed: {e}")),
                     }
                 }
                 true
@@ -464,15 +480,23 @@ async fn run_output(
     readiness: Arc<Readiness>,
     ready_key: String,
 ) -> Result<(), String> {
-    match connect_with_backoff(&component, &hard, Connectable::Output(&mut *output)).await {
-        Ok(true) => {}
-        connected => {
+    // False while the output has given up connecting (`retry.max_attempts`):
+    // each batch then tries again and is failed back promptly if it cannot.
+    let mut connected = match connect_with_backoff(&component, &hard, &retry, Connectable::Output(&mut *output)).await {
+        Connect::Connected => true,
+        Connect::GaveUp(_) => false,
+        stopped_or_fatal => {
             let lost = fail_queue(&mut rx);
             warn!(%component, events = lost, "output never connected; queued events failed back");
-            return connected.map(|_| ()).map_err(|e| format!("output failed: {e}"));
+            return match stopped_or_fatal {
+                Connect::Fatal(e) => Err(format!("output failed: {e}")),
+                _ => Ok(()),
+            };
         }
+    };
+    if connected {
+        readiness.set_ready(&ready_key);
     }
-    readiness.set_ready(&ready_key);
     loop {
         tokio::select! {
             biased;
@@ -485,6 +509,18 @@ async fn run_output(
                 Some(batch) => {
                     metrics.queued.set(rx.len() as i64);
                     metrics.received.inc_by(batch.len() as u64);
+                    if !connected {
+                        match connect_with_backoff(&component, &hard, &retry, Connectable::Output(&mut *output)).await {
+                            Connect::Connected => {
+                                connected = true;
+                                readiness.set_ready(&ready_key);
+                            }
+                            _ => {
+                                fail_batch(&batch, AckStatus::Errored);
+                                continue;
+                            }
+                        }
+                    }
                     write_with_retry(&mut *output, &component, batch, &retry, &metrics, &hard).await;
                 }
                 None => break,
@@ -542,7 +578,8 @@ async fn write_with_retry(
             }
         }
         if matches!(error, PluginError::NotConnected { .. })
-            && connect_with_backoff(component, hard, Connectable::Output(&mut *output)).await != Ok(true)
+            && connect_with_backoff(component, hard, retry, Connectable::Output(&mut *output)).await
+                != Connect::Connected
         {
             fail_batch(&batch, AckStatus::Errored);
             return;

@@ -38,6 +38,12 @@ pub struct LineReader<R> {
     lines: Vec<(usize, usize)>,
     /// Set for replayable sources (a file): events carry their line number as position.
     stream: Option<std::sync::Arc<str>>,
+    /// A followed file: an unterminated last line is half written, so it
+    /// waits for its newline instead of being emitted at the end of the data.
+    hold_partial: bool,
+    /// Bytes read from the current reader: a followed file shorter than
+    /// this was truncated.
+    read: u64,
 }
 
 const CHUNK: usize = 256 * 1024;
@@ -61,7 +67,33 @@ impl<R: AsyncRead + Unpin + Send> LineReader<R> {
             batch_size: batch_size.max(1),
             lines: Vec::new(),
             stream: None,
+            hold_partial: false,
+            read: 0,
         }
+    }
+
+    /// Holds an unterminated last line until its newline arrives (`follow`).
+    pub fn holding_partial_lines(mut self) -> Self {
+        self.hold_partial = true;
+        self
+    }
+
+    /// Bytes read from the current reader so far.
+    pub fn bytes_read(&self) -> u64 {
+        self.read
+    }
+
+    /// Goes on from another reader (a rotated or truncated file opened
+    /// again). Line numbers go on counting, so positions stay increasing;
+    /// a held partial line of the old reader will never be finished there,
+    /// so it is emitted as a line of its own.
+    pub fn reopen(&mut self, reader: R) {
+        if self.start < self.buf.len() {
+            self.buf.push(b'\n');
+        }
+        self.reader = reader;
+        self.read = 0;
+        self.eof = false;
     }
 
     /// Stamps every event with its line number in `stream`, so checkpointing
@@ -71,9 +103,14 @@ impl<R: AsyncRead + Unpin + Send> LineReader<R> {
         self
     }
 
-    /// Whether the stream has ended and every line was emitted.
+    /// Whether the stream has ended and every line was emitted (every
+    /// complete line, when holding partial lines).
     pub fn finished(&self) -> bool {
-        self.eof && self.start >= self.buf.len()
+        self.eof && (self.start >= self.buf.len() || (self.hold_partial && !self.has_line()))
+    }
+
+    fn has_line(&self) -> bool {
+        memchr::memchr(b'\n', &self.buf[self.start..]).is_some()
     }
 
     /// Clears the end-of-stream flag so a followed file is read again.
@@ -96,6 +133,7 @@ impl<R: AsyncRead + Unpin + Send> LineReader<R> {
             // Reads into spare capacity: nothing is zeroed first.
             self.buf.reserve(CHUNK);
             let n = self.reader.read_buf(&mut self.buf).await?;
+            self.read += n as u64;
             if n == 0 {
                 self.eof = true;
             }
@@ -117,7 +155,7 @@ impl<R: AsyncRead + Unpin + Send> LineReader<R> {
             let rest = &self.buf[self.start..];
             let (len, advance) = match memchr::memchr(b'\n', rest) {
                 Some(i) => (i, i + 1),
-                None if self.eof => (rest.len(), rest.len()),
+                None if self.eof && !self.hold_partial => (rest.len(), rest.len()),
                 None => break,
             };
             self.lines.push((self.start - first, len));

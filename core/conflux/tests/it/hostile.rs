@@ -33,11 +33,7 @@ impl Served {
 
     /// The lines the pipeline wrote to `name` in its folder.
     pub fn lines(&self, name: &str) -> Vec<String> {
-        std::fs::read_to_string(self.dir.path().join(name))
-            .unwrap_or_default()
-            .lines()
-            .map(str::to_string)
-            .collect()
+        std::fs::read_to_string(self.dir.path().join(name)).unwrap_or_default().lines().map(str::to_string).collect()
     }
 
     /// Waits until `name` has `n` lines (10 s at most) and returns them.
@@ -192,4 +188,114 @@ async fn numbers_are_kept_exactly_or_refused_naming_the_field() {
         .output()
         .unwrap();
     assert_eq!(String::from_utf8_lossy(&verdict.stdout).trim(), "True", "{}", lines[0]);
+}
+
+/// A followed file whose writer appends each line in two writes 150 ms
+/// apart: every line arrives whole (they all went to `invalid` before).
+/// Then the file is rotated (renamed, a new one created) and truncated in
+/// place, as logrotate does: `tail -F` semantics, nothing lost.
+#[tokio::test]
+async fn a_followed_file_holds_half_written_lines_and_survives_rotation_and_truncation() {
+    use std::io::Write;
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("app.log");
+    std::fs::write(&log, "").unwrap();
+    let pipeline = dir.path().join("p.yaml");
+    std::fs::write(
+        &pipeline,
+        "inputs:
+  src: { type: file, path: app.log, follow: true, poll_interval: 20ms }
+outputs:
+  out: { type: file, path: out.ndjson, from: src }
+  bad: { type: file, path: bad.ndjson, from: src.invalid }
+",
+    )
+    .unwrap();
+    let _process = start_conflux(&pipeline);
+    let read = |name: &str| std::fs::read_to_string(dir.path().join(name)).unwrap_or_default();
+    let wait_for = |n: usize| async move {
+        for _ in 0..500 {
+            if read("out.ndjson").lines().count() >= n {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    };
+    let mut expected = Vec::new();
+    {
+        let mut file = std::fs::OpenOptions::new().append(true).open(&log).unwrap();
+        for i in 0..20 {
+            let line = format!(r#"{{"n":{i},"text":"half and half"}}"#);
+            let (a, b) = line.split_at(line.len() / 2);
+            file.write_all(a.as_bytes()).unwrap();
+            tokio::time::sleep(Duration::from_millis(150)).await;
+            file.write_all(format!("{b}\n").as_bytes()).unwrap();
+            expected.push(line);
+        }
+    }
+    wait_for(20).await;
+    // Rotation: the old file gets one more line after the rename, then a new file appears.
+    let mut old = std::fs::OpenOptions::new().append(true).open(&log).unwrap();
+    std::fs::rename(&log, dir.path().join("app.log.1")).unwrap();
+    writeln!(old, r#"{{"n":20}}"#).unwrap();
+    expected.push(r#"{"n":20}"#.into());
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    std::fs::write(&log, "{\"n\":21}\n{\"n\":22}\n").unwrap();
+    expected.extend([r#"{"n":21}"#.into(), r#"{"n":22}"#.into()]);
+    wait_for(23).await;
+    // Truncation in place (copytruncate), then shorter content.
+    std::fs::write(&log, "{\"n\":23}\n").unwrap();
+    expected.push(r#"{"n":23}"#.into());
+    wait_for(24).await;
+    let got: Vec<String> = read("out.ndjson").lines().map(str::to_string).collect();
+    assert_eq!(got, expected);
+    assert_eq!(read("bad.ndjson"), "", "no line was split");
+}
+
+/// A missing input file (not followed) is a start error naming the path, not a retry loop.
+#[test]
+fn a_missing_input_file_is_a_start_error() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        dir.path().join("p.yaml"),
+        "inputs:\n  src: { type: file, path: nowhere.ndjson }\noutputs:\n  out: { type: drop, from: src }\n",
+    )
+    .unwrap();
+    let started = std::time::Instant::now();
+    let output = std::process::Command::new(env!("CARGO_BIN_EXE_conflux"))
+        .env("CONFLUX_LOG", "warn")
+        .arg("run")
+        .arg(dir.path().join("p.yaml"))
+        .output()
+        .unwrap();
+    assert!(!output.status.success());
+    assert!(started.elapsed() < Duration::from_secs(5), "it failed at once");
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("nowhere.ndjson") && stderr.contains("does not exist"), "{stderr}");
+    assert_eq!(stderr.matches("connect failed").count(), 0, "no retries: {stderr}");
+}
+
+/// `retry.max_attempts` bounds connect attempts: an output that can never
+/// connect fails its events back, so `ack: sync` answers 502 at once, not
+/// after `ack_timeout`; the next request tries again.
+#[tokio::test]
+async fn an_output_that_cannot_connect_fails_requests_promptly() {
+    let served = Served::start(
+        "inputs:
+  api: { type: http_server, address: \"{addr}\", ack: sync, ack_timeout: 30s }
+outputs:
+  out:
+    type: file
+    path: p.yaml/out.ndjson   # under a file: no folder can be made there
+    from: api
+    retry: { max_attempts: 2, initial_backoff: 10ms }
+",
+    )
+    .await;
+    for _ in 0..2 {
+        let started = std::time::Instant::now();
+        let (status, answer) = post(served.addr, "application/json", br#"{"n":1}"#.to_vec()).await;
+        assert_eq!(status, 502, "{answer}");
+        assert!(started.elapsed() < Duration::from_secs(5), "answered promptly");
+    }
 }
