@@ -92,6 +92,8 @@ enum GraphFormat {
 
 fn main() -> ExitCode {
     plugins::link_all();
+    // Servers hold a descriptor per connection: the soft limit (often 1,024) is not enough.
+    let _ = rlimit::increase_nofile_limit(u64::MAX);
     let cli = Cli::parse();
     init_logging(&cli.log_level, cli.log_format);
     match dispatch(cli.command) {

@@ -19,6 +19,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::auth::{Auth, AuthConfig, AuthError, Identity};
 use crate::body::{parse, Format};
+use crate::connections::{read_body, BodyError, ConnectionLimits};
 use crate::intake::{timeouts, AckMode, Intake, Limiter, PartialMode, RateLimitConfig, Reply};
 use crate::server::{error, load_tls, CorsConfig, Listen, QueueInput, TlsConfig};
 
@@ -79,6 +80,14 @@ pub struct HttpServerConfig {
     /// Requests queued ahead of the pipeline.
     #[serde(default = "default_queue")]
     pub queue: usize,
+    /// Most body bytes whose events are in the pipeline (queued or not yet
+    /// confirmed); past it requests get `503` with `Retry-After`.
+    #[serde(default = "default_max_queue_bytes")]
+    pub max_queue_bytes: ByteSize,
+    /// Timeouts and the connection limit that keep slow or idle clients
+    /// from holding the server.
+    #[serde(default)]
+    pub connections: ConnectionLimits,
     /// Authentication; unset accepts anyone.
     #[serde(default)]
     pub auth: Option<AuthConfig>,
@@ -105,6 +114,10 @@ pub struct HttpServerConfig {
 
 fn default_max_body() -> ByteSize {
     ByteSize(1024 * 1024)
+}
+
+pub(crate) fn default_max_queue_bytes() -> ByteSize {
+    ByteSize(64 * 1024 * 1024)
 }
 
 fn default_queue() -> usize {
@@ -134,6 +147,7 @@ pub fn build_common(
     queue: usize,
     (ack, partial): (AckMode, PartialMode),
     (queue_timeout, ack_timeout): (Option<Duration>, Option<Duration>),
+    max_queue_bytes: ByteSize,
 ) -> Result<Common, BuildError> {
     if queue == 0 {
         return Err(BuildError::at(["queue"], "queue must be at least 1"));
@@ -149,7 +163,16 @@ pub fn build_common(
     let tls = tls.map(|t| load_tls(t, cx)).transpose()?;
     let (queue_timeout, ack_timeout) = timeouts(queue_timeout, ack_timeout);
     let (tx, rx) = tokio::sync::mpsc::channel(queue);
-    let intake = Arc::new(Intake { tx, schema, partial, ack, queue_timeout, ack_timeout });
+    let intake = Arc::new(Intake {
+        tx,
+        schema,
+        partial,
+        ack,
+        queue_timeout,
+        ack_timeout,
+        held: Arc::default(),
+        max_bytes: usize::try_from(max_queue_bytes.0).unwrap_or(usize::MAX),
+    });
     Ok(Common { intake, auth, limiter, tls, rx })
 }
 
@@ -165,6 +188,7 @@ impl InputConfig for HttpServerConfig {
             self.queue,
             (self.ack, self.partial),
             (self.queue_timeout, self.ack_timeout),
+            self.max_queue_bytes,
         )?;
         let paths = self.path.list();
         if paths.is_empty() || paths.iter().any(|p| !p.starts_with('/')) {
@@ -175,6 +199,7 @@ impl InputConfig for HttpServerConfig {
             auth: common.auth,
             limiter: common.limiter.clone(),
             max_body: self.max_body.0 as usize,
+            limits: self.connections.clone(),
         });
         let mut app = Router::new();
         for path in &paths {
@@ -185,7 +210,12 @@ impl InputConfig for HttpServerConfig {
             app = app.layer(cors.layer()?);
         }
         Ok(BuiltInput::new(QueueInput {
-            listen: Listen { address: self.address, tls: common.tls, limiter: common.limiter },
+            listen: Listen {
+                address: self.address,
+                tls: common.tls,
+                limiter: common.limiter,
+                limits: self.connections,
+            },
             app: Some(app),
             rx: common.rx,
             max_batch: self.max_batch.max(1),
@@ -203,6 +233,7 @@ struct HttpState {
     auth: Option<Arc<Auth>>,
     limiter: Option<Arc<Limiter>>,
     max_body: usize,
+    limits: ConnectionLimits,
 }
 
 /// Which buckets [`admit`] charges: failed credentials to the caller's
@@ -300,9 +331,15 @@ async fn ingest(
     if declared.is_some_and(|n| n > state.max_body) {
         return too_large();
     }
-    let bytes = match axum::body::to_bytes(body, state.max_body).await {
+    let bytes = match read_body(body, state.max_body, &state.limits).await {
         Ok(b) => b,
-        Err(_) => return too_large(),
+        Err(BodyError::TooLarge) => return too_large(),
+        Err(BodyError::TooSlow(reason)) => {
+            let mut response = error(StatusCode::REQUEST_TIMEOUT, reason);
+            response.headers_mut().insert(header::CONNECTION, header::HeaderValue::from_static("close"));
+            return response;
+        }
+        Err(BodyError::Broken) => return error(StatusCode::BAD_REQUEST, "the body was broken off"),
     };
     let payloads = match parse(format, &bytes) {
         Ok(p) => p,
@@ -314,5 +351,5 @@ async fn ingest(
             return (StatusCode::BAD_REQUEST, axum::Json(body)).into_response();
         }
     };
-    state.intake.submit(payloads, &identity, path.as_str()).await.into_response()
+    state.intake.submit(payloads, bytes.len(), &identity, path.as_str()).await.into_response()
 }

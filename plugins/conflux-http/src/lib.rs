@@ -9,12 +9,14 @@
 
 mod auth;
 mod body;
+mod connections;
 mod http_server;
 mod intake;
 mod server;
 mod websocket;
 
 pub use auth::{ApiKeysConfig, AuthConfig, JwtConfig, Secret};
+pub use connections::ConnectionLimits;
 pub use intake::{AckMode, PartialMode, RateLimitConfig};
 pub use server::{CorsConfig, TlsConfig};
 

@@ -1,7 +1,6 @@
 //! Serving: binding, optional TLS (rustls), CORS, graceful stop, and the
 //! input half that moves queued requests into the pipeline.
 
-use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration as StdDuration;
@@ -133,6 +132,7 @@ pub struct Listen {
     pub address: String,
     pub tls: Option<Arc<rustls::ServerConfig>>,
     pub limiter: Option<Arc<Limiter>>,
+    pub limits: crate::connections::ConnectionLimits,
 }
 
 /// The pipeline side of a server: reads queued batches, starts and stops the server.
@@ -157,36 +157,12 @@ impl Input for QueueInput {
             .await
             .map_err(|e| PluginError::retryable_from(format!("cannot listen on {}", self.listen.address), e))?;
         let app = self.app.clone().ok_or_else(|| PluginError::fatal("server already consumed"))?;
-        let make = app.into_make_service_with_connect_info::<SocketAddr>();
         let stop = self.stop.clone();
         let kind = self.kind;
         tracing::info!(kind, address = %self.listen.address, tls = self.listen.tls.is_some(), "listening");
-        let task = match &self.listen.tls {
-            None => tokio::spawn(async move {
-                if let Err(e) = axum::serve(listener, make).with_graceful_shutdown(stop.cancelled_owned()).await {
-                    tracing::error!(kind, error = %e, "server stopped");
-                }
-            }),
-            Some(tls) => {
-                let listener =
-                    listener.into_std().map_err(|e| PluginError::fatal_from("cannot hand over the socket", e))?;
-                let handle = axum_server::Handle::new();
-                let shutdown = handle.clone();
-                tokio::spawn(async move {
-                    stop.cancelled().await;
-                    shutdown.graceful_shutdown(Some(StdDuration::from_secs(5)));
-                });
-                let config = axum_server::tls_rustls::RustlsConfig::from_config(tls.clone());
-                let server = axum_server::from_tcp_rustls(listener, config)
-                    .map_err(|e| PluginError::fatal_from("cannot serve TLS", e))?
-                    .handle(handle);
-                tokio::spawn(async move {
-                    if let Err(e) = server.serve(make).await {
-                        tracing::error!(kind, error = %e, "server stopped");
-                    }
-                })
-            }
-        };
+        let tls = self.listen.tls.clone().map(tokio_rustls::TlsAcceptor::from);
+        let limits = self.listen.limits.clone();
+        let task = tokio::spawn(crate::connections::serve(listener, tls, app, limits, stop, kind));
         if let Some(limiter) = self.listen.limiter.clone() {
             let stop = self.stop.clone();
             tokio::spawn(async move {

@@ -21,6 +21,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::auth::{Auth, AuthConfig, Identity};
 use crate::body::{parse, Format};
+use crate::connections::ConnectionLimits;
 use crate::http_server::{admit, build_common, Buckets, Paths};
 use crate::intake::{AckMode, Intake, Limiter, PartialMode, RateLimitConfig, Reply};
 use crate::server::{Listen, QueueInput, TlsConfig};
@@ -58,6 +59,14 @@ pub struct WebsocketServerConfig {
     /// Messages queued ahead of the pipeline, all connections together.
     #[serde(default = "default_queue")]
     pub queue: usize,
+    /// Most message bytes whose events are in the pipeline (queued or not
+    /// yet confirmed), all connections together; past it a `503` reply.
+    #[serde(default = "crate::http_server::default_max_queue_bytes")]
+    pub max_queue_bytes: ByteSize,
+    /// Timeouts and the connection limit that keep slow or idle clients
+    /// from holding the server (`idle_timeout` does not close an open WebSocket).
+    #[serde(default)]
+    pub connections: ConnectionLimits,
     /// Authentication at the upgrade; unset accepts anyone.
     #[serde(default)]
     pub auth: Option<AuthConfig>,
@@ -96,6 +105,7 @@ impl InputConfig for WebsocketServerConfig {
             self.queue,
             (self.ack, self.partial),
             (self.queue_timeout, self.ack_timeout),
+            self.max_queue_bytes,
         )?;
         let quota = self.rate_limit.as_ref().map(RateLimitConfig::quota).transpose()?;
         let state = Arc::new(WsState {
@@ -113,7 +123,7 @@ impl InputConfig for WebsocketServerConfig {
             app = app.route(&path, get(upgrade));
         }
         Ok(BuiltInput::new(QueueInput {
-            listen: Listen { address: self.address, tls: common.tls, limiter: None },
+            listen: Listen { address: self.address, tls: common.tls, limiter: None, limits: self.connections },
             app: Some(app.with_state(state)),
             rx: common.rx,
             max_batch: 1024,
@@ -202,7 +212,7 @@ async fn handle(
         return Reply::error(StatusCode::PAYLOAD_TOO_LARGE, format!("message exceeds {} bytes", state.max_message));
     }
     match parse(Format::Json, bytes) {
-        Ok(payloads) => state.intake.submit(payloads, identity, path).await,
+        Ok(payloads) => state.intake.submit(payloads, bytes.len(), identity, path).await,
         Err(bad) => {
             let mut reply = Reply::error(StatusCode::BAD_REQUEST, bad.reason);
             if !bad.elements.is_empty() {

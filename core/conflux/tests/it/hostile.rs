@@ -299,3 +299,130 @@ outputs:
         assert!(started.elapsed() < Duration::from_secs(5), "answered promptly");
     }
 }
+
+/// Slowloris: 2,000 connections that never finish their headers or their
+/// chunked bodies, from one client, while normal POSTs keep getting
+/// answered in under a second (1,100 such connections starved them before).
+/// Then the stalled ones are closed by the header and body timeouts.
+#[tokio::test]
+async fn stalled_connections_do_not_starve_normal_requests() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let _ = rlimit::increase_nofile_limit(u64::MAX);
+    let served = Served::start(
+        "inputs:
+  api:
+    type: http_server
+    address: \"{addr}\"
+    connections: { header_timeout: 3s, body_timeout: 3s }
+outputs:
+  out: { type: drop, from: api }
+",
+    )
+    .await;
+    let mut stalled = Vec::new();
+    for i in 0..2000 {
+        let mut stream = tokio::net::TcpStream::connect(served.addr).await.expect("connect");
+        let part: &[u8] = if i % 2 == 0 {
+            b"POST / HTTP/1.1\r\nHost: x\r\nX-Slow: "
+        } else {
+            b"POST / HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n5\r\n{\"a\":"
+        };
+        stream.write_all(part).await.unwrap();
+        stalled.push(stream);
+    }
+    for _ in 0..10 {
+        let started = std::time::Instant::now();
+        let (status, answer) = post(served.addr, "application/json", br#"{"n":1}"#.to_vec()).await;
+        assert_eq!(status, 202, "{answer}");
+        assert!(started.elapsed() < Duration::from_secs(1), "answered in {:?}", started.elapsed());
+    }
+    // Past the timeouts every stalled connection has been answered or closed.
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    let mut closed = 0;
+    let mut timed_out_bodies = 0;
+    for stream in &mut stalled {
+        let mut answer = Vec::new();
+        if let Ok(Ok(_)) = tokio::time::timeout(Duration::from_secs(2), stream.read_to_end(&mut answer)).await {
+            closed += 1;
+            timed_out_bodies += usize::from(answer.starts_with(b"HTTP/1.1 408"));
+        }
+    }
+    assert_eq!(closed, 2000, "every stalled connection was closed");
+    assert_eq!(timed_out_bodies, 1000, "each stalled body was answered 408");
+}
+
+/// Past `max_connections` a connection is answered 503 at once; an idle
+/// keep-alive connection is closed after `idle_timeout`.
+#[tokio::test]
+async fn the_connection_limit_answers_at_once_and_idle_connections_close() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let served = Served::start(
+        "inputs:
+  api:
+    type: http_server
+    address: \"{addr}\"
+    connections: { max_connections: 3, idle_timeout: 1s }
+outputs:
+  out: { type: drop, from: api }
+",
+    )
+    .await;
+    // wait_listening's probe connections may still hold places: let them go.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let mut held = Vec::new();
+    for _ in 0..3 {
+        let mut stream = tokio::net::TcpStream::connect(served.addr).await.unwrap();
+        let request =
+            "POST / HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 7\r\n\r\n{\"n\":1}";
+        stream.write_all(request.as_bytes()).await.unwrap();
+        let mut answer = [0u8; 12];
+        stream.read_exact(&mut answer).await.unwrap();
+        assert_eq!(&answer, b"HTTP/1.1 202");
+        held.push(stream);
+    }
+    let started = std::time::Instant::now();
+    let mut extra = tokio::net::TcpStream::connect(served.addr).await.unwrap();
+    let mut answer = Vec::new();
+    tokio::time::timeout(Duration::from_secs(2), extra.read_to_end(&mut answer)).await.unwrap().unwrap();
+    assert!(answer.starts_with(b"HTTP/1.1 503"), "{}", String::from_utf8_lossy(&answer));
+    assert!(String::from_utf8_lossy(&answer).contains("Retry-After: 1"));
+    assert!(started.elapsed() < Duration::from_secs(1));
+    // The three kept-alive connections fall idle and are closed, which frees their places.
+    for stream in &mut held {
+        let mut rest = Vec::new();
+        let read = tokio::time::timeout(Duration::from_secs(5), stream.read_to_end(&mut rest)).await;
+        assert!(matches!(read, Ok(Ok(_))), "closed when idle");
+    }
+    let (status, _) = post(served.addr, "application/json", br#"{"n":2}"#.to_vec()).await;
+    assert_eq!(status, 202);
+}
+
+/// Memory in flight is bounded in bytes: with an output that cannot write,
+/// accepted bodies stay in the pipeline, and past `max_queue_bytes` a
+/// request gets 503 with Retry-After instead of more memory.
+#[tokio::test]
+async fn bytes_in_flight_are_bounded_by_max_queue_bytes() {
+    let served = Served::start(
+        "inputs:
+  api: { type: http_server, address: \"{addr}\", max_queue_bytes: 2KiB }
+outputs:
+  out: { type: file, path: p.yaml/out.ndjson, from: api }   # can never open: events stay in flight
+",
+    )
+    .await;
+    let body = format!(r#"{{"pad":"{}"}}"#, "x".repeat(900)).into_bytes();
+    let mut statuses = Vec::new();
+    for _ in 0..4 {
+        statuses.push(post(served.addr, "application/json", body.clone()).await.0);
+    }
+    assert_eq!(statuses, vec![202, 202, 503, 503], "two 910-byte bodies fit in 2 KiB, a third does not");
+    let response = reqwest::Client::new()
+        .post(format!("http://{}/", served.addr))
+        .header("content-type", "application/json")
+        .body(body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.headers()["retry-after"], "1");
+    assert!(response.text().await.unwrap().contains("max_queue_bytes"));
+}
