@@ -18,6 +18,7 @@ pub mod json_guard;
 pub mod metrics;
 pub mod path;
 pub mod registry;
+pub mod secrets;
 pub mod template;
 
 pub use ack::{AckStatus, AckToken};

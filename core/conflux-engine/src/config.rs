@@ -680,6 +680,8 @@ pub fn load_str(path: &Path, text: &str, env: Env) -> Result<PipelineSpec, Vec<D
                                 continue;
                             }
                             seen.insert(component.name.clone(), name.pos);
+                            // Masked in every log line from now on, ours or a library's.
+                            conflux_api::secrets::register_options(&component.options);
                             spec.components.push(component);
                         }
                     }

@@ -426,3 +426,65 @@ outputs:
     assert_eq!(response.headers()["retry-after"], "1");
     assert!(response.text().await.unwrap().contains("max_queue_bytes"));
 }
+
+/// At debug and trace, in both log formats, no secret of the pipeline
+/// reaches the logs: async-nats logged the password of a
+/// `nats://user:password@…` URL (in its Url's Debug) before.
+#[test]
+fn secrets_never_reach_the_logs_at_debug_or_trace() {
+    let dir = tempfile::tempdir().unwrap();
+    let addr = free_addr();
+    let pipeline = dir.path().join("p.yaml");
+    std::fs::write(
+        &pipeline,
+        format!(
+            "inputs:
+  bus: {{ type: nats, url: \"nats://app:Sup3rS3cretPw@127.0.0.1:4222\", subjects: [secrets.in] }}
+  api: {{ type: http_server, address: \"{addr}\", auth: {{ api_keys: {{ keys: [\"${{API_KEY}}\"] }} }} }}
+stages:
+  counted:
+    type: aggregate
+    from: [bus, api]
+    window: {{ tumbling: 1m }}
+    metrics: {{ n: {{ count: {{}} }} }}
+    checkpoint: {{ redis: \"redis://:R3disS3cretPw@127.0.0.1:6379/0\" }}
+outputs:
+  out: {{ type: nats, url: \"nats://app:Sup3rS3cretPw@127.0.0.1:4222\", subject: secrets.out, from: counted }}
+"
+        ),
+    )
+    .unwrap();
+    for (level, format) in [("debug", "human"), ("trace", "human"), ("debug", "json"), ("trace", "json")] {
+        let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_conflux"))
+            .args(["--log-level", level, "--log-format", format, "run"])
+            .arg(&pipeline)
+            .env("API_KEY", "K3yS3cretFromEnv")
+            .stderr(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        std::thread::sleep(Duration::from_millis(1500));
+        // A request with the key and one with a wrong one, so auth paths log too.
+        let _ = std::process::Command::new("curl")
+            .args([
+                "-s",
+                "-o",
+                "/dev/null",
+                "-H",
+                "x-api-key: K3yS3cretFromEnv",
+                "-H",
+                "content-type: application/json",
+            ])
+            .args(["-d", "{\"n\":1}", &format!("http://{addr}/")])
+            .status();
+        std::thread::sleep(Duration::from_millis(500));
+        let _ = child.kill();
+        let output = child.wait_with_output().unwrap();
+        let logs = String::from_utf8_lossy(&output.stderr);
+        assert!(logs.lines().count() > 5, "{level}/{format}: the run logged: {logs}");
+        for secret in ["Sup3rS3cretPw", "R3disS3cretPw", "K3yS3cretFromEnv"] {
+            let at = logs.find(secret).map(|i| &logs[i.saturating_sub(200)..(i + 40).min(logs.len())]);
+            assert!(at.is_none(), "{level}/{format} logged {secret}: …{}…", at.unwrap_or_default());
+        }
+    }
+}
