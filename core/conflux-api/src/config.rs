@@ -81,7 +81,8 @@ impl Duration {
 string_config_type!(
     Duration,
     "Duration",
-    "^(0|([0-9]+(\\.[0-9]+)?\\s*(ns|us|ms|s|sec|m|min|h|hr|d|day|days|w)\\s*)+)$",
+    // humantime's grammar: numbers (with fractions) and unit words, spaces allowed.
+    "^\\s*(0|([0-9]+(\\.[0-9]+)?\\s*(nanos|nsec|ns|usec|us|µs|millis|msec|ms|seconds|second|secs|sec|s|minutes|minute|mins|min|m|hours|hour|hrs|hr|h|days|day|d|weeks|week|wks|wk|w|months|month|M|years|year|yrs|yr|y)\\s*)+)$",
     "a duration such as 500ms, 5s, 5m, 1h or 7d"
 );
 

@@ -62,7 +62,7 @@ pub fn pipeline_schema() -> Value {
     defs.insert("output".into(), json!({ "oneOf": outputs }));
     let section =
         |kind: &str| json!({ "type": "object", "additionalProperties": { "$ref": format!("#/$defs/{kind}") } });
-    json!({
+    let mut schema = json!({
         "$schema": "https://json-schema.org/draft/2020-12/schema",
         "$id": "https://conflux.dev/schemas/pipeline.schema.json",
         "title": "Conflux pipeline",
@@ -80,7 +80,62 @@ pub fn pipeline_schema() -> Value {
             "tests": tests,
         },
         "$defs": defs,
-    })
+    });
+    accept_interpolation(&mut schema);
+    schema
+}
+
+/// A `${VAR}` (or `${VAR:-default}`) anywhere in a string: the loader
+/// interpolates it before the value is typed.
+const INTERPOLATION: &str = "\\$\\{[A-Za-z_][A-Za-z0-9_]*";
+
+/// Lets every typed value (number, boolean, enum, patterned string such as
+/// a duration) be written as an interpolation too, as the loader accepts:
+/// `rate: ${RATE:-50/s}`, `count: ${N:-600}`. Without it the schema
+/// flagged the project's own quickstart file.
+fn accept_interpolation(schema: &mut Value) {
+    match schema {
+        Value::Array(items) => items.iter_mut().for_each(accept_interpolation),
+        Value::Object(map) => {
+            for (key, value) in map.iter_mut() {
+                // `type: <plugin>` selects the component: it is never interpolated.
+                if key != "const" {
+                    accept_interpolation(value);
+                }
+            }
+            if let Some(Value::String(pattern)) = map.get_mut("pattern") {
+                *pattern = format!("{pattern}|{INTERPOLATION}");
+                return;
+            }
+            let typed = |t: &Value| matches!(t.as_str(), Some("integer" | "number" | "boolean"));
+            let is_typed = match map.get("type") {
+                Some(Value::Array(types)) => types.iter().any(typed),
+                Some(t) => typed(t),
+                None => false,
+            };
+            // An enum as schemars writes a documented one: `oneOf` of `const`s.
+            let consts = |key: &str| {
+                map.get(key)
+                    .and_then(Value::as_array)
+                    .is_some_and(|v| !v.is_empty() && v.iter().all(|x| x.get("const").is_some()))
+            };
+            if is_typed || map.contains_key("enum") || consts("oneOf") || consts("anyOf") {
+                let mut inner = std::mem::take(map);
+                let mut outer = serde_json::Map::new();
+                for kept in ["description", "default", "title"] {
+                    if let Some(v) = inner.remove(kept) {
+                        outer.insert(kept.into(), v);
+                    }
+                }
+                outer.insert(
+                    "anyOf".into(),
+                    json!([Value::Object(inner), { "type": "string", "pattern": INTERPOLATION }]),
+                );
+                *map = outer;
+            }
+        }
+        _ => {}
+    }
 }
 
 /// One option of a component, for the reference. Options nested in an

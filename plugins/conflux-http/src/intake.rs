@@ -48,6 +48,7 @@ pub enum PartialMode {
 /// A token bucket per client: `per_client: 100/min` refills 100 tokens a minute.
 #[derive(Debug, Clone, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
+#[schemars(transform = with_per_connection_alias)]
 pub struct RateLimitConfig {
     /// Sustained rate per client (per connection for `websocket_server`), such as `100/min`.
     #[serde(alias = "per_connection")]
@@ -55,6 +56,22 @@ pub struct RateLimitConfig {
     /// Bucket size: requests allowed in a burst. Defaults to the rate's count.
     #[serde(default)]
     pub burst: Option<u32>,
+}
+
+/// schemars does not describe serde aliases: the schema takes
+/// `per_connection` (the WebSocket's name) as `per_client`, one of the two required.
+fn with_per_connection_alias(schema: &mut schemars::Schema) {
+    let Some(object) = schema.as_object_mut() else { return };
+    if let Some(per_client) = object.get("properties").and_then(|p| p.get("per_client")).cloned() {
+        if let Some(props) = object.get_mut("properties").and_then(|p| p.as_object_mut()) {
+            props.insert("per_connection".into(), per_client);
+        }
+        object.remove("required");
+        object.insert(
+            "oneOf".into(),
+            serde_json::json!([{ "required": ["per_client"] }, { "required": ["per_connection"] }]),
+        );
+    }
 }
 
 impl RateLimitConfig {

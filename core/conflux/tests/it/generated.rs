@@ -65,3 +65,83 @@ fn schema_describes_components_and_rejects_unknown_keys() {
     let outputs = schema["$defs"]["output"]["oneOf"].as_array().unwrap();
     assert!(outputs.iter().all(|o| o["properties"]["from"].is_object() && o["properties"]["retry"].is_object()));
 }
+
+/// A YAML tree as JSON, values as written: `${VAR}` stays a string, as an
+/// editor validating the file against the schema sees it.
+fn yaml_to_json(node: &conflux_engine::yaml::Node) -> serde_json::Value {
+    use conflux_engine::yaml::Yaml;
+    match &node.value {
+        Yaml::Null => serde_json::Value::Null,
+        Yaml::Bool(b) => (*b).into(),
+        Yaml::Int(i) => (*i).into(),
+        Yaml::Float(f) => serde_json::json!(f),
+        Yaml::Str(s, _) => s.clone().into(),
+        Yaml::Seq(items) => items.iter().map(yaml_to_json).collect(),
+        Yaml::Map(entries) => entries
+            .iter()
+            .map(|(k, v)| (k.as_key().unwrap_or_default(), yaml_to_json(v)))
+            .collect::<serde_json::Map<_, _>>()
+            .into(),
+    }
+}
+
+fn schema_validator() -> jsonschema::Validator {
+    let text = std::fs::read_to_string(repo_file("schemas/pipeline.schema.json")).unwrap();
+    jsonschema::options()
+        .with_draft(jsonschema::Draft::Draft202012)
+        .build(&serde_json::from_str(&text).unwrap())
+        .expect("the committed schema compiles")
+}
+
+fn schema_errors(validator: &jsonschema::Validator, yaml: &str) -> Vec<String> {
+    let tree = conflux_engine::yaml::parse(yaml).expect("YAML");
+    validator.iter_errors(&yaml_to_json(&tree)).map(|e| format!("{} at {}", e, e.instance_path())).collect()
+}
+
+/// The schema the project's files point their editors at accepts every
+/// file the project ships (`${VAR}` in typed fields, `1 minute` durations,
+/// `per_connection`), checked by a real JSON Schema validator.
+#[test]
+fn every_shipped_pipeline_file_validates_against_the_schema() {
+    let validator = schema_validator();
+    let mut files = Vec::new();
+    for folder in ["configs", "tests/cases"] {
+        for entry in std::fs::read_dir(repo_file(folder)).unwrap() {
+            let path = entry.unwrap().path();
+            if path.extension().is_some_and(|e| e == "yaml" || e == "yml") {
+                files.push(path);
+            }
+        }
+    }
+    assert!(files.len() >= 5, "{files:?}");
+    for path in files {
+        let errors = schema_errors(&validator, &std::fs::read_to_string(&path).unwrap());
+        assert!(errors.is_empty(), "{}: {errors:#?}", path.display());
+    }
+}
+
+/// The same grammar as the binary: interpolations and long-form durations
+/// pass, wrong types and values still fail.
+#[test]
+fn the_schema_takes_interpolations_and_refuses_wrong_values() {
+    let validator = schema_validator();
+    let pipeline = |options: &str| {
+        format!("inputs:\n  api:\n    type: http_server\n    address: \"127.0.0.1:1\"\n    {options}\noutputs:\n  out: {{ type: drop, from: api }}\n")
+    };
+    for good in [
+        "max_batch: ${BATCH:-100}",
+        "queue_timeout: ${WAIT}",
+        "queue_timeout: 1 minute",
+        "queue_timeout: 1.5s",
+        "ack: ${ACK:-sync}",
+        "rate_limit: { per_connection: 5/s }",
+        "rate_limit: { per_client: \"${RATE:-5/s}\" }",
+        "connections: { max_connections: 10, idle_timeout: 30s }",
+    ] {
+        let errors = schema_errors(&validator, &pipeline(good));
+        assert!(errors.is_empty(), "{good}: {errors:#?}");
+    }
+    for bad in ["max_batch: lots", "queue_timeout: soon", "ack: maybe", "rate_limit: { burst: 3 }"] {
+        assert!(!schema_errors(&validator, &pipeline(bad)).is_empty(), "{bad} should be refused");
+    }
+}
