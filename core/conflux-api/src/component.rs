@@ -94,9 +94,28 @@ pub struct BuildContext {
     pub data_dir: PathBuf,
     /// Counters the component declares; the engine exports them.
     pub metrics: crate::metrics::PluginMetrics,
+    /// Where a line and column inside a string option are in the pipeline
+    /// file (`file:line:col`), for errors found while running.
+    pub source_map: Option<SourceMap>,
+}
+
+/// Maps (option path, line, column inside the option's text) to `file:line:col`.
+#[derive(Clone)]
+pub struct SourceMap(pub std::sync::Arc<dyn Fn(&[&str], usize, usize) -> String + Send + Sync>);
+
+impl std::fmt::Debug for SourceMap {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("SourceMap")
+    }
 }
 
 impl BuildContext {
+    /// `file:line:col` of a position inside the string option at `path`,
+    /// when the component came from a pipeline file.
+    pub fn locate(&self, path: &[&str], line: usize, column: usize) -> Option<String> {
+        self.source_map.as_ref().map(|map| (map.0)(path, line, column))
+    }
+
     /// Declares a counter exported as `conflux_<name>_total{pipeline, component}`.
     pub fn counter(&self, name: &'static str, help: &'static str) -> crate::metrics::Counter {
         self.metrics.counter(name, help)

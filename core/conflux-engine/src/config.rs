@@ -289,7 +289,7 @@ impl PipelineSpec {
 
 /// Where a build error points: the key of an unknown or missing option, the
 /// value of a bad one, or a line and column inside a string value.
-fn locate(spans: &Spans, err: &BuildError, source: &str) -> Pos {
+pub(crate) fn locate(spans: &Spans, err: &BuildError, source: &str) -> Pos {
     let mut path = err.path.clone();
     if let Some(field) = err.message.strip_prefix("unknown field `").and_then(|rest| rest.split('`').next()) {
         if path.last().map(String::as_str) != Some(field) {

@@ -126,6 +126,7 @@ pub fn compile(spec: PipelineSpec) -> Result<Pipeline, Vec<Diagnostic>> {
             base_dir: base_dir.clone(),
             data_dir: data_dir.clone(),
             metrics: Default::default(),
+            source_map: Some(source_map(&spec, component)),
         };
         let mut options = component.options.clone();
         let built = loop {
@@ -321,4 +322,16 @@ pub fn mermaid(pipeline: &Pipeline) -> String {
         }
     }
     out
+}
+
+/// Positions inside a component's string options, in the pipeline file.
+fn source_map(spec: &PipelineSpec, component: &crate::config::ComponentSpec) -> conflux_api::component::SourceMap {
+    let spans = component.spans.clone();
+    let source: std::sync::Arc<str> = spec.source.as_str().into();
+    let file = spec.file.display().to_string();
+    conflux_api::component::SourceMap(std::sync::Arc::new(move |path: &[&str], line: usize, column: usize| {
+        let at = conflux_api::BuildError::at(path.iter().copied(), "").with_offset(line, column);
+        let pos = crate::config::locate(&spans, &at, &source);
+        format!("{file}:{}:{}", pos.line, pos.column)
+    }))
 }

@@ -100,7 +100,13 @@ pub struct Script {
     uses_meta: bool,
     /// The same program evaluated natively, when it fits that subset.
     native: Option<Native>,
+    /// Where a line and column of the script are for the user (the
+    /// pipeline file's line, or the script file's): runtime errors point there.
+    locator: Option<Locator>,
 }
+
+/// Maps a (line, column) of the script to `file:line:col`.
+pub type Locator = Arc<dyn Fn(usize, usize) -> String + Send + Sync>;
 
 /// What one caller keeps from run to run of a script, so that a run does not
 /// set up Rhai afresh: the scope, Rhai's runtime state, its function
@@ -169,7 +175,25 @@ impl Script {
 
     fn new(mut engine: Engine, ast: AST, source: &str) -> Self {
         register_properties(&mut engine, &ast);
-        Script { engine: Arc::new(engine), ast, uses_meta: source.contains("meta"), native: None }
+        Script { engine: Arc::new(engine), ast, uses_meta: source.contains("meta"), native: None, locator: None }
+    }
+
+    /// Runtime errors name `locator`'s position instead of one inside the script.
+    pub fn located(mut self, locator: Option<Locator>) -> Self {
+        self.locator = locator;
+        self
+    }
+
+    /// A runtime error's text, its position mapped by the locator.
+    fn describe(&self, mut error: Box<rhai::EvalAltResult>) -> String {
+        let position = error.position();
+        match (&self.locator, position.line()) {
+            (Some(locate), Some(line)) => {
+                error.clear_position();
+                format!("{error} at {}", locate(line, position.position().unwrap_or(1)))
+            }
+            _ => error.to_string(),
+        }
     }
 
     /// Whether events usually skip the interpreter (see `native.rs`).
@@ -265,7 +289,7 @@ impl Script {
                     Some(original) => event.data = original,
                     None => *event.data = left,
                 }
-                Err(error.to_string())
+                Err(self.describe(error))
             }
         }
     }
@@ -315,6 +339,12 @@ impl Condition {
     pub fn compile(source: &str, limits: &Limits) -> Result<Self, ScriptError> {
         let script = Script::compile_expression(source, limits)?;
         Ok(Condition { state: script.state(), script, source: source.into() })
+    }
+
+    /// Runtime errors name `locator`'s position instead of one inside the expression.
+    pub fn located(mut self, locator: Option<Locator>) -> Self {
+        self.script = self.script.located(locator);
+        self
     }
 
     /// The expression as written.

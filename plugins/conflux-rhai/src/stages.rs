@@ -1,5 +1,7 @@
 //! The `rhai`, `filter` and `switch` stages.
 
+use std::sync::Arc;
+
 use conflux_api::{
     async_trait, inventory, Batch, BuildContext, BuildError, BuiltStage, Emitter, PortId, Registration, Stage,
     StageConfig,
@@ -36,14 +38,17 @@ impl StageConfig for RhaiConfig {
     const TYPE: &'static str = "rhai";
     fn build(self, cx: &BuildContext) -> Result<BuiltStage, BuildError> {
         let script = match (&self.script, &self.file) {
-            (Some(source), None) => Script::compile(source, &self.limits).map_err(|e| e.at(["script"]))?,
+            (Some(source), None) => {
+                Script::compile(source, &self.limits).map_err(|e| e.at(["script"]))?.located(in_option(cx, &["script"]))
+            }
             (None, Some(file)) => {
                 let path = cx.resolve(file);
                 let source = std::fs::read_to_string(&path)
                     .map_err(|e| BuildError::at(["file"], format!("cannot read {}: {e}", path.display())))?;
-                Script::compile(&source, &self.limits).map_err(|e| {
-                    BuildError::at(["file"], format!("{}:{}:{}: {}", path.display(), e.line, e.column, e.message))
-                })?
+                let shown = path.display().to_string();
+                Script::compile(&source, &self.limits)
+                    .map_err(|e| BuildError::at(["file"], format!("{shown}:{}:{}: {}", e.line, e.column, e.message)))?
+                    .located(Some(Arc::new(move |line, column| format!("{shown}:{line}:{column}"))))
             }
             _ => return Err(BuildError::new("give exactly one of `script` (inline) or `file`")),
         };
@@ -52,6 +57,16 @@ impl StageConfig for RhaiConfig {
 }
 
 inventory::submit!(Registration::stage::<RhaiConfig>());
+
+/// Positions inside the string option at `path`, as the pipeline file's.
+pub fn in_option(cx: &BuildContext, path: &[&str]) -> Option<crate::script::Locator> {
+    let map = cx.source_map.clone()?;
+    let path: Vec<String> = path.iter().map(|s| s.to_string()).collect();
+    Some(Arc::new(move |line, column| {
+        let path: Vec<&str> = path.iter().map(String::as_str).collect();
+        (map.0)(&path, line, column)
+    }))
+}
 
 struct RhaiStage {
     script: Script,
@@ -119,8 +134,10 @@ pub struct FilterConfig {
 
 impl StageConfig for FilterConfig {
     const TYPE: &'static str = "filter";
-    fn build(self, _cx: &BuildContext) -> Result<BuiltStage, BuildError> {
-        let condition = Condition::compile(&self.condition, &self.limits).map_err(|e| e.at(["condition"]))?;
+    fn build(self, cx: &BuildContext) -> Result<BuiltStage, BuildError> {
+        let condition = Condition::compile(&self.condition, &self.limits)
+            .map_err(|e| e.at(["condition"]))?
+            .located(in_option(cx, &["condition"]));
         Ok(BuiltStage::new(FilterStage { condition }))
     }
 }

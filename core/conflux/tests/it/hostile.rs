@@ -488,3 +488,52 @@ outputs:
         }
     }
 }
+
+/// A Rhai runtime error names the pipeline file's line and column (it
+/// named `line 2, position 13` inside the script), and a `file:` script's
+/// error names that file.
+#[test]
+fn rhai_runtime_errors_point_into_the_pipeline_file() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("in.ndjson"), "{\"n\":1}\n").unwrap();
+    std::fs::write(dir.path().join("bad.rhai"), "let x = 1;\nlet y = no_such_fn(x);\nevent\n").unwrap();
+    let pipeline = dir.path().join("p.yaml");
+    std::fs::write(
+        &pipeline,
+        "inputs:
+  src: { type: file, path: in.ndjson }
+stages:
+  inline:
+    type: rhai
+    from: src
+    script: |
+      let x = 1;
+      let y = no_such_fn(x);
+      event
+  from_file: { type: rhai, from: src, file: bad.rhai }
+  why:
+    type: rhai
+    from: [inline.error, from_file.error]
+    script: |
+      event.why = meta.error;
+      event
+outputs:
+  out: { type: file, path: out.ndjson, from: why }
+  rest: { type: drop, from: [inline, from_file] }
+",
+    )
+    .unwrap();
+    let output = std::process::Command::new(env!("CARGO_BIN_EXE_conflux"))
+        .env("CONFLUX_LOG", "warn")
+        .arg("run")
+        .arg(&pipeline)
+        .output()
+        .unwrap();
+    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+    let out = std::fs::read_to_string(dir.path().join("out.ndjson")).unwrap();
+    let file = pipeline.display().to_string();
+    // Line 9 of p.yaml, column 15: where `no_such_fn` starts ("      let y = " is 14 characters).
+    assert!(out.contains(&format!("at {file}:9:15")), "{out}");
+    assert!(out.contains(&format!("at {}:2:9", dir.path().join("bad.rhai").display())), "{out}");
+    assert!(!out.contains("position"), "no script-relative position left: {out}");
+}
