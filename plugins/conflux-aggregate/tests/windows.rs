@@ -283,15 +283,27 @@ async fn sliding_window_merges_buckets() {
         vec![at(0, 5, "r", "x", 1), at(0, 25, "r", "x", 3), at(0, 45, "r", "x", 5), at(1, 5, "r", "x", 7)],
     )
     .await;
-    // The watermark reached 10:01:05: the last full step is [10:00:00, 10:01:00).
-    assert_eq!(out.len(), 1, "{out:?}");
-    assert_eq!(out[0].1["window"]["start"], "2026-11-22T10:00:00.000Z");
-    assert_eq!(out[0].1["n"], 3);
-    let p50 = out[0].1["p"]["p50"].as_f64().unwrap();
-    assert!((p50 - 3.0).abs() < 0.1, "{p50}");
+    // The watermark reached 10:01:05: every step up to 10:01:00 is emitted,
+    // each `[t − 1m, t)` with the buckets it holds.
+    let rows = rows_of(&out, "n");
+    assert_eq!(
+        rows,
+        vec![("09:59:20".into(), json!(1)), ("09:59:40".into(), json!(2)), ("10:00:00".into(), json!(3))],
+        "{out:?}"
+    );
+    let p50 = |results: &[(usize, J)], start: &str| {
+        let r = results.iter().find(|(_, r)| r["window"]["start"].as_str().unwrap()[11..19] == *start).unwrap();
+        r.1["p"]["p50"].as_f64().unwrap()
+    };
+    assert!((p50(&out, "10:00:00") - 3.0).abs() < 0.03, "1, 3, 5: {}", p50(&out, "10:00:00"));
+    // The end of input emits the windows still holding events after the last step.
     let rest = finish(&mut s).await;
-    assert_eq!(rest[0].1["window"]["start"], "2026-11-22T10:00:20.000Z");
-    assert_eq!(rest[0].1["n"], 3, "10:00:25, 10:00:45, 10:01:05");
+    assert_eq!(
+        rows_of(&rest, "n"),
+        vec![("10:00:20".into(), json!(3)), ("10:00:40".into(), json!(2)), ("10:01:00".into(), json!(1))],
+        "10:00:25, 10:00:45, 10:01:05 in the first; {rest:?}"
+    );
+    assert!((p50(&rest, "10:00:20") - 5.0).abs() < 0.05, "3, 5, 7: {}", p50(&rest, "10:00:20"));
 }
 
 #[tokio::test]
@@ -465,18 +477,31 @@ async fn a_gauge_is_a_level_in_sliding_windows_not_a_sum_of_buckets() {
         ],
     )
     .await;
-    // [10:00:00, 10:01:00): the level at 10:01:00 is 4 + 2 − 4 = 2 (not 4 + 6 + 2 = 12).
-    assert_eq!(out.len(), 1, "{out:?}");
-    assert_eq!(out[0].1["window"]["start"], "2026-11-22T10:00:00.000Z");
-    assert_eq!(out[0].1["occupancy"], 2.0);
-    assert_eq!(out[0].1["n"], 3);
-    assert!((out[0].1["per_second"].as_f64().unwrap() - 3.0 / 60.0).abs() < 1e-12, "3 events over the 60 s window");
-    // [10:00:20, 10:01:20): the first bucket left the window but its +4 stays in the level: 4 + 2 − 4 + 3 = 5.
+    // Steps 10:00:20, 10:00:40, 10:01:00: the levels at those times, 4, 4 + 2 and
+    // 4 + 2 − 4 = 2 (not 4 + 6 + 2 = 12 for the last).
+    assert_eq!(
+        rows_of(&out, "occupancy"),
+        vec![("09:59:20".into(), json!(4.0)), ("09:59:40".into(), json!(6.0)), ("10:00:00".into(), json!(2.0))],
+        "{out:?}"
+    );
+    assert_eq!(
+        rows_of(&out, "n"),
+        vec![("09:59:20".into(), json!(1)), ("09:59:40".into(), json!(2)), ("10:00:00".into(), json!(3))]
+    );
+    let last = out.iter().find(|(_, r)| r["window"]["start"] == "2026-11-22T10:00:00.000Z").unwrap();
+    assert!((last.1["per_second"].as_f64().unwrap() - 3.0 / 60.0).abs() < 1e-12, "3 events over the 60 s window");
+    // [10:00:20, 10:01:20) and later: the first bucket left the window but its +4
+    // stays in the level: 4 + 2 − 4 + 3 = 5.
     let rest = finish(&mut s).await;
-    assert_eq!(rest.len(), 1, "{rest:?}");
-    assert_eq!(rest[0].1["window"]["start"], "2026-11-22T10:00:20.000Z");
-    assert_eq!(rest[0].1["occupancy"], 5.0);
-    assert_eq!(rest[0].1["n"], 3);
+    assert_eq!(
+        rows_of(&rest, "occupancy"),
+        vec![("10:00:20".into(), json!(5.0)), ("10:00:40".into(), json!(5.0)), ("10:01:00".into(), json!(5.0))],
+        "{rest:?}"
+    );
+    assert_eq!(
+        rows_of(&rest, "n"),
+        vec![("10:00:20".into(), json!(3)), ("10:00:40".into(), json!(2)), ("10:01:00".into(), json!(1))]
+    );
 }
 
 #[tokio::test]
@@ -964,4 +989,29 @@ async fn hopping_windows_report_every_window_with_events_whatever_the_batch_size
         assert_same(&format!("hopping, batch {batch}"), &got, &want);
         assert_eq!(late, want_late, "hopping, batch {batch}: late events");
     }
+}
+
+/// A sliding event is late once every window holding it has ended by the
+/// watermark, not only once its bucket is older than the watermark minus
+/// `size`: such an event used to be taken into a bucket no result would
+/// include. One with a window still to come counts in that window only.
+#[tokio::test]
+async fn a_sliding_event_is_late_once_every_window_holding_it_has_closed() {
+    let mut s = stage(json!({
+        "time": { "field": "timestamp" },
+        "window": { "sliding": { "size": "1m", "every": "20s" } },
+        "metrics": { "n": { "count": {} }, "guests": { "sum": "data.guests" } }
+    }));
+    let mut all = feed(&mut s, vec![at(1, 5, "r", "x", 1)]).await;
+    // Watermark 10:01:05. 10:00:02 falls in windows ending 10:00:20 … 10:01:00, all closed;
+    // 10:00:30 in windows ending 10:00:40 … 10:01:20, of which 10:01:20 is still open.
+    all.extend(feed(&mut s, vec![at(0, 2, "r", "x", 10), at(0, 30, "r", "x", 100)]).await);
+    all.extend(finish(&mut s).await);
+    let late: Vec<i64> =
+        all.iter().filter(|(p, _)| *p == 1).map(|(_, e)| e["data"]["guests"].as_i64().unwrap()).collect();
+    assert_eq!(late, vec![10]);
+    assert_eq!(
+        rows_of(&all, "guests"),
+        vec![("10:00:20".into(), json!(101)), ("10:00:40".into(), json!(1)), ("10:01:00".into(), json!(1))]
+    );
 }
