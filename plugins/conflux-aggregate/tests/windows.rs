@@ -1015,3 +1015,23 @@ async fn a_sliding_event_is_late_once_every_window_holding_it_has_closed() {
         vec![("10:00:20".into(), json!(101)), ("10:00:40".into(), json!(1)), ("10:01:00".into(), json!(1))]
     );
 }
+
+/// `percentiles` reports the nearest rank, ⌈q·n⌉ of the sorted values: p99
+/// of seven values is the largest, p50 the 4th (⌈3.5⌉), p0 the smallest.
+#[tokio::test]
+async fn percentiles_report_the_nearest_rank() {
+    let mut s = stage(json!({
+        "time": { "field": "timestamp" },
+        "window": { "tumbling": "1m" },
+        "metrics": { "p": { "percentiles": { "field": "data.guests", "quantiles": [0.0, 0.5, 0.99, 1.0] } } }
+    }));
+    let events = [4, 100, 1, 6, 2, 5, 3].iter().enumerate().map(|(i, g)| at(0, i as u32, "r", "x", *g)).collect();
+    let mut all = feed(&mut s, events).await;
+    all.extend(finish(&mut s).await);
+    assert_eq!(all.len(), 1, "{all:?}");
+    let p = &all[0].1["p"];
+    for (key, want) in [("p0", 1.0), ("p50", 4.0), ("p99", 100.0), ("p100", 100.0)] {
+        let got = p[key].as_f64().unwrap();
+        assert!((got - want).abs() <= 0.01 * want, "{key}: {got}, want {want} ({p})");
+    }
+}
