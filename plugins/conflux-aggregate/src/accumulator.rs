@@ -299,9 +299,26 @@ pub fn float(f: f64) -> Value {
     Value::try_from(f).unwrap_or_default()
 }
 
-/// Reads a sketch quantile.
+/// The `q` quantile by nearest rank: the value at 1-based rank ⌈q·n⌉ of the
+/// sorted values (p99 of seven values is the largest), as users read a
+/// percentile. The sketch's own `quantile` takes 0-based rank ⌊q·(n − 1)⌋,
+/// which is lower on small sets.
 pub fn quantile(sketch: &DDSketch, q: f64) -> Value {
-    sketch.quantile(q).ok().flatten().map(float).unwrap_or_default()
+    let n = sketch.count();
+    if n == 0 {
+        return Value::new_null();
+    }
+    // A hair below q·n, so a product like 0.07 × 100 = 7.000000000000001 stays rank 7.
+    let x = q * n as f64;
+    let rank = ((x - x * 1e-12).ceil() as usize).clamp(1, n);
+    // Asked for 0-based rank r, the sketch needs q' with ⌊q'·(n − 1)⌋ = r: the middle
+    // of that interval, clear of rounding. The ends are the exact min and max.
+    let asked = match rank {
+        _ if rank == n => 1.0,
+        1 => 0.0,
+        _ => (rank as f64 - 0.5) / (n - 1) as f64,
+    };
+    sketch.quantile(asked).ok().flatten().map(float).unwrap_or_default()
 }
 
 #[cfg(test)]
@@ -366,6 +383,79 @@ mod tests {
             }
             let p99 = s.quantile(0.99).unwrap().unwrap();
             assert!((p99 - 9900.0).abs() / 9900.0 < 0.02, "{p99}");
+        }
+    }
+
+    fn sketch_of(values: &[f64]) -> DDSketch {
+        let mut s = DDSketch::new(SketchConfig::defaults());
+        values.iter().for_each(|v| s.add(*v));
+        s
+    }
+
+    fn read(s: &DDSketch, q: f64) -> f64 {
+        quantile(s, q).as_f64().unwrap()
+    }
+
+    fn within_1pct(got: f64, want: f64) -> bool {
+        (got - want).abs() <= 0.01 * want.abs()
+    }
+
+    /// Nearest rank, worked by hand: rank ⌈q·n⌉ of the sorted values.
+    #[test]
+    fn percentiles_take_the_nearest_rank() {
+        let s = sketch_of(&[5.0, 1.0, 100.0, 3.0, 6.0, 2.0, 4.0]);
+        for (q, want) in [
+            (0.99, 100.0), // ⌈6.93⌉ = 7th: the largest (the sketch's own rule gives the 6th)
+            (0.5, 4.0),    // ⌈3.5⌉ = 4th
+            (0.0, 1.0),    // rank 0 is taken as the first
+            (1.0, 100.0),
+            (0.01, 1.0),      // ⌈0.07⌉ = 1st
+            (1.0 / 7.0, 1.0), // exactly 1 → 1st
+            (0.15, 2.0),      // ⌈1.05⌉ = 2nd
+            (0.86, 100.0),    // ⌈6.02⌉ = 7th
+            (0.85, 6.0),      // ⌈5.95⌉ = 6th
+        ] {
+            let got = read(&s, q);
+            assert!(within_1pct(got, want), "p{}: {got}, want {want}", q * 100.0);
+        }
+        assert_eq!(read(&s, 0.0), 1.0, "the minimum is exact");
+        assert_eq!(read(&s, 0.99), 100.0, "the maximum is exact");
+        // One value is every percentile; none gives null.
+        let one = sketch_of(&[42.0]);
+        assert!([0.0, 0.5, 0.99, 1.0].iter().all(|q| read(&one, *q) == 42.0));
+        assert!(quantile(&sketch_of(&[]), 0.5).is_null());
+        // 0.07 × 100 is 7.000000000000001 in floating point: still the 7th of 100.
+        let hundred: Vec<f64> = (1..=100).map(f64::from).collect();
+        assert!(within_1pct(read(&sketch_of(&hundred), 0.07), 7.0), "{}", read(&sketch_of(&hundred), 0.07));
+        // Negative values and zeros rank with the rest.
+        let mixed = sketch_of(&[-5.0, 0.0, 0.0, 3.0]);
+        assert!(within_1pct(read(&mixed, 0.25), -5.0) && read(&mixed, 0.5) == 0.0 && read(&mixed, 0.75) == 0.0);
+        assert!(within_1pct(read(&mixed, 0.76), 3.0));
+    }
+
+    /// On a large, skewed set every percentile is within the sketch's 1% of
+    /// the nearest-rank value of the sorted set.
+    #[test]
+    fn percentiles_match_a_sorted_nearest_rank_within_one_percent() {
+        let mut seed = 0x9e37_79b9_7f4a_7c15u64;
+        let mut values: Vec<f64> = (0..20_000)
+            .map(|_| {
+                seed = seed.wrapping_mul(6_364_136_223_846_793_005).wrapping_add(1_442_695_040_888_963_407);
+                let u = (seed >> 11) as f64 / (1u64 << 53) as f64;
+                // Latency-like: mostly small, a long tail.
+                0.5 + 1000.0 * u.powi(6)
+            })
+            .collect();
+        let s = sketch_of(&values);
+        values.sort_by(f64::total_cmp);
+        let n = values.len();
+        // Quantiles in ten-thousandths, so ⌈q·n⌉ is worked out in integers.
+        for k in [0, 1, 7, 10, 100, 1000, 2500, 5000, 7500, 9000, 9500, 9900, 9950, 9990, 9999, 10_000] {
+            let rank = (k * n).div_ceil(10_000).max(1);
+            let want = values[rank - 1];
+            let q = k as f64 / 10_000.0;
+            let got = read(&s, q);
+            assert!(within_1pct(got, want), "p{}: {got}, nearest rank {rank} is {want}", q * 100.0);
         }
     }
 

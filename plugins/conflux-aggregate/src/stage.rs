@@ -697,32 +697,53 @@ impl AggregateStage {
         }
     }
 
-    /// Sliding windows: results for `[t - size, t)` merged from buckets, once per step.
+    /// Sliding windows: emits every step `t` up to `upto` not yet emitted
+    /// whose `[t - size, t)` holds buckets, merged from them. The watermark
+    /// may pass many steps at once (a large batch, a jump in event time), so
+    /// each is emitted; steps without events are skipped, not walked.
     fn emit_sliding(&mut self, upto: i64, out: &mut Emitter) {
         let Some((size, every)) = self.windower.is_sliding() else { return };
-        let t = upto.div_euclid(every) * every;
-        if t <= self.last_slide_emitted {
+        let last = upto.div_euclid(every).saturating_mul(every);
+        if last <= self.last_slide_emitted {
             return;
         }
-        self.last_slide_emitted = t;
-        let mut merged: HashMap<String, GroupState> = HashMap::new();
-        for (window, groups) in self.windows.range((t - size, i64::MIN)..) {
-            if window.0 >= t {
+        let mut t = match self.last_slide_emitted {
+            i64::MIN => i64::MIN,
+            emitted => emitted + every,
+        };
+        loop {
+            // A bucket starting before this window is in no later one either.
+            self.expire_buckets_before(t.saturating_sub(size));
+            let Some(&(first, _)) = self.windows.keys().next() else { break };
+            if first >= t {
+                // Nothing in [t - size, t): on to the first step holding the next bucket.
+                t = (first.div_euclid(every) + 1) * every;
+                continue;
+            }
+            if t > last {
                 break;
             }
+            self.emit_step(t, size, out);
+            t += every;
+        }
+        self.last_slide_emitted = last;
+    }
+
+    /// One sliding result per group for `[t - size, t)`, merged from its buckets.
+    fn emit_step(&self, t: i64, size: i64, out: &mut Emitter) {
+        let mut merged: HashMap<&str, GroupState> = HashMap::new();
+        for (_, groups) in self.windows.range((t - size, i64::MIN)..).take_while(|(w, _)| w.0 < t) {
             for (key, state) in groups {
-                match merged.get_mut(key) {
+                match merged.get_mut(key.as_str()) {
                     Some(m) => m.accs.iter_mut().zip(&state.accs).for_each(|(a, b)| a.merge(b)),
                     None => {
-                        merged.insert(
-                            key.clone(),
-                            GroupState {
-                                group: state.group.clone(),
-                                accs: state.accs.clone(),
-                                tokens: Vec::new(),
-                                dirty: false,
-                            },
-                        );
+                        let copy = GroupState {
+                            group: state.group.clone(),
+                            accs: state.accs.clone(),
+                            tokens: Vec::new(),
+                            dirty: false,
+                        };
+                        merged.insert(key, copy);
                     }
                 }
             }
@@ -733,13 +754,19 @@ impl AggregateStage {
             event.event_time = Some(Timestamp(t));
             out.emit(event);
         }
-        // Buckets that left the window are done: their events are acknowledged.
-        let expired: Vec<(i64, i64)> = self.windows.keys().take_while(|w| w.1 <= t - size + every).copied().collect();
-        for window in expired {
-            if window.1 <= t - size + every && window.0 < t - size + every {
-                self.expire_bucket(window);
-            }
+    }
+
+    /// Buckets that left every window still to come are done: their events are acknowledged.
+    fn expire_buckets_before(&mut self, start: i64) {
+        while let Some(&window) = self.windows.keys().next().filter(|w| w.0 < start) {
+            self.expire_bucket(window);
         }
+    }
+
+    /// The end of the last sliding window an event of `bucket` counts in:
+    /// the event is late once the watermark has reached it.
+    fn last_sliding_end(bucket: (i64, i64), size: i64, every: i64) -> i64 {
+        bucket.0.saturating_add(size).div_euclid(every) * every
     }
 
     /// Drops a sliding bucket, keeping its gauge increments in the carried levels.
@@ -959,6 +986,7 @@ impl Stage for AggregateStage {
     async fn process(&mut self, batch: Batch, out: &mut Emitter) {
         self.ensure_restored(out).await;
         let mut watermark = self.watermark();
+        self.emit_sliding(watermark, out);
         // One clock reading per batch: the idle timeout is far coarser than a batch.
         let now = Instant::now();
         for mut event in batch {
@@ -997,12 +1025,15 @@ impl Stage for AggregateStage {
                 _ => {
                     let mut assigned = std::mem::take(&mut self.assigned);
                     self.windower.assign(t, &mut assigned);
-                    let floor = match self.windower.is_sliding() {
-                        Some((size, _)) => watermark.saturating_sub(size),
-                        None => watermark,
+                    // Late once every window it counts in has ended by the watermark
+                    // (for a sliding bucket, the last window holding it).
+                    let sliding = self.windower.is_sliding();
+                    let end = |w: &(i64, i64)| match sliding {
+                        Some((size, every)) => Self::last_sliding_end(*w, size, every),
+                        None => w.1,
                     };
                     let closed_early = self.closed_early;
-                    assigned.retain(|w| w.1 > floor && closed_early.is_none_or(|c| *w > c));
+                    assigned.retain(|w| end(w) > watermark && closed_early.is_none_or(|c| *w > c));
                     self.assigned = assigned;
                     if self.assigned.is_empty() {
                         out.emit_to(LATE, event);
@@ -1017,6 +1048,9 @@ impl Stage for AggregateStage {
             if self.max_event_time.is_none_or(|m| t > m) {
                 self.max_event_time = Some(t);
                 watermark = self.watermark();
+                // Sliding steps close as the watermark passes them, before later
+                // events arrive, so what a window holds does not depend on batching.
+                self.emit_sliding(watermark, out);
             }
             self.last_event_wall = now;
             let windows = std::mem::take(&mut self.assigned);
@@ -1088,10 +1122,13 @@ impl Stage for AggregateStage {
 impl AggregateStage {
     /// Closes every window: the input has ended.
     fn flush(&mut self, out: &mut Emitter) {
-        if let (Some((_, every)), Some(max)) = (self.windower.is_sliding(), self.max_event_time) {
-            self.emit_sliding(max + every, out);
-            let all: Vec<(i64, i64)> = self.windows.keys().copied().collect();
-            all.into_iter().for_each(|w| self.expire_bucket(w));
+        if let Some((size, every)) = self.windower.is_sliding() {
+            // Up to the last window holding the newest bucket: a window after the
+            // last event still holds the events before it.
+            if let Some(&newest) = self.windows.keys().next_back() {
+                self.emit_sliding(Self::last_sliding_end(newest, size, every), out);
+            }
+            self.expire_buckets_before(i64::MAX);
             return;
         }
         let all: Vec<(i64, i64)> = self.windows.keys().copied().collect();

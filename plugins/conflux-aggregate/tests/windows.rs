@@ -3,6 +3,7 @@
 use conflux_aggregate::AggregateConfig;
 use conflux_api::{AckStatus, AckToken, BuildContext, BuiltStage, Emitter, Event, StageConfig};
 use serde_json::{json, Value as J};
+use std::collections::BTreeMap;
 
 fn stage(options: J) -> BuiltStage {
     let config: AggregateConfig = serde_json::from_value(options).unwrap();
@@ -282,15 +283,27 @@ async fn sliding_window_merges_buckets() {
         vec![at(0, 5, "r", "x", 1), at(0, 25, "r", "x", 3), at(0, 45, "r", "x", 5), at(1, 5, "r", "x", 7)],
     )
     .await;
-    // The watermark reached 10:01:05: the last full step is [10:00:00, 10:01:00).
-    assert_eq!(out.len(), 1, "{out:?}");
-    assert_eq!(out[0].1["window"]["start"], "2026-11-22T10:00:00.000Z");
-    assert_eq!(out[0].1["n"], 3);
-    let p50 = out[0].1["p"]["p50"].as_f64().unwrap();
-    assert!((p50 - 3.0).abs() < 0.1, "{p50}");
+    // The watermark reached 10:01:05: every step up to 10:01:00 is emitted,
+    // each `[t − 1m, t)` with the buckets it holds.
+    let rows = rows_of(&out, "n");
+    assert_eq!(
+        rows,
+        vec![("09:59:20".into(), json!(1)), ("09:59:40".into(), json!(2)), ("10:00:00".into(), json!(3))],
+        "{out:?}"
+    );
+    let p50 = |results: &[(usize, J)], start: &str| {
+        let r = results.iter().find(|(_, r)| r["window"]["start"].as_str().unwrap()[11..19] == *start).unwrap();
+        r.1["p"]["p50"].as_f64().unwrap()
+    };
+    assert!((p50(&out, "10:00:00") - 3.0).abs() < 0.03, "1, 3, 5: {}", p50(&out, "10:00:00"));
+    // The end of input emits the windows still holding events after the last step.
     let rest = finish(&mut s).await;
-    assert_eq!(rest[0].1["window"]["start"], "2026-11-22T10:00:20.000Z");
-    assert_eq!(rest[0].1["n"], 3, "10:00:25, 10:00:45, 10:01:05");
+    assert_eq!(
+        rows_of(&rest, "n"),
+        vec![("10:00:20".into(), json!(3)), ("10:00:40".into(), json!(2)), ("10:01:00".into(), json!(1))],
+        "10:00:25, 10:00:45, 10:01:05 in the first; {rest:?}"
+    );
+    assert!((p50(&rest, "10:00:20") - 5.0).abs() < 0.05, "3, 5, 7: {}", p50(&rest, "10:00:20"));
 }
 
 #[tokio::test]
@@ -464,18 +477,31 @@ async fn a_gauge_is_a_level_in_sliding_windows_not_a_sum_of_buckets() {
         ],
     )
     .await;
-    // [10:00:00, 10:01:00): the level at 10:01:00 is 4 + 2 − 4 = 2 (not 4 + 6 + 2 = 12).
-    assert_eq!(out.len(), 1, "{out:?}");
-    assert_eq!(out[0].1["window"]["start"], "2026-11-22T10:00:00.000Z");
-    assert_eq!(out[0].1["occupancy"], 2.0);
-    assert_eq!(out[0].1["n"], 3);
-    assert!((out[0].1["per_second"].as_f64().unwrap() - 3.0 / 60.0).abs() < 1e-12, "3 events over the 60 s window");
-    // [10:00:20, 10:01:20): the first bucket left the window but its +4 stays in the level: 4 + 2 − 4 + 3 = 5.
+    // Steps 10:00:20, 10:00:40, 10:01:00: the levels at those times, 4, 4 + 2 and
+    // 4 + 2 − 4 = 2 (not 4 + 6 + 2 = 12 for the last).
+    assert_eq!(
+        rows_of(&out, "occupancy"),
+        vec![("09:59:20".into(), json!(4.0)), ("09:59:40".into(), json!(6.0)), ("10:00:00".into(), json!(2.0))],
+        "{out:?}"
+    );
+    assert_eq!(
+        rows_of(&out, "n"),
+        vec![("09:59:20".into(), json!(1)), ("09:59:40".into(), json!(2)), ("10:00:00".into(), json!(3))]
+    );
+    let last = out.iter().find(|(_, r)| r["window"]["start"] == "2026-11-22T10:00:00.000Z").unwrap();
+    assert!((last.1["per_second"].as_f64().unwrap() - 3.0 / 60.0).abs() < 1e-12, "3 events over the 60 s window");
+    // [10:00:20, 10:01:20) and later: the first bucket left the window but its +4
+    // stays in the level: 4 + 2 − 4 + 3 = 5.
     let rest = finish(&mut s).await;
-    assert_eq!(rest.len(), 1, "{rest:?}");
-    assert_eq!(rest[0].1["window"]["start"], "2026-11-22T10:00:20.000Z");
-    assert_eq!(rest[0].1["occupancy"], 5.0);
-    assert_eq!(rest[0].1["n"], 3);
+    assert_eq!(
+        rows_of(&rest, "occupancy"),
+        vec![("10:00:20".into(), json!(5.0)), ("10:00:40".into(), json!(5.0)), ("10:01:00".into(), json!(5.0))],
+        "{rest:?}"
+    );
+    assert_eq!(
+        rows_of(&rest, "n"),
+        vec![("10:00:20".into(), json!(3)), ("10:00:40".into(), json!(2)), ("10:01:00".into(), json!(1))]
+    );
 }
 
 #[tokio::test]
@@ -758,4 +784,254 @@ async fn each_late_event_reaches_the_late_port_and_counts_nowhere_else() {
         .collect();
     sessions.sort();
     assert_eq!(sessions, vec![("10:00:00".into(), "10:00:30".into(), 1), ("10:01:40".into(), "10:02:30".into(), 2)]);
+}
+
+/// Deterministic pseudo-random numbers (xorshift64*), so the stream is the same in every run.
+struct Rng(u64);
+
+impl Rng {
+    fn below(&mut self, n: i64) -> i64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        (self.0.wrapping_mul(0x2545_f491_4f6c_dd1d) >> 11) as i64 % n
+    }
+}
+
+const MS: i64 = 1_000_000;
+const EVERY_MS: i64 = 60_000;
+const SIZE_MS: i64 = 120_000;
+const LATENESS_MS: i64 = 30_000;
+
+/// One generated event: (id, event time in ms, group, type, value).
+type Gen = (usize, i64, &'static str, &'static str, i64);
+
+/// ~4,000 events over three groups: mostly small steps forward, some
+/// out-of-order ones within the allowed lateness, jumps of up to seconds,
+/// minutes, beyond the window size and of hours, and a few events far
+/// behind the watermark (late for every window they fall in).
+fn jumpy_stream() -> Vec<Gen> {
+    let mut rng = Rng(0x5eed_1234_abcd_ef01);
+    let mut max = 1_795_000_000_000i64; // 2026-11-18, in ms
+    let mut events = Vec::new();
+    for id in 0..4000 {
+        let watermark = max - LATENESS_MS;
+        let roll = rng.below(100);
+        let ts = if roll < 3 {
+            watermark - SIZE_MS - EVERY_MS - rng.below(300_000)
+        } else if roll < 18 {
+            max - rng.below(LATENESS_MS + 1)
+        } else {
+            let jump = match rng.below(100) {
+                0..70 => rng.below(5_000),
+                70..90 => 5_000 + rng.below(85_000),
+                90..97 => 90_000 + rng.below(510_000),
+                _ => 600_000 + rng.below(3 * 3_600_000),
+            };
+            max += jump;
+            max
+        };
+        let group = ["a", "b", "c"][rng.below(3) as usize];
+        let kind = ["in", "out", "x"][rng.below(3) as usize];
+        events.push((id, ts, group, kind, 1 + rng.below(20)));
+    }
+    events
+}
+
+/// (group, window start ms, window end ms) → (count, sum, gauge level).
+type Expected = BTreeMap<(String, i64, i64), (i64, i64, i64)>;
+
+/// Brute force, written apart from the stage: which events are late (each
+/// is classified against the watermark when it arrives: highest time so far
+/// minus the lateness), then, for every step `t` between the first and the
+/// last event, every group's count and sum over `t − size <= ts < t` and its
+/// gauge level (increments of every event before `t`). Only windows with
+/// events are reported.
+fn brute_force(events: &[Gen]) -> (Expected, Vec<usize>) {
+    let mut max: Option<i64> = None;
+    let mut on_time: Vec<&Gen> = Vec::new();
+    let mut late = Vec::new();
+    for e in events {
+        let ts = e.1;
+        match max.map(|m| m - LATENESS_MS) {
+            Some(w) if ts < w => {
+                // Every window holding it, [t − size, t) with t − size <= ts < t, ends by the watermark.
+                let last_window_end = ts.div_euclid(EVERY_MS) * EVERY_MS + SIZE_MS;
+                assert!(last_window_end <= w, "the generator made an event only partly late: {e:?}");
+                late.push(e.0);
+            }
+            _ => on_time.push(e),
+        }
+        max = Some(max.map_or(ts, |m| m.max(ts)));
+    }
+    let first = on_time.iter().map(|e| e.1).min().unwrap();
+    let last = on_time.iter().map(|e| e.1).max().unwrap();
+    let mut expected = Expected::new();
+    for group in ["a", "b", "c"] {
+        let mut mine: Vec<&Gen> = on_time.iter().copied().filter(|e| e.2 == group).collect();
+        mine.sort_by_key(|e| e.1);
+        let mut t = first.div_euclid(EVERY_MS) * EVERY_MS + EVERY_MS;
+        while t - SIZE_MS <= last {
+            let inside = mine.iter().filter(|e| t - SIZE_MS <= e.1 && e.1 < t);
+            let (count, sum) = inside.fold((0, 0), |(n, s), e| (n + 1, s + e.4));
+            if count > 0 {
+                let level: i64 = mine
+                    .iter()
+                    .filter(|e| e.1 < t)
+                    .map(|e| match e.3 {
+                        "in" => e.4,
+                        "out" => -e.4,
+                        _ => 0,
+                    })
+                    .sum();
+                expected.insert((group.to_string(), t - SIZE_MS, t), (count, sum, level));
+            }
+            t += EVERY_MS;
+        }
+    }
+    (expected, late)
+}
+
+fn jumpy_event(e: &Gen) -> Event {
+    ev(json!({
+        "id": e.0,
+        "type": e.3,
+        "ts": conflux_api::Timestamp(e.1 * MS).to_rfc3339(),
+        "data": { "g": e.2, "v": e.4 }
+    }))
+}
+
+/// Feeds `events` in batches of `batch`, then ends the input; the results by
+/// (group, window), failing on a window reported twice, and the late ids.
+async fn run_in_batches(window: J, events: &[Gen], batch: usize) -> (Expected, Vec<usize>) {
+    let mut s = stage(json!({
+        "group_by": ["data.g"],
+        "time": { "field": "ts", "allowed_lateness": "30s" },
+        "window": window,
+        "metrics": {
+            "n": { "count": {} },
+            "total": { "sum": "data.v" },
+            "level": { "gauge": { "value": "data.v", "up": "event.type == \"in\"", "down": "event.type == \"out\"" } }
+        }
+    }));
+    let mut all = Vec::new();
+    for chunk in events.chunks(batch) {
+        all.extend(feed(&mut s, chunk.iter().map(jumpy_event).collect()).await);
+    }
+    all.extend(finish(&mut s).await);
+    let mut results = Expected::new();
+    let mut late = Vec::new();
+    let ms = |r: &J, key: &str| {
+        conflux_api::Timestamp::parse_rfc3339(r["window"][key].as_str().unwrap()).unwrap().0.div_euclid(MS)
+    };
+    for (port, r) in &all {
+        match port {
+            0 => {
+                assert_eq!(r["final"], true, "{r}");
+                let key = (r["data"]["g"].as_str().unwrap().to_string(), ms(r, "start"), ms(r, "end"));
+                let level = r["level"].as_f64().unwrap();
+                let value = (r["n"].as_i64().unwrap(), r["total"].as_i64().unwrap(), level as i64);
+                assert_eq!(level, value.2 as f64, "a level of whole numbers: {r}");
+                if let Some(before) = results.insert(key.clone(), value) {
+                    panic!("batch {batch}: window {key:?} reported twice: {before:?} and {value:?}");
+                }
+            }
+            1 => late.push(r["id"].as_u64().unwrap() as usize),
+            other => panic!("batch {batch}: an event on port {other}: {r}"),
+        }
+    }
+    late.sort();
+    (results, late)
+}
+
+/// Compares a run with the brute force, describing the first differences.
+fn assert_same(label: &str, got: &Expected, want: &Expected) {
+    if got == want {
+        return;
+    }
+    let missing: Vec<_> = want.iter().filter(|(k, _)| !got.contains_key(*k)).take(5).collect();
+    let extra: Vec<_> = got.iter().filter(|(k, _)| !want.contains_key(*k)).take(5).collect();
+    let wrong: Vec<_> =
+        want.iter().filter_map(|(k, v)| got.get(k).filter(|g| *g != v).map(|g| (k, v, g))).take(5).collect();
+    panic!(
+        "{label}: {} windows reported, {} expected\n missing (first 5): {missing:?}\n unexpected: {extra:?}\n \
+         wrong (key, expected, got): {wrong:?}",
+        got.len(),
+        want.len()
+    );
+}
+
+/// Every step `t` whose window `[t − size, t)` holds events of a group is
+/// reported once, with the brute-force count, sum and gauge level, whatever
+/// the batch size: when the watermark passes several window ends at once
+/// (a large batch, or a jump in event time) each closed window is emitted.
+#[tokio::test]
+async fn sliding_windows_report_every_step_with_events_whatever_the_batch_size() {
+    let events = jumpy_stream();
+    let (want, want_late) = brute_force(&events);
+    assert!(want.len() > 3000 && !want_late.is_empty(), "{} windows, {} late", want.len(), want_late.len());
+    for batch in [1, 7, 1024, events.len()] {
+        let window = json!({ "sliding": { "size": "2m", "every": "1m" } });
+        let (got, late) = run_in_batches(window, &events, batch).await;
+        assert_same(&format!("sliding, batch {batch}"), &got, &want);
+        assert_eq!(late, want_late, "sliding, batch {batch}: late events");
+    }
+}
+
+/// Hopping windows of the same size and slide are the same windows.
+#[tokio::test]
+async fn hopping_windows_report_every_window_with_events_whatever_the_batch_size() {
+    let events = jumpy_stream();
+    let (want, want_late) = brute_force(&events);
+    for batch in [1, 7, 1024, events.len()] {
+        let window = json!({ "hopping": { "size": "2m", "slide": "1m" } });
+        let (got, late) = run_in_batches(window, &events, batch).await;
+        assert_same(&format!("hopping, batch {batch}"), &got, &want);
+        assert_eq!(late, want_late, "hopping, batch {batch}: late events");
+    }
+}
+
+/// A sliding event is late once every window holding it has ended by the
+/// watermark, not only once its bucket is older than the watermark minus
+/// `size`: such an event used to be taken into a bucket no result would
+/// include. One with a window still to come counts in that window only.
+#[tokio::test]
+async fn a_sliding_event_is_late_once_every_window_holding_it_has_closed() {
+    let mut s = stage(json!({
+        "time": { "field": "timestamp" },
+        "window": { "sliding": { "size": "1m", "every": "20s" } },
+        "metrics": { "n": { "count": {} }, "guests": { "sum": "data.guests" } }
+    }));
+    let mut all = feed(&mut s, vec![at(1, 5, "r", "x", 1)]).await;
+    // Watermark 10:01:05. 10:00:02 falls in windows ending 10:00:20 … 10:01:00, all closed;
+    // 10:00:30 in windows ending 10:00:40 … 10:01:20, of which 10:01:20 is still open.
+    all.extend(feed(&mut s, vec![at(0, 2, "r", "x", 10), at(0, 30, "r", "x", 100)]).await);
+    all.extend(finish(&mut s).await);
+    let late: Vec<i64> =
+        all.iter().filter(|(p, _)| *p == 1).map(|(_, e)| e["data"]["guests"].as_i64().unwrap()).collect();
+    assert_eq!(late, vec![10]);
+    assert_eq!(
+        rows_of(&all, "guests"),
+        vec![("10:00:20".into(), json!(101)), ("10:00:40".into(), json!(1)), ("10:01:00".into(), json!(1))]
+    );
+}
+
+/// `percentiles` reports the nearest rank, ⌈q·n⌉ of the sorted values: p99
+/// of seven values is the largest, p50 the 4th (⌈3.5⌉), p0 the smallest.
+#[tokio::test]
+async fn percentiles_report_the_nearest_rank() {
+    let mut s = stage(json!({
+        "time": { "field": "timestamp" },
+        "window": { "tumbling": "1m" },
+        "metrics": { "p": { "percentiles": { "field": "data.guests", "quantiles": [0.0, 0.5, 0.99, 1.0] } } }
+    }));
+    let events = [4, 100, 1, 6, 2, 5, 3].iter().enumerate().map(|(i, g)| at(0, i as u32, "r", "x", *g)).collect();
+    let mut all = feed(&mut s, events).await;
+    all.extend(finish(&mut s).await);
+    assert_eq!(all.len(), 1, "{all:?}");
+    let p = &all[0].1["p"];
+    for (key, want) in [("p0", 1.0), ("p50", 4.0), ("p99", 100.0), ("p100", 100.0)] {
+        let got = p[key].as_f64().unwrap();
+        assert!((got - want).abs() <= 0.01 * want, "{key}: {got}, want {want} ({p})");
+    }
 }
