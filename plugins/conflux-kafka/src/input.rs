@@ -123,9 +123,13 @@ impl InputConfig for KafkaInputConfig {
 
 inventory::submit!(Registration::input::<KafkaInputConfig>());
 
-/// Commits what is done for partitions taken away in a rebalance.
+/// Commits what is done for partitions taken away in a rebalance, and
+/// says when partitions arrive: joining a group takes 15–30 s in which the
+/// input would otherwise be silent.
 struct Context {
     tracker: Arc<Mutex<Tracker>>,
+    /// When the consumer subscribed; cleared at the first assignment.
+    waiting_since: Mutex<Option<Instant>>,
 }
 
 impl ClientContext for Context {}
@@ -157,6 +161,17 @@ impl ConsumerContext for Context {
             }
         }
         tracing::info!(partitions = revoked.count(), "partitions revoked");
+    }
+
+    fn post_rebalance(&self, _consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+        let Rebalance::Assign(assigned) = rebalance else { return };
+        let waited = self.waiting_since.lock().expect("waiting_since").take().map(|since| since.elapsed());
+        match waited {
+            Some(waited) => {
+                tracing::info!(partitions = assigned.count(), ?waited, "consumer group joined; partitions assigned")
+            }
+            None => tracing::info!(partitions = assigned.count(), "partitions assigned"),
+        }
     }
 }
 
@@ -332,12 +347,19 @@ impl Input for KafkaInput {
         for (k, v) in &self.config.options {
             config.set(k, v);
         }
-        let consumer: StreamConsumer<Context> =
-            config
-                .create_with_context(Context { tracker: self.tracker.clone() })
-                .map_err(|e| PluginError::fatal(format!("invalid Kafka consumer settings: {e}")))?;
+        let consumer: StreamConsumer<Context> = config
+            .create_with_context(Context {
+                tracker: self.tracker.clone(),
+                waiting_since: Mutex::new(Some(Instant::now())),
+            })
+            .map_err(|e| PluginError::fatal(format!("invalid Kafka consumer settings: {e}")))?;
         let topics: Vec<&str> = self.config.topics.iter().map(String::as_str).collect();
         consumer.subscribe(&topics).map_err(|e| PluginError::not_connected(format!("cannot subscribe: {e}")))?;
+        tracing::info!(
+            group = %self.config.group,
+            topics = ?self.config.topics,
+            "subscribed; waiting for the consumer group to assign partitions (a join can take 15-30 s)"
+        );
         self.consumer = Some(consumer);
         Ok(())
     }

@@ -660,3 +660,41 @@ outputs:
     );
     assert_eq!(committed(&brokers, &group, &topic, 2), N as i64, "every offset committed after the restart");
 }
+
+/// The real binary says it waits for partitions while the group join
+/// completes, then how long that took (it was silent for 15-30 s).
+#[tokio::test]
+async fn the_kafka_input_logs_its_wait_for_partitions_and_how_long_it_took() {
+    let brokers = brokers().await;
+    let (topic, group) = (key("join").replace('-', "_"), key("g"));
+    create_topic(&brokers, &topic, 1).await;
+    produce(&brokers, &topic, 3).await;
+    let dir = tempfile::tempdir().unwrap();
+    let pipeline = dir.path().join("p.yaml");
+    std::fs::write(
+        &pipeline,
+        format!(
+            "inputs:\n  in: {{ type: kafka, brokers: [\"{brokers}\"], topics: [{topic}], group: {group} }}\noutputs:\n  out: {{ type: file, path: out.ndjson, from: in }}\n"
+        ),
+    )
+    .unwrap();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_conflux"))
+        .args(["--log-level", "info", "run"])
+        .arg(&pipeline)
+        .env("NO_COLOR", "1")
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let out = dir.path().join("out.ndjson");
+    let started = Instant::now();
+    while std::fs::read_to_string(&out).unwrap_or_default().lines().count() < 3
+        && started.elapsed() < Duration::from_secs(90)
+    {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let _ = child.kill();
+    let logs = String::from_utf8_lossy(&child.wait_with_output().unwrap().stderr).into_owned();
+    assert!(logs.contains("waiting for the consumer group to assign partitions"), "{logs}");
+    let joined = logs.lines().find(|l| l.contains("consumer group joined")).unwrap_or_else(|| panic!("{logs}"));
+    assert!(joined.contains("waited"), "{joined}");
+}
