@@ -122,10 +122,7 @@ pub fn check_with(text: &[u8], limit: usize) -> Result<(), Refusal> {
                 let end = at + text[at..].iter().position(|b| !is_number_byte(*b)).unwrap_or(text.len() - at);
                 let number = &text[at..end];
                 if !is_exact(number) {
-                    return Err(Refusal::InexactNumber {
-                        path: path_of(text, &open),
-                        number: shown(number),
-                    });
+                    return Err(Refusal::InexactNumber { path: path_of(text, &open), number: shown(number) });
                 }
                 at = end;
                 continue;
@@ -245,9 +242,25 @@ mod tests {
     #[test]
     fn numbers_a_double_or_64_bit_integer_holds_pass() {
         for n in [
-            "0", "-0", "1", "-1", "9223372036854775807", "-9223372036854775808", "18446744073709551615", "0.1",
-            "129.5", "1.10", "1e2", "1E-5", "2.5e+3", "0.30000000000000004", "5e-324", "1.7976931348623157e308",
-            "100.000", "0.0", "0e10",
+            "0",
+            "-0",
+            "1",
+            "-1",
+            "9223372036854775807",
+            "-9223372036854775808",
+            "18446744073709551615",
+            "0.1",
+            "129.5",
+            "1.10",
+            "1e2",
+            "1E-5",
+            "2.5e+3",
+            "0.30000000000000004",
+            "5e-324",
+            "1.7976931348623157e308",
+            "100.000",
+            "0.0",
+            "0e10",
         ] {
             assert!(is_exact(n.as_bytes()), "{n}");
         }
@@ -274,10 +287,7 @@ mod tests {
     #[test]
     fn the_refusal_names_the_field() {
         let err = check(br#"{"a":{"b":[1,{"c":18446744073709551616}]}}"#).unwrap_err();
-        assert_eq!(
-            err,
-            Refusal::InexactNumber { path: "a.b[1].c".into(), number: "18446744073709551616".into() }
-        );
+        assert_eq!(err, Refusal::InexactNumber { path: "a.b[1].c".into(), number: "18446744073709551616".into() });
         let err = check(br#"[1, 2, 1e-400]"#).unwrap_err();
         assert_eq!(err, Refusal::InexactNumber { path: "[2]".into(), number: "1e-400".into() });
         assert!(check(br#"{"s":"18446744073709551616 \" 1e-400","n":3}"#).is_ok(), "numbers in strings are text");

@@ -27,6 +27,10 @@ pub struct Diagnostic {
 
 impl fmt::Display for Diagnostic {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        // Line 0: about the file as a whole (it cannot be read), not a place in it.
+        if self.pos.line == 0 {
+            return write!(f, "{}: {}", self.file, self.message);
+        }
         write!(f, "{}:{}:{}: {}", self.file, self.pos.line, self.pos.column, self.message)
     }
 }
@@ -596,7 +600,7 @@ const TOP_LEVEL: &[&str] = &["name", "admin", "runtime", "inputs", "stages", "ou
 
 /// Loads a pipeline file from disk.
 pub fn load_file(path: &Path, env: Env) -> Result<PipelineSpec, Vec<Diagnostic>> {
-    match std::fs::read_to_string(path) {
+    match conflux_api::files::read_config_text(path, conflux_api::files::CONFIG_FILE_LIMIT) {
         Ok(text) => load_str(path, &text, env),
         Err(e) => Err(vec![Diagnostic {
             file: path.display().to_string(),
