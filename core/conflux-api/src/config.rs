@@ -1,7 +1,8 @@
 //! Small config value types shared by plugins: durations, byte sizes, rates.
 //!
 //! Each parses from the human form ops write (`5m`, `16KiB`, `100/min`),
-//! and describes itself in the JSON Schema as a patterned string.
+//! and describes itself in the JSON Schema as a patterned string. Parse
+//! errors never quote the text: it may come from `${VAR}` and be a secret.
 
 use std::borrow::Cow;
 use std::fmt;
@@ -21,7 +22,9 @@ macro_rules! string_config_type {
                         f.write_str($desc)
                     }
                     fn visit_str<E: de::Error>(self, v: &str) -> Result<$ty, E> {
-                        v.parse().map_err(E::custom)
+                        // The parse error leaves the text out (it may be a secret from
+                        // `${VAR}`); say what was found instead.
+                        v.parse().map_err(|e| E::custom(format!("{e} (found {})", crate::registry::describe_str(v))))
                     }
                     fn visit_u64<E: de::Error>(self, v: u64) -> Result<$ty, E> {
                         self.visit_str(&v.to_string())
@@ -59,7 +62,7 @@ impl FromStr for Duration {
         }
         humantime::parse_duration(s)
             .map(Duration)
-            .map_err(|e| format!("invalid duration `{s}` ({e}); write e.g. 500ms, 5s, 5m, 1h, 7d"))
+            .map_err(|_| "invalid duration; write e.g. 500ms, 5s, 5m, 1h, 7d".to_string())
     }
 }
 
@@ -96,7 +99,7 @@ impl FromStr for ByteSize {
         let s = s.trim();
         let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
         let (digits, unit) = s.split_at(split);
-        let n: u64 = digits.parse().map_err(|_| format!("invalid size `{s}`; write e.g. 512, 16KiB, 1MiB"))?;
+        let n: u64 = digits.parse().map_err(|_| "invalid size; write e.g. 512, 16KiB, 1MiB".to_string())?;
         let mult: u64 = match unit.trim() {
             "" | "B" => 1,
             "KiB" => 1 << 10,
@@ -105,9 +108,9 @@ impl FromStr for ByteSize {
             "KB" | "kB" => 1_000,
             "MB" => 1_000_000,
             "GB" => 1_000_000_000,
-            other => return Err(format!("unknown size unit `{other}` in `{s}`; use B, KiB, MiB, GiB, KB, MB or GB")),
+            _ => return Err("unknown size unit; use B, KiB, MiB, GiB, KB, MB or GB".to_string()),
         };
-        n.checked_mul(mult).map(ByteSize).ok_or_else(|| format!("size `{s}` is too large"))
+        n.checked_mul(mult).map(ByteSize).ok_or_else(|| "size is too large".to_string())
     }
 }
 
@@ -150,7 +153,7 @@ impl Rate {
 impl FromStr for Rate {
     type Err = String;
     fn from_str(s: &str) -> Result<Self, String> {
-        let bad = || format!("invalid rate `{s}`; write COUNT/UNIT such as 100/min, 1000/s or 10/5s");
+        let bad = || "invalid rate; write COUNT/UNIT such as 100/min, 1000/s or 10/5s".to_string();
         let (count, unit) = s.trim().split_once('/').ok_or_else(bad)?;
         let count: u64 = count.trim().parse().map_err(|_| bad())?;
         let per = match unit.trim() {
@@ -161,7 +164,7 @@ impl FromStr for Rate {
             other => humantime::parse_duration(other).map_err(|_| bad())?,
         };
         if count == 0 || per.is_zero() {
-            return Err(format!("rate `{s}` must be positive"));
+            return Err("a rate must be positive".to_string());
         }
         Ok(Rate { count, per })
     }

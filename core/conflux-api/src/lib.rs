@@ -12,6 +12,7 @@ pub mod config;
 pub mod error;
 pub mod event;
 pub mod field;
+pub mod files;
 pub mod json_check;
 pub mod json_edit;
 pub mod json_guard;

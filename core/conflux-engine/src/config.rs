@@ -27,6 +27,10 @@ pub struct Diagnostic {
 
 impl fmt::Display for Diagnostic {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        // Line 0: about the file as a whole (it cannot be read), not a place in it.
+        if self.pos.line == 0 {
+            return write!(f, "{}: {}", self.file, self.message);
+        }
         write!(f, "{}:{}:{}: {}", self.file, self.pos.line, self.pos.column, self.message)
     }
 }
@@ -378,6 +382,37 @@ pub fn interpolate<'t>(text: &'t str, env: Env) -> Result<Cow<'t, str>, String> 
     Ok(Cow::Owned(out))
 }
 
+/// The last `${...}` written unquoted inside a flow collection (`{ n: ${N:-3} }`)
+/// at or before line `until`: there its braces end the scalar, a syntax error
+/// the parser cannot explain. A rough scan (quotes, comments, flow depth).
+fn unquoted_interpolation_in_flow(text: &str, until: usize) -> Option<(Pos, String)> {
+    let mut found = None;
+    for (index, line) in text.lines().enumerate().take(until.max(1)) {
+        let mut depth = 0usize;
+        let mut quote = None;
+        let mut chars = line.char_indices().peekable();
+        while let Some((at, c)) = chars.next() {
+            match (quote, c) {
+                (Some(q), c) if c == q => quote = None,
+                (Some(_), _) => {}
+                (None, '"' | '\'') => quote = Some(c),
+                (None, '#') if at == 0 || line[..at].ends_with([' ', '\t']) => break,
+                (None, '$') if depth > 0 && line[at..].starts_with("${") => {
+                    let end = line[at..].find('}').map_or(line.len(), |e| at + e + 1);
+                    found = Some((Pos { line: index + 1, column: at + 1 }, line[at..end].to_string()));
+                    while chars.peek().is_some_and(|&(i, _)| i < end) {
+                        chars.next();
+                    }
+                }
+                (None, '{' | '[') => depth += 1,
+                (None, '}' | ']') => depth = depth.saturating_sub(1),
+                _ => {}
+            }
+        }
+    }
+    found
+}
+
 /// Suggests the closest candidate to a misspelt name.
 pub fn did_you_mean<'a>(name: &str, candidates: impl IntoIterator<Item = &'a str>) -> String {
     let best =
@@ -596,7 +631,7 @@ const TOP_LEVEL: &[&str] = &["name", "admin", "runtime", "inputs", "stages", "ou
 
 /// Loads a pipeline file from disk.
 pub fn load_file(path: &Path, env: Env) -> Result<PipelineSpec, Vec<Diagnostic>> {
-    match std::fs::read_to_string(path) {
+    match conflux_api::files::read_config_text(path, conflux_api::files::CONFIG_FILE_LIMIT) {
         Ok(text) => load_str(path, &text, env),
         Err(e) => Err(vec![Diagnostic {
             file: path.display().to_string(),
@@ -616,7 +651,16 @@ pub fn load_str(path: &Path, text: &str, env: Env) -> Result<PipelineSpec, Vec<D
     let root = match yaml::parse(text) {
         Ok(root) => root,
         Err(e) => {
-            loader.error(e.pos, format!("YAML syntax error: {}", e.message));
+            let hint = unquoted_interpolation_in_flow(text, e.pos.line)
+                .map(|(at, reference)| {
+                    format!(
+                        " (hint: `{reference}` on line {} is unquoted inside `{{ }}` or `[ ]`, where `{{`, `}}` and `,` \
+                         are YAML syntax; quote it (\"{reference}\") or use block style)",
+                        at.line
+                    )
+                })
+                .unwrap_or_default();
+            loader.error(e.pos, format!("YAML syntax error: {}{hint}", e.message));
             return Err(loader.diags);
         }
     };
@@ -791,6 +835,16 @@ bogus: 1
         .unwrap_or_else(|d| d);
         assert_eq!(diags[0].pos, Pos { line: 2, column: 21 }, "{diags:?}");
         assert!(diags[0].message.contains("invalid type"), "{diags:?}");
+    }
+
+    #[test]
+    fn unquoted_interpolation_in_a_flow_map_gets_a_hint() {
+        let text = "inputs:\n  a: { type: generate, count: ${N:-3} }\n";
+        let diags = load_str(Path::new("p.yaml"), text, &env).map(|s| s.problems).unwrap_or_else(|d| d);
+        assert!(diags[0].message.starts_with("YAML syntax error"), "{diags:?}");
+        assert!(diags[0].message.contains("`${N:-3}` on line 2 is unquoted"), "{diags:?}");
+        assert!(diags[0].message.contains("quote it (\"${N:-3}\") or use block style"), "{diags:?}");
+        assert_eq!(unquoted_interpolation_in_flow("a: { b: \"${N:-3}\" }\nc: ${M}\n", 2), None);
     }
 
     #[test]

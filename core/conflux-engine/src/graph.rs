@@ -98,7 +98,6 @@ pub fn compile(spec: PipelineSpec) -> Result<Pipeline, Vec<Diagnostic>> {
     let base_dir = spec.base_dir();
     let data_dir = base_dir.join(&spec.runtime.data_dir);
     let mut nodes = Vec::new();
-    let mut refs: Vec<Vec<Ref>> = Vec::new();
     let mut ok = diags.is_empty();
 
     for component in spec.components.iter().filter(|c| c.valid) {
@@ -133,7 +132,7 @@ pub fn compile(spec: PipelineSpec) -> Result<Pipeline, Vec<Diagnostic>> {
             let built = build(registration, options.clone(), &cx);
             match &built {
                 Err(err)
-                    if err.message.starts_with("invalid type: string")
+                    if err.message.starts_with("invalid type: a string")
                         && component.spans.retype_interpolated(&err.path, &mut options) =>
                 {
                     continue
@@ -153,7 +152,6 @@ pub fn compile(spec: PipelineSpec) -> Result<Pipeline, Vec<Diagnostic>> {
                     body,
                     counters: cx.metrics.declared(),
                 });
-                refs.push(Vec::new());
             }
             Err(err) => {
                 let pos = spec.locate(&component.spans, &err);
@@ -164,10 +162,10 @@ pub fn compile(spec: PipelineSpec) -> Result<Pipeline, Vec<Diagnostic>> {
         }
     }
 
-    // Wiring is checked for every declared component, built or not, so one
-    // broken component does not hide graph errors elsewhere.
+    // Wiring is checked for every declared component, built or not and even
+    // with problems of its own, so one broken component hides no graph errors.
     let declared: HashMap<&str, Kind> = spec.components.iter().map(|c| (c.name.as_str(), c.kind)).collect();
-    for component in spec.components.iter().filter(|c| c.valid) {
+    for component in &spec.components {
         let reader = nodes.iter().position(|n| n.name == component.name);
         for r in &component.from {
             match declared.get(r.component.as_str()) {
@@ -198,7 +196,6 @@ pub fn compile(spec: PipelineSpec) -> Result<Pipeline, Vec<Diagnostic>> {
                         Ok(port) => {
                             if let Some(reader) = reader {
                                 nodes[reader].from.push((src, port));
-                                refs[reader].push(r.clone());
                             }
                         }
                         Err(message) => {
@@ -211,17 +208,22 @@ pub fn compile(spec: PipelineSpec) -> Result<Pipeline, Vec<Diagnostic>> {
         }
     }
 
+    // Cycles are found among the declared components, so they are reported
+    // alongside any build error.
+    let index: HashMap<&str, usize> = spec.components.iter().enumerate().map(|(i, c)| (c.name.as_str(), i)).collect();
+    let edges: Vec<Vec<(usize, &Ref)>> = spec
+        .components
+        .iter()
+        .map(|c| c.from.iter().filter_map(|r| index.get(r.component.as_str()).map(|&src| (src, r))).collect())
+        .collect();
+    if let Some((node, edge)) = find_cycle(&edges) {
+        let (name, r) = (&spec.components[node].name, edges[node][edge].1);
+        diags
+            .push(spec.diag(r.pos, format!("cycle: `{name}` reads from `{}`, which depends on `{name}`", r.component)));
+        ok = false;
+    }
+
     if ok {
-        if let Some((node, edge)) = find_cycle(&nodes) {
-            let r = &refs[node][edge];
-            diags.push(spec.diag(
-                r.pos,
-                format!(
-                    "cycle: `{}` reads from `{}`, which depends on `{}`",
-                    nodes[node].name, r.component, nodes[node].name
-                ),
-            ));
-        }
         for (i, node) in nodes.iter().enumerate() {
             if node.kind == Kind::Output {
                 continue;
@@ -272,21 +274,22 @@ fn ports_with_defaults(declared: Vec<String>) -> Vec<String> {
     ports
 }
 
-/// Finds one edge (node, index into its `from`) that closes a cycle.
-fn find_cycle(nodes: &[GraphNode]) -> Option<(usize, usize)> {
+/// Finds one edge (node, index into its upstream list) that closes a cycle.
+fn find_cycle<T>(from: &[Vec<(usize, T)>]) -> Option<(usize, usize)> {
     #[derive(Clone, Copy, PartialEq)]
     enum Mark {
         New,
         Active,
         Done,
     }
-    fn visit(n: usize, nodes: &[GraphNode], marks: &mut [Mark]) -> Option<(usize, usize)> {
+    fn visit<T>(n: usize, from: &[Vec<(usize, T)>], marks: &mut [Mark]) -> Option<(usize, usize)> {
         marks[n] = Mark::Active;
-        for (edge, &(src, _)) in nodes[n].from.iter().enumerate() {
+        for (edge, (src, _)) in from[n].iter().enumerate() {
+            let src = *src;
             match marks[src] {
                 Mark::Active => return Some((n, edge)),
                 Mark::New => {
-                    if let Some(found) = visit(src, nodes, marks) {
+                    if let Some(found) = visit(src, from, marks) {
                         return Some(found);
                     }
                 }
@@ -296,8 +299,8 @@ fn find_cycle(nodes: &[GraphNode]) -> Option<(usize, usize)> {
         marks[n] = Mark::Done;
         None
     }
-    let mut marks = vec![Mark::New; nodes.len()];
-    (0..nodes.len()).find_map(|n| if marks[n] == Mark::New { visit(n, nodes, &mut marks) } else { None })
+    let mut marks = vec![Mark::New; from.len()];
+    (0..from.len()).find_map(|n| if marks[n] == Mark::New { visit(n, from, &mut marks) } else { None })
 }
 
 /// The graph as a Mermaid flowchart.

@@ -57,6 +57,8 @@ pub struct RunReport {
 /// Sends one component's emitted batches to the channels that read each port.
 struct Router {
     name: Arc<str>,
+    /// Port names by index (`""` is the default port), for logs.
+    ports: Vec<String>,
     targets: Vec<Vec<mpsc::Sender<Batch>>>,
     error_port: usize,
     metrics: ComponentMetrics,
@@ -87,7 +89,8 @@ impl Router {
                     .and_then(|e| e.meta.get(conflux_api::component::ERROR_META))
                     .map(|v| v.to_string())
                     .unwrap_or_default();
-                warn!(component = %self.name, port, events = n, %reason, "events on an unwired port were discarded");
+                let port_name = self.ports.get(port).map_or("?", String::as_str);
+                warn!(component = %self.name, port = %port_name, events = n, %reason, "events on an unwired port were discarded");
                 self.metrics.discarded.get(port).inspect(|c| {
                     c.inc_by(n);
                 });
@@ -179,6 +182,7 @@ pub async fn run(pipeline: Pipeline, cx: RunContext) -> RunReport {
         let router = Router {
             name: component.as_str().into(),
             error_port: ports.len().saturating_sub(1),
+            ports: ports.clone(),
             targets,
             metrics: metrics.clone(),
         };

@@ -86,6 +86,15 @@ pub struct SyntaxError {
     pub message: String,
 }
 
+/// Most nodes aliases may produce in one document. Each `*alias` copies its
+/// anchor's tree, so nested aliases grow exponentially ("billion laughs": a
+/// 658-byte file expanding to billions of nodes); past this the file is refused.
+pub const MAX_ALIAS_NODES: usize = 100_000;
+
+/// Most bytes of scalar text aliases may produce in one document (one big
+/// string repeated through aliases grows as fast as nested aliases do).
+pub const MAX_ALIAS_BYTES: usize = 64 << 20;
+
 /// Parses one YAML document. An empty document is `Null`.
 pub fn parse(text: &str) -> Result<Node, SyntaxError> {
     let mut builder = Builder::default();
@@ -144,7 +153,11 @@ enum Open {
 #[derive(Default)]
 struct Builder {
     stack: Vec<Open>,
-    anchors: std::collections::HashMap<usize, Node>,
+    /// Each anchor's tree with its size (nodes, scalar bytes).
+    anchors: std::collections::HashMap<usize, (Node, usize, usize)>,
+    /// Nodes and scalar bytes produced through aliases so far.
+    alias_nodes: usize,
+    alias_bytes: usize,
     root: Option<Node>,
     error: Option<String>,
     error_pos: Pos,
@@ -153,7 +166,8 @@ struct Builder {
 impl Builder {
     fn insert(&mut self, node: Node, anchor: usize) {
         if anchor > 0 {
-            self.anchors.insert(anchor, node.clone());
+            let (nodes, bytes) = size(&node);
+            self.anchors.insert(anchor, (node.clone(), nodes, bytes));
         }
         match self.stack.last_mut() {
             None => self.root = Some(node),
@@ -209,23 +223,56 @@ impl MarkedEventReceiver for Builder {
                 }
             }
             Event::Alias(id) => {
-                let node = self.anchors.get(&id).cloned().map(|mut n| {
+                let Some((anchor, nodes, bytes)) = self.anchors.get(&id) else {
+                    if self.error.is_none() {
+                        self.error = Some("alias to an unknown anchor".into());
+                        self.error_pos = pos;
+                    }
+                    return;
+                };
+                // Counted before copying, so a refused expansion allocates nothing.
+                self.alias_nodes = self.alias_nodes.saturating_add(*nodes);
+                self.alias_bytes = self.alias_bytes.saturating_add(*bytes);
+                let node = if self.alias_nodes > MAX_ALIAS_NODES || self.alias_bytes > MAX_ALIAS_BYTES {
+                    if self.error.is_none() {
+                        self.error = Some(format!(
+                            "this alias makes the document expand past {MAX_ALIAS_NODES} nodes or {} MiB produced \
+                             through aliases; write the repeated parts out or use fewer aliases",
+                            MAX_ALIAS_BYTES >> 20
+                        ));
+                        self.error_pos = pos;
+                    }
+                    None
+                } else {
+                    let mut n = anchor.clone();
                     n.pos = pos;
-                    n
-                });
+                    Some(n)
+                };
                 match node {
                     Some(node) => self.insert(node, 0),
-                    None => {
-                        if self.error.is_none() {
-                            self.error = Some("alias to an unknown anchor".into());
-                            self.error_pos = pos;
-                        }
-                    }
+                    None => self.insert(Node { value: Yaml::Null, pos }, 0),
                 }
             }
             _ => {}
         }
     }
+}
+
+/// Nodes in a tree and bytes of its scalar text.
+fn size(node: &Node) -> (usize, usize) {
+    let mut nodes = 0usize;
+    let mut bytes = 0usize;
+    let mut todo = vec![node];
+    while let Some(n) = todo.pop() {
+        nodes += 1;
+        match &n.value {
+            Yaml::Str(s, _) => bytes += s.len(),
+            Yaml::Seq(items) => todo.extend(items),
+            Yaml::Map(entries) => todo.extend(entries.iter().flat_map(|(k, v)| [k, v])),
+            _ => {}
+        }
+    }
+    (nodes, bytes)
 }
 
 #[cfg(test)]
@@ -270,5 +317,18 @@ mod tests {
         let root = parse("x: &v {k: 1}\ny: *v\n").unwrap();
         let Yaml::Map(entries) = &root.value else { panic!() };
         assert_eq!(entries[0].1.value, entries[1].1.value);
+    }
+
+    #[test]
+    fn alias_expansion_is_bounded() {
+        // One anchor of 1,001 nodes used 200 times: 200,200 nodes through aliases.
+        let mut text = format!("x: &v [{}]\n", vec!["1"; 1000].join(","));
+        for i in 0..200 {
+            text.push_str(&format!("y{i}: *v\n"));
+        }
+        let err = parse(&text).unwrap_err();
+        assert_eq!(err.pos.line, 101, "{err:?}");
+        assert!(err.message.contains("100000 nodes"), "{err:?}");
+        assert!(parse(&text.lines().take(90).collect::<Vec<_>>().join("\n")).is_ok());
     }
 }

@@ -3,6 +3,8 @@
 use std::path::PathBuf;
 use std::process::ExitCode;
 
+use std::io::Write;
+
 use anyhow::Context;
 use clap::{Parser, Subcommand, ValueEnum};
 use conflux_engine::config::{load_file, process_env, Diagnostic, PipelineSpec};
@@ -27,8 +29,9 @@ struct Cli {
     #[command(subcommand)]
     command: Command,
     /// Log filter: a level (info, debug) or tracing directives (conflux_engine=debug).
-    #[arg(long, global = true, env = "CONFLUX_LOG", default_value = "info")]
-    log_level: String,
+    /// Default: info, but warn for `test`, which prints its results.
+    #[arg(long, global = true, env = "CONFLUX_LOG")]
+    log_level: Option<String>,
     /// Log format on stderr.
     #[arg(long, global = true, value_enum, env = "CONFLUX_LOG_FORMAT", default_value = "human")]
     log_format: LogFormat,
@@ -90,14 +93,35 @@ enum GraphFormat {
     Dot,
 }
 
+/// Prints to stdout, returning the error instead of panicking (a closed pipe,
+/// as under `conflux plugins | head`, must end the command quietly).
+macro_rules! outln {
+    ($($arg:tt)*) => {
+        writeln!(std::io::stdout().lock(), $($arg)*)?
+    };
+}
+
+/// [`outln!`] without the newline.
+macro_rules! out {
+    ($($arg:tt)*) => {
+        write!(std::io::stdout().lock(), $($arg)*)?
+    };
+}
+
 fn main() -> ExitCode {
     plugins::link_all();
     // Servers hold a descriptor per connection: the soft limit (often 1,024) is not enough.
     let _ = rlimit::increase_nofile_limit(u64::MAX);
     let cli = Cli::parse();
-    init_logging(&cli.log_level, cli.log_format);
-    match dispatch(cli.command) {
+    let default_level = if matches!(cli.command, Command::Test { .. }) { "warn" } else { "info" };
+    init_logging(cli.log_level.as_deref().unwrap_or(default_level), cli.log_format);
+    match dispatch(cli.command).and_then(|code| {
+        std::io::stdout().flush()?;
+        Ok(code)
+    }) {
         Ok(code) => code,
+        // The reader went away (`| head`): stop like a tool killed by SIGPIPE, without a message.
+        Err(e) if stdout_closed(&e) => ExitCode::from(141),
         Err(e) => {
             eprintln!("error: {e:#}");
             ExitCode::FAILURE
@@ -105,10 +129,17 @@ fn main() -> ExitCode {
     }
 }
 
+fn stdout_closed(e: &anyhow::Error) -> bool {
+    e.chain().any(|c| c.downcast_ref::<std::io::Error>().is_some_and(|io| io.kind() == std::io::ErrorKind::BrokenPipe))
+}
+
 fn init_logging(filter: &str, format: LogFormat) {
+    use std::io::IsTerminal;
     let filter =
         tracing_subscriber::EnvFilter::try_new(filter).unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(|| RedactingStderr);
+    // Colour only for a person at a terminal, and never under NO_COLOR (any value, https://no-color.org).
+    let ansi = std::io::stderr().is_terminal() && std::env::var_os("NO_COLOR").is_none();
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(|| RedactingStderr).with_ansi(ansi);
     match format {
         LogFormat::Human => builder.init(),
         LogFormat::Json => builder.json().init(),
@@ -138,7 +169,7 @@ fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
 fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
     match command {
         Command::Run { files, admin } => runtime()?.block_on(run_files(files, admin)),
-        Command::Lint { files } => Ok(lint(&files)),
+        Command::Lint { files } => lint(&files),
         Command::Test { files } => runtime()?.block_on(test(&files)),
         Command::Graph { file, format } => {
             let Some(pipelines) = load_all(std::slice::from_ref(&file)) else { return Ok(ExitCode::FAILURE) };
@@ -146,20 +177,20 @@ fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
                 GraphFormat::Mermaid => mermaid(&pipelines[0]),
                 GraphFormat::Dot => dot(&pipelines[0]),
             };
-            print!("{text}");
+            out!("{text}");
             Ok(ExitCode::SUCCESS)
         }
         Command::Plugins { json, markdown } => {
             if markdown {
-                print!("{}", schema::plugins_markdown());
+                out!("{}", schema::plugins_markdown());
             } else if json {
                 let list: Vec<serde_json::Value> = conflux_api::Registration::all()
                     .into_iter()
                     .map(|r| serde_json::json!({ "kind": r.kind.as_str(), "name": r.name, "options": r.options_schema() }))
                     .collect();
-                println!("{}", serde_json::to_string_pretty(&list)?);
+                outln!("{}", serde_json::to_string_pretty(&list)?);
             } else {
-                print_plugins();
+                print_plugins()?;
             }
             Ok(ExitCode::SUCCESS)
         }
@@ -169,7 +200,7 @@ fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
                 Some(path) => {
                     std::fs::write(&path, text).with_context(|| format!("cannot write {}", path.display()))?
                 }
-                None => print!("{text}"),
+                None => out!("{text}"),
             }
             Ok(ExitCode::SUCCESS)
         }
@@ -198,11 +229,11 @@ fn load_all(files: &[PathBuf]) -> Option<Vec<Pipeline>> {
     (!failed).then_some(pipelines)
 }
 
-fn lint(files: &[PathBuf]) -> ExitCode {
+fn lint(files: &[PathBuf]) -> anyhow::Result<ExitCode> {
     let mut problems = 0;
     for file in files {
         match load_file(file, &process_env).and_then(compile) {
-            Ok(p) => println!("ok: {} ({} components)", file.display(), p.nodes.len()),
+            Ok(p) => outln!("ok: {} ({} components)", file.display(), p.nodes.len()),
             Err(diags) => {
                 problems += diags.len();
                 print_diagnostics(&diags);
@@ -211,9 +242,9 @@ fn lint(files: &[PathBuf]) -> ExitCode {
     }
     if problems > 0 {
         eprintln!("{problems} problem{} found", if problems == 1 { "" } else { "s" });
-        ExitCode::FAILURE
+        Ok(ExitCode::FAILURE)
     } else {
-        ExitCode::SUCCESS
+        Ok(ExitCode::SUCCESS)
     }
 }
 
@@ -234,7 +265,7 @@ async fn test(files: &[PathBuf]) -> anyhow::Result<ExitCode> {
             continue;
         }
         if spec.tests.is_empty() {
-            println!("{}: no tests", file.display());
+            outln!("{}: no tests", file.display());
             continue;
         }
         match testing::run_tests(&spec).await {
@@ -246,19 +277,19 @@ async fn test(files: &[PathBuf]) -> anyhow::Result<ExitCode> {
                 for outcome in outcomes {
                     if outcome.passed() {
                         passed += 1;
-                        println!("PASS {}: {}", file.display(), outcome.name);
+                        outln!("PASS {}: {}", file.display(), outcome.name);
                     } else {
                         failed += 1;
-                        println!("FAIL {}: {}", file.display(), outcome.name);
+                        outln!("FAIL {}: {}", file.display(), outcome.name);
                         for failure in &outcome.failures {
-                            println!("  {}", failure.replace('\n', "\n  "));
+                            outln!("  {}", failure.replace('\n', "\n  "));
                         }
                     }
                 }
             }
         }
     }
-    println!("{passed} passed, {failed} failed");
+    outln!("{passed} passed, {failed} failed");
     Ok(if failed == 0 { ExitCode::SUCCESS } else { ExitCode::FAILURE })
 }
 
@@ -361,14 +392,14 @@ fn dot(pipeline: &Pipeline) -> String {
     out
 }
 
-fn print_plugins() {
+fn print_plugins() -> anyhow::Result<()> {
     let mut kind = None;
     for registration in conflux_api::Registration::all() {
         if kind != Some(registration.kind) {
             kind = Some(registration.kind);
-            println!("\n{}:", registration.kind.section().to_uppercase());
+            outln!("\n{}:", registration.kind.section().to_uppercase());
         }
-        println!("  {:<12} {}", registration.name, registration.summary());
+        outln!("  {:<12} {}", registration.name, registration.summary());
         for option in schema::options(registration) {
             let mut line = format!("      {:<16} {}", option.name, option.type_text);
             if option.required {
@@ -377,10 +408,11 @@ fn print_plugins() {
             if let Some(default) = option.default {
                 line.push_str(&format!(" [default: {default}]"));
             }
-            println!("{line}");
+            outln!("{line}");
             if !option.description.is_empty() {
-                println!("          {}", option.description);
+                outln!("          {}", option.description);
             }
         }
     }
+    Ok(())
 }

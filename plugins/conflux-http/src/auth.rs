@@ -153,9 +153,8 @@ impl Auth {
                 jwt.push((Algorithm::HS256, key, validation(Algorithm::HS256)));
             }
             if let Some(path) = &config.public_key {
-                let pem = std::fs::read(resolve(path)).map_err(|e| {
-                    BuildError::at(["auth", "jwt", "public_key"], format!("cannot read {}: {e}", path.display()))
-                })?;
+                let pem = conflux_api::files::read_config_file(&resolve(path), conflux_api::files::CONFIG_FILE_LIMIT)
+                    .map_err(|e| BuildError::at(["auth", "jwt", "public_key"], e.to_string()))?;
                 let key = DecodingKey::from_rsa_pem(&pem).map_err(|e| {
                     BuildError::at(["auth", "jwt", "public_key"], format!("not an RSA public key: {e}"))
                 })?;

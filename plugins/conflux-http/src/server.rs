@@ -88,17 +88,22 @@ impl CorsConfig {
 
 /// Reads the certificate and key now, so a bad file fails `lint`, not the run.
 pub fn load_tls(tls: &TlsConfig, cx: &BuildContext) -> Result<Arc<rustls::ServerConfig>, BuildError> {
+    use conflux_api::files::{read_config_file, CONFIG_FILE_LIMIT};
     use rustls::pki_types::pem::PemObject;
     use rustls::pki_types::{CertificateDer, PrivateKeyDer};
     let cert_path = cx.resolve(&tls.cert);
-    let certs = CertificateDer::pem_file_iter(&cert_path)
-        .and_then(|it| it.collect::<Result<Vec<_>, _>>())
+    let cert_pem =
+        read_config_file(&cert_path, CONFIG_FILE_LIMIT).map_err(|e| BuildError::at(["tls", "cert"], e.to_string()))?;
+    let certs = CertificateDer::pem_slice_iter(&cert_pem)
+        .collect::<Result<Vec<_>, _>>()
         .map_err(|e| BuildError::at(["tls", "cert"], format!("cannot read {}: {e}", cert_path.display())))?;
     if certs.is_empty() {
         return Err(BuildError::at(["tls", "cert"], format!("no certificate in {}", cert_path.display())));
     }
     let key_path = cx.resolve(&tls.key);
-    let key = PrivateKeyDer::from_pem_file(&key_path).map_err(|e| {
+    let key_pem =
+        read_config_file(&key_path, CONFIG_FILE_LIMIT).map_err(|e| BuildError::at(["tls", "key"], e.to_string()))?;
+    let key = PrivateKeyDer::from_pem_slice(&key_pem).map_err(|e| {
         BuildError::at(["tls", "key"], format!("cannot read a private key from {}: {e}", key_path.display()))
     })?;
     let provider = Arc::new(rustls::crypto::ring::default_provider());

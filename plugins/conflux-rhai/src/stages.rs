@@ -43,8 +43,8 @@ impl StageConfig for RhaiConfig {
             }
             (None, Some(file)) => {
                 let path = cx.resolve(file);
-                let source = std::fs::read_to_string(&path)
-                    .map_err(|e| BuildError::at(["file"], format!("cannot read {}: {e}", path.display())))?;
+                let source = conflux_api::files::read_config_text(&path, conflux_api::files::CONFIG_FILE_LIMIT)
+                    .map_err(|e| BuildError::at(["file"], e.to_string()))?;
                 let shown = path.display().to_string();
                 Script::compile(&source, &self.limits)
                     .map_err(|e| BuildError::at(["file"], format!("{shown}:{}:{}: {}", e.line, e.column, e.message)))?
@@ -444,7 +444,7 @@ mod tests {
 
         let err = build_in::<RhaiConfig>(&dir, serde_json::json!({ "file": "missing.rhai" })).err().unwrap();
         assert_eq!(err.path, vec!["file"]);
-        assert!(err.message.contains("cannot read") && err.message.contains("missing.rhai"), "{err:?}");
+        assert!(err.message.contains("does not exist") && err.message.contains("missing.rhai"), "{err:?}");
         let err =
             build_in::<RhaiConfig>(&dir, serde_json::json!({ "file": "tag.rhai", "script": "event" })).err().unwrap();
         assert!(err.message.contains("exactly one"), "{err:?}");

@@ -20,12 +20,8 @@ pub const VIOLATIONS_META: &str = "violations";
 /// Why a schema file could not be used.
 #[derive(Debug, thiserror::Error)]
 pub enum SchemaError {
-    #[error("cannot read schema {path}: {source}")]
-    Read {
-        path: PathBuf,
-        #[source]
-        source: std::io::Error,
-    },
+    #[error("schema: {0}")]
+    Read(conflux_api::files::ReadError),
     #[error("schema {path} is not JSON: {source}")]
     Parse {
         path: PathBuf,
@@ -59,7 +55,8 @@ impl std::fmt::Debug for EventSchema {
 impl EventSchema {
     /// Loads and compiles a schema file; draft 2020-12 unless the file's `$schema` says otherwise.
     pub fn load(path: &Path) -> Result<Self, SchemaError> {
-        let text = std::fs::read_to_string(path).map_err(|source| SchemaError::Read { path: path.into(), source })?;
+        let text = conflux_api::files::read_config_text(path, conflux_api::files::CONFIG_FILE_LIMIT)
+            .map_err(SchemaError::Read)?;
         let schema: serde_json::Value =
             serde_json::from_str(&text).map_err(|source| SchemaError::Parse { path: path.into(), source })?;
         Self::compile(&schema).map_err(|reason| SchemaError::Invalid { path: path.into(), reason })

@@ -125,8 +125,8 @@ impl ComponentCache {
 /// Why a module could not be loaded or started.
 #[derive(Debug, thiserror::Error)]
 pub enum LoadError {
-    #[error("cannot read {path}: {source}")]
-    Read { path: PathBuf, source: std::io::Error },
+    #[error("{0}")]
+    Read(conflux_api::files::ReadError),
     #[error("{path} is not a valid WebAssembly component (build guests with `--target wasm32-wasip2`): {reason}")]
     Compile { path: PathBuf, reason: String },
     #[error("{path} does not fit the conflux:stage world (schemas/wit): {reason}")]
@@ -141,7 +141,8 @@ pub enum LoadError {
 
 /// Reads and compiles (or takes from the cache) a component, then links it against WASI.
 pub fn load(path: &Path) -> Result<StagePre<Host>, LoadError> {
-    let bytes = std::fs::read(path).map_err(|source| LoadError::Read { path: path.to_path_buf(), source })?;
+    let bytes =
+        conflux_api::files::read_config_file(path, conflux_api::files::MODULE_FILE_LIMIT).map_err(LoadError::Read)?;
     let component = COMPILED
         .get_or_compile(&bytes)
         .map_err(|e| LoadError::Compile { path: path.to_path_buf(), reason: format!("{e:#}") })?;

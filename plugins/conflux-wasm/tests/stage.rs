@@ -197,7 +197,7 @@ async fn mask_hashes_pii_and_enriches() {
 fn build_errors_point_at_the_option() {
     let missing = build(serde_json::json!({ "module": "/nonexistent/guest.wasm" })).err().unwrap();
     assert_eq!(missing.path, vec!["module"]);
-    assert!(missing.message.contains("cannot read"), "{}", missing.message);
+    assert!(missing.message.contains("does not exist"), "{}", missing.message);
 
     let not_wasm = tempfile::NamedTempFile::new().unwrap();
     std::fs::write(not_wasm.path(), b"not wasm").unwrap();

@@ -244,5 +244,191 @@ fn graph_plugins_and_schema_commands() {
     assert_eq!(bad.status.code(), Some(2), "usage errors exit 2");
     let missing = conflux().args(["run", "/nonexistent/p.yaml"]).output().unwrap();
     assert_eq!(missing.status.code(), Some(1));
-    assert!(String::from_utf8_lossy(&missing.stderr).contains("cannot read the pipeline file"));
+    assert!(String::from_utf8_lossy(&missing.stderr)
+        .contains("cannot read the pipeline file: /nonexistent/p.yaml does not exist"));
+}
+
+/// Runs the binary under a 4 GB address-space limit and a deadline, so a
+/// regression (unbounded memory, a read that never ends) fails the test
+/// instead of the machine: (exit code, stdout, stderr); `None` when killed.
+fn bounded(args: &[&str], env: &[(&str, &str)], deadline: Duration) -> (Option<i32>, String, String) {
+    let mut cmd = Command::new("sh");
+    cmd.arg("-c").arg("ulimit -v 4000000; exec \"$0\" \"$@\"").arg(env!("CARGO_BIN_EXE_conflux")).args(args);
+    cmd.env("CONFLUX_LOG", "warn").stdout(Stdio::piped()).stderr(Stdio::piped());
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    let mut child = cmd.spawn().unwrap();
+    let started = std::time::Instant::now();
+    while child.try_wait().unwrap().is_none() {
+        if started.elapsed() > deadline {
+            let _ = child.kill();
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let output = child.wait_with_output().unwrap();
+    let timed_out = started.elapsed() > deadline;
+    let code = if timed_out { None } else { output.status.code() };
+    (code, String::from_utf8_lossy(&output.stdout).into_owned(), String::from_utf8_lossy(&output.stderr).into_owned())
+}
+
+#[test]
+fn lint_refuses_a_billion_laughs() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut text = String::from("a: &a [\"lol\",\"lol\",\"lol\",\"lol\",\"lol\",\"lol\",\"lol\",\"lol\",\"lol\"]\n");
+    for (name, prev) in ["b", "c", "d", "e", "f", "g", "h", "i"].iter().zip(["a", "b", "c", "d", "e", "f", "g", "h"]) {
+        let refs = vec![format!("*{prev}"); 9].join(",");
+        text.push_str(&format!("{name}: &{name} [{refs}]\n"));
+    }
+    let file = write(&dir, "laughs.yaml", &text);
+    let (code, _, stderr) = bounded(&["lint", file.to_str().unwrap()], &[], Duration::from_secs(60));
+    assert_eq!(code, Some(1), "{stderr}");
+    // f's first `*e` passes 100,000 nodes made through aliases.
+    assert!(stderr.contains(&format!("{}:6:", file.display())), "{stderr}");
+    assert!(stderr.contains("alias") && stderr.contains("100000"), "{stderr}");
+}
+
+#[test]
+fn lint_refuses_devices_fifos_and_device_schemas_promptly() {
+    let dir = tempfile::tempdir().unwrap();
+    let fifo = dir.path().join("pipe.yaml");
+    assert!(Command::new("mkfifo").arg(&fifo).status().unwrap().success());
+    let schema = write(
+        &dir,
+        "schema.yaml",
+        "inputs:\n  gen: { type: generate }\nstages:\n  check: { type: validate, from: gen, schema: /dev/zero }\noutputs:\n  out: { type: drop, from: check }\n",
+    );
+    for (path, named) in [
+        ("/dev/zero", "/dev/zero"),
+        (fifo.to_str().unwrap(), fifo.to_str().unwrap()),
+        (schema.to_str().unwrap(), "/dev/zero"),
+    ] {
+        let (code, _, stderr) = bounded(&["lint", path], &[], Duration::from_secs(20));
+        assert_eq!(code, Some(1), "lint {path} did not end with an error: {stderr}");
+        assert!(stderr.contains(named) && stderr.contains("not a regular file"), "{path}: {stderr}");
+    }
+}
+
+#[test]
+fn lint_never_echoes_option_values() {
+    let secret = "s3cr3t-Value-0123456789x";
+    let dir = tempfile::tempdir().unwrap();
+    let file = write(
+        &dir,
+        "p.yaml",
+        "inputs:
+  gen: { type: generate, count: \"${SECRET}\" }
+  web: { type: http_server, address: \"127.0.0.1:0\", auth: { api_keys: { keys: \"${SECRET}\" } } }
+outputs:
+  out: { type: drop, from: [gen, web], delay: \"${SECRET}\" }
+",
+    );
+    let output = conflux().arg("lint").arg(&file).env("SECRET", secret).output().unwrap();
+    let (stdout, stderr) = (String::from_utf8_lossy(&output.stdout), String::from_utf8_lossy(&output.stderr));
+    assert_eq!(output.status.code(), Some(1), "{stderr}");
+    assert!(!stdout.contains("s3cr3t") && !stderr.contains("s3cr3t"), "the secret leaked:\n{stdout}\n{stderr}");
+    assert!(stderr.contains("3 problems found"), "{stderr}");
+    assert!(stderr.contains("a string of 24 characters"), "{stderr}");
+}
+
+#[test]
+fn lint_hints_to_quote_interpolation_in_flow_maps() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = write(
+        &dir,
+        "p.yaml",
+        "inputs:\n  gen: { type: generate, count: ${N:-3} }\noutputs:\n  out: { type: drop, from: gen }\n",
+    );
+    let output = conflux().arg("lint").arg(&file).output().unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("YAML syntax error"), "{stderr}");
+    assert!(stderr.contains("\"${N:-3}\"") && stderr.contains("block style"), "{stderr}");
+}
+
+#[test]
+fn lint_says_a_missing_file_does_not_exist() {
+    let output = conflux().args(["lint", "/nonexistent/p.yaml"]).output().unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("/nonexistent/p.yaml does not exist"), "{stderr}");
+    assert!(!stderr.contains(":0:0"), "{stderr}");
+}
+
+#[test]
+fn plugins_into_a_closed_pipe_ends_quietly() {
+    use std::io::Read;
+    for (args, read) in [(vec!["plugins"], 0), (vec!["plugins", "--json"], 16)] {
+        let mut child = conflux().args(&args).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap();
+        let mut stdout = child.stdout.take().unwrap();
+        let mut head = vec![0u8; read];
+        stdout.read_exact(&mut head).unwrap();
+        drop(stdout);
+        let output = child.wait_with_output().unwrap();
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert!(!stderr.contains("panicked"), "{args:?}: {stderr}");
+        assert!(matches!(output.status.code(), Some(0) | Some(141)), "{args:?}: {:?} {stderr}", output.status);
+    }
+}
+
+#[test]
+fn logs_are_plain_when_stderr_is_not_a_terminal_and_test_prints_only_results() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = write(
+        &dir,
+        "p.yaml",
+        "inputs:\n  gen: { type: generate, count: 3 }\noutputs:\n  out: { type: drop, from: gen }\n",
+    );
+    let output = conflux().arg("run").arg(&file).env("CONFLUX_LOG", "info").output().unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(output.status.success() && stderr.contains("pipeline finished"), "{stderr}");
+    assert!(!stderr.contains("\x1b["), "colour codes in a captured stderr: {stderr:?}");
+
+    let cases = concat!(env!("CARGO_MANIFEST_DIR"), "/../../tests/cases/passing.yaml");
+    let output =
+        Command::new(env!("CARGO_BIN_EXE_conflux")).args(["test", cases]).env_remove("CONFLUX_LOG").output().unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(output.status.success(), "{stderr}");
+    assert!(stderr.is_empty(), "`conflux test` logged without being asked: {stderr}");
+}
+
+#[test]
+fn lint_reports_config_errors_cycles_and_ports_together() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = write(
+        &dir,
+        "p.yaml",
+        "inputs:
+  gen: { type: file, path: in.ndjson }
+stages:
+  broken: { type: filter, from: gen.nope, condition: \"${UNSET_CONDITION}\" }
+  a: { type: filter, from: [gen, b], condition: \"true\" }
+  b: { type: filter, from: a, condition: \"true\" }
+outputs:
+  out: { type: drop, from: [broken, b] }
+",
+    );
+    let output = conflux().arg("lint").arg(&file).output().unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(1), "{stderr}");
+    let f = file.display();
+    assert!(stderr.contains(&format!("{f}:4:")) && stderr.contains("UNSET_CONDITION"), "{stderr}");
+    assert!(stderr.contains("`gen` has no port `nope`"), "{stderr}");
+    assert!(stderr.contains("cycle:"), "{stderr}");
+}
+
+#[test]
+fn unwired_port_warnings_name_the_port() {
+    let dir = tempfile::tempdir().unwrap();
+    write(&dir, "in.ndjson", "{\"n\":1}\nnot json\n");
+    let file = write(
+        &dir,
+        "p.yaml",
+        "inputs:\n  src: { type: file, path: in.ndjson }\noutputs:\n  out: { type: drop, from: src }\n",
+    );
+    let output = conflux().arg("run").arg(&file).output().unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("unwired port"), "{stderr}");
+    assert!(stderr.contains("port=invalid") && !stderr.contains("port=1"), "{stderr}");
 }

@@ -36,7 +36,7 @@ outputs:
     );
     assert_has(&p, "p.yaml:2:35: input `a`: unknown field `speed`");
     assert_has(&p, "p.yaml:3:14: unknown input type `generat` (did you mean `generate`?)");
-    assert_has(&p, "p.yaml:4:31: input `c`: invalid type: string \"many\"");
+    assert_has(&p, "p.yaml:4:31: input `c`: invalid type: a string of 4 characters");
     assert_has(&p, "p.yaml:5:3: input `d`: missing field `path`");
     assert_has(&p, "p.yaml:6:26: environment variable `NOT_SET_ANYWHERE` is not set");
 }
