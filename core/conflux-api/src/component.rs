@@ -101,7 +101,10 @@ pub struct BuildContext {
 
 /// Maps (option path, line, column inside the option's text) to `file:line:col`.
 #[derive(Clone)]
-pub struct SourceMap(pub std::sync::Arc<dyn Fn(&[&str], usize, usize) -> String + Send + Sync>);
+pub struct SourceMap(pub std::sync::Arc<LocateFn>);
+
+/// (option path, line, column) → `file:line:col`.
+pub type LocateFn = dyn Fn(&[&str], usize, usize) -> String + Send + Sync;
 
 impl std::fmt::Debug for SourceMap {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {

@@ -255,52 +255,6 @@ fn build_stage<C: StageConfig>(raw: serde_json::Value, cx: &BuildContext) -> Res
     deserialize_options::<C>(raw)?.build(cx)
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[derive(Debug, serde::Deserialize)]
-    #[serde(deny_unknown_fields)]
-    #[allow(dead_code)]
-    struct Sample {
-        count: Option<u64>,
-        keys: Option<Vec<String>>,
-        mode: Option<Mode>,
-        wait: Option<crate::config::Duration>,
-        #[serde(default)]
-        extra: Option<serde_json::Value>,
-    }
-
-    #[derive(Debug, serde::Deserialize)]
-    #[serde(rename_all = "snake_case")]
-    enum Mode {
-        Fast,
-        Slow,
-    }
-
-    #[test]
-    fn bad_values_are_described_never_echoed() {
-        let secret = "hunter2-hunter2";
-        for (option, kind) in [
-            ("count", "invalid type: a string of 15 characters, expected u64"),
-            ("keys", "invalid type: a string of 15 characters, expected a sequence"),
-            ("mode", "unknown variant (a string of 15 characters), expected one of `fast`, `slow`"),
-            ("wait", "invalid duration; write e.g. 500ms, 5s, 5m, 1h, 7d (found a string of 15 characters)"),
-        ] {
-            let err = deserialize_options::<Sample>(serde_json::json!({ option: secret })).unwrap_err();
-            assert_eq!(err.path, vec![option.to_string()]);
-            assert!(err.message.starts_with(kind) && !err.message.contains("hunter"), "{option}: {}", err.message);
-        }
-        let ok: Sample = deserialize_options(serde_json::json!({
-            "count": 3, "keys": ["a"], "mode": "slow", "wait": "5s", "extra": { "a": [1, -2, 2.5, null] }
-        }))
-        .unwrap();
-        assert_eq!(ok.extra.unwrap(), serde_json::json!({ "a": [1, -2, 2.5, null] }));
-        let err = deserialize_options::<Sample>(serde_json::json!({ "nope": 1 })).unwrap_err();
-        assert!(err.message.starts_with("unknown field `nope`"), "{}", err.message);
-    }
-}
-
 fn build_output<C: OutputConfig>(raw: serde_json::Value, cx: &BuildContext) -> Result<Box<dyn Output>, BuildError> {
     deserialize_options::<C>(raw)?.build(cx)
 }
@@ -364,5 +318,51 @@ impl Registration {
             .and_then(|d| d.as_str())
             .map(|d| d.split("\n\n").next().unwrap_or(d).replace('\n', " "))
             .unwrap_or_default()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[derive(Debug, serde::Deserialize)]
+    #[serde(deny_unknown_fields)]
+    #[allow(dead_code)]
+    struct Sample {
+        count: Option<u64>,
+        keys: Option<Vec<String>>,
+        mode: Option<Mode>,
+        wait: Option<crate::config::Duration>,
+        #[serde(default)]
+        extra: Option<serde_json::Value>,
+    }
+
+    #[derive(Debug, serde::Deserialize)]
+    #[serde(rename_all = "snake_case")]
+    enum Mode {
+        Fast,
+        Slow,
+    }
+
+    #[test]
+    fn bad_values_are_described_never_echoed() {
+        let secret = "hunter2-hunter2";
+        for (option, kind) in [
+            ("count", "invalid type: a string of 15 characters, expected u64"),
+            ("keys", "invalid type: a string of 15 characters, expected a sequence"),
+            ("mode", "unknown variant (a string of 15 characters), expected one of `fast`, `slow`"),
+            ("wait", "invalid duration; write e.g. 500ms, 5s, 5m, 1h, 7d (found a string of 15 characters)"),
+        ] {
+            let err = deserialize_options::<Sample>(serde_json::json!({ option: secret })).unwrap_err();
+            assert_eq!(err.path, vec![option.to_string()]);
+            assert!(err.message.starts_with(kind) && !err.message.contains("hunter"), "{option}: {}", err.message);
+        }
+        let ok: Sample = deserialize_options(serde_json::json!({
+            "count": 3, "keys": ["a"], "mode": "slow", "wait": "5s", "extra": { "a": [1, -2, 2.5, null] }
+        }))
+        .unwrap();
+        assert_eq!(ok.extra.unwrap(), serde_json::json!({ "a": [1, -2, 2.5, null] }));
+        let err = deserialize_options::<Sample>(serde_json::json!({ "nope": 1 })).unwrap_err();
+        assert!(err.message.starts_with("unknown field `nope`"), "{}", err.message);
     }
 }
