@@ -81,7 +81,10 @@ fn new_crate(name: &str, root: &Path) -> anyhow::Result<()> {
         let mut entries =
             std::fs::read_dir(root).with_context(|| format!("{} exists and is not a folder", root.display()))?;
         if entries.next().is_some() {
-            bail!("{} already exists and is not empty: not overwriting it (pick another name or --dir)", root.display());
+            bail!(
+                "{} already exists and is not empty: not overwriting it (pick another name or --dir)",
+                root.display()
+            );
         }
     }
     let lib = name.replace('-', "_");
@@ -207,10 +210,8 @@ fn sdk_manifest() -> anyhow::Result<String> {
 
 /// The new crate's manifest: the SDK's own dependency lines, so both agree.
 fn guest_manifest(name: &str) -> anyhow::Result<String> {
-    let deps: Vec<String> = sdk_dependencies()?
-        .into_iter()
-        .filter(|l| matches!(toml_key(l), "serde" | "serde_json"))
-        .collect();
+    let deps: Vec<String> =
+        sdk_dependencies()?.into_iter().filter(|l| matches!(toml_key(l), "serde" | "serde_json")).collect();
     Ok(format!(
         "[package]\n\
          name = \"{name}\"\n\

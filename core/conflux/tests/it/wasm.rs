@@ -108,7 +108,11 @@ fn wasm_new_refuses_a_folder_that_is_not_empty() {
     // An empty folder is fine, and a name cargo would refuse is refused first.
     std::fs::remove_file(demo.join("keep.txt")).unwrap();
     let new = |name: &str| {
-        Command::new(env!("CARGO_BIN_EXE_conflux")).args(["wasm", "new", name, "--dir"]).arg(dir.path()).output().unwrap()
+        Command::new(env!("CARGO_BIN_EXE_conflux"))
+            .args(["wasm", "new", name, "--dir"])
+            .arg(dir.path())
+            .output()
+            .unwrap()
     };
     assert!(new("demo").status.success());
     assert!(demo.join("Cargo.toml").is_file());
