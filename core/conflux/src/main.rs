@@ -15,6 +15,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
 
 mod plugins;
+mod wasm_cmd;
 
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
@@ -84,6 +85,11 @@ enum Command {
         /// Write to this file instead of stdout.
         #[arg(short, long)]
         output: Option<PathBuf>,
+    },
+    /// Write and build Rust guests for the `wasm` stage.
+    Wasm {
+        #[command(subcommand)]
+        command: wasm_cmd::WasmCommand,
     },
 }
 
@@ -204,6 +210,7 @@ fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
             }
             Ok(ExitCode::SUCCESS)
         }
+        Command::Wasm { command } => wasm_cmd::run(command),
     }
 }
 
