@@ -7,8 +7,11 @@
 //! answer waits for the request's acknowledgement token, so `200` means every
 //! output confirmed.
 
-mod auth;
-mod body;
+// `auth` and `body` are public for the fuzz targets (fuzz/), not an API.
+#[doc(hidden)]
+pub mod auth;
+#[doc(hidden)]
+pub mod body;
 mod connections;
 mod http_server;
 mod intake;
