@@ -479,6 +479,26 @@ fn parse_utc_fast(b: &[u8]) -> Option<Timestamp> {
 mod tests {
     use super::*;
 
+    /// Found by the `json_check` fuzz target: a single-line text with a bad
+    /// `\u` escape (or a lone surrogate) passes `from_json`'s slow path
+    /// (`IgnoredAny` skips escapes without decoding them), is kept as the
+    /// payload's text, and then reads as null because sonic-rs refuses it
+    /// as a `Value`. Ignored until `check_json_line` refuses such escapes.
+    #[test]
+    #[ignore = "bug: Payload::from_json keeps texts with invalid \\u escapes (found by fuzz/json_check)"]
+    fn from_json_refuses_what_does_not_parse_as_a_value() {
+        for text in [&br#""\uVVVV""#[..], br#"{"a":"\uVVVV"}"#, br#""\ud83d""#, br#"{"id":"\ud83dx"}"#] {
+            if let Ok(payload) = Payload::from_json(text) {
+                let raw = payload.raw_json().unwrap_or_default();
+                assert!(
+                    sonic_rs::from_slice::<Value>(raw).is_ok(),
+                    "accepted {:?}, which reads as null",
+                    String::from_utf8_lossy(text)
+                );
+            }
+        }
+    }
+
     #[test]
     fn parses_rfc3339_and_epochs() {
         let t = Timestamp::parse_rfc3339("2026-11-22T10:00:00Z").unwrap();
