@@ -48,6 +48,16 @@ impl Served {
     }
 }
 
+/// `conflux run` of a pipeline file until it ends by itself.
+fn run_to_end(pipeline: &std::path::Path) -> std::process::Output {
+    std::process::Command::new(env!("CARGO_BIN_EXE_conflux"))
+        .env("CONFLUX_LOG", "warn")
+        .arg("run")
+        .arg(pipeline)
+        .output()
+        .unwrap()
+}
+
 pub async fn post(addr: std::net::SocketAddr, content_type: &str, body: Vec<u8>) -> (u16, Value) {
     let response = reqwest::Client::new()
         .post(format!("http://{addr}/"))
@@ -136,12 +146,7 @@ outputs:
 ",
     )
     .unwrap();
-    let output = std::process::Command::new(env!("CARGO_BIN_EXE_conflux"))
-        .env("CONFLUX_LOG", "warn")
-        .arg("run")
-        .arg(dir.path().join("p.yaml"))
-        .output()
-        .unwrap();
+    let output = run_to_end(&dir.path().join("p.yaml"));
     assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
     let out = std::fs::read_to_string(dir.path().join("out.ndjson")).unwrap();
     assert_eq!(out, "{\"b\":[[1]]}\n", "three levels pass, four do not");
@@ -262,12 +267,7 @@ fn a_missing_input_file_is_a_start_error() {
     )
     .unwrap();
     let started = std::time::Instant::now();
-    let output = std::process::Command::new(env!("CARGO_BIN_EXE_conflux"))
-        .env("CONFLUX_LOG", "warn")
-        .arg("run")
-        .arg(dir.path().join("p.yaml"))
-        .output()
-        .unwrap();
+    let output = run_to_end(&dir.path().join("p.yaml"));
     assert!(!output.status.success());
     assert!(started.elapsed() < Duration::from_secs(5), "it failed at once");
     let stderr = String::from_utf8_lossy(&output.stderr);
