@@ -12,7 +12,9 @@
 #
 # Environment: CARGO_TARGET_DIR (default fuzz/target), CARGO_BUILD_JOBS
 # (default 1: the machine is shared), FUZZ_SANITIZER (default address;
-# "none" builds faster and runs faster, finding panics but not memory errors).
+# "none" builds faster and runs faster, finding panics but not memory errors),
+# FUZZ_PROFILE (default release; "dev" builds unoptimised, about twice as
+# fast to build and slower to run: what CI's short pass uses).
 set -euo pipefail
 
 root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -58,6 +60,14 @@ else
 fi
 
 build_flags=(--sanitizer "${FUZZ_SANITIZER:-address}")
+case ${FUZZ_PROFILE:-release} in
+    release) ;;
+    dev) build_flags+=(--dev) ;;
+    *)
+        echo "fuzz.sh: FUZZ_PROFILE must be release or dev" >&2
+        exit 2
+        ;;
+esac
 
 echo "fuzz.sh: building ${targets[*]} ($(cargo "${toolchain[@]}" --version))" >&2
 start=$(date +%s)
