@@ -97,6 +97,9 @@ pub struct BuildContext {
     /// Where a line and column inside a string option are in the pipeline
     /// file (`file:line:col`), for errors found while running.
     pub source_map: Option<SourceMap>,
+    /// Up or down, for `/ready`: a stage that does I/O of its own reports
+    /// here; the engine reports for inputs and outputs.
+    pub health: crate::health::Health,
 }
 
 /// Maps (option path, line, column inside the option's text) to `file:line:col`.
@@ -222,15 +225,21 @@ pub trait Stage: Send {
 
 /// A destination for events.
 #[async_trait::async_trait]
-pub trait Output: Send {
+pub trait Output: Send + Sync {
     /// Opens connections. The engine retries a failure with backoff.
     async fn connect(&mut self) -> Result<(), PluginError> {
         Ok(())
     }
 
-    /// Writes one batch, all or nothing. Retryable errors are retried with
-    /// backoff by the engine; `NotConnected` triggers a reconnect first.
-    async fn write(&mut self, batch: &Batch) -> Result<(), PluginError>;
+    /// Writes one batch. Retryable errors are retried with backoff by the
+    /// engine, the whole batch again; `NotConnected` triggers a reconnect
+    /// first. [`PluginError::Partial`] says the rest was written and names
+    /// the events that never will be: they go to the `error` port alone.
+    ///
+    /// Takes `&self`: with `max_in_flight` above 1 the engine runs several
+    /// writes at once, so an output that must write in order (a file) holds
+    /// a lock across its write.
+    async fn write(&self, batch: &Batch) -> Result<(), PluginError>;
 
     /// Flushes and closes at the end of the pipeline.
     async fn close(&mut self) -> Result<(), PluginError> {

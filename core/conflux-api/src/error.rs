@@ -27,6 +27,33 @@ pub enum PluginError {
         #[source]
         source: Option<Source>,
     },
+    /// An output wrote the batch except these events, which will never
+    /// succeed (a row the database refuses, a template field missing). The
+    /// engine sends them to the output's `error` port and acknowledges the rest.
+    #[error("{} of the batch refused, the first: {}", events_text(.0.len()), .0.first().map_or("", |f| f.reason.as_str()))]
+    Partial(Vec<FailedEvent>),
+}
+
+/// One event of a batch an output refused for good.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FailedEvent {
+    /// Its index in the batch given to `write`.
+    pub index: usize,
+    pub reason: String,
+}
+
+impl FailedEvent {
+    pub fn new(index: usize, reason: impl std::fmt::Display) -> Self {
+        FailedEvent { index, reason: reason.to_string() }
+    }
+}
+
+fn events_text(n: usize) -> String {
+    if n == 1 {
+        "1 event".into()
+    } else {
+        format!("{n} events")
+    }
 }
 
 impl PluginError {
@@ -54,7 +81,7 @@ impl PluginError {
 
     /// Whether retrying the same operation can help.
     pub fn is_retryable(&self) -> bool {
-        !matches!(self, PluginError::Fatal { .. })
+        !matches!(self, PluginError::Fatal { .. } | PluginError::Partial(_))
     }
 
     /// The message with every source in the chain, for logs and metadata.

@@ -171,6 +171,19 @@ impl Payload {
         self.raw.as_ref().map(|raw| &raw[..])
     }
 
+    /// Length of the payload as JSON text: its text's length when it has
+    /// one, else the length of its serialization (computed).
+    pub fn json_len(&self) -> usize {
+        match &self.raw {
+            Some(raw) => raw.len(),
+            None => {
+                let mut out = Vec::new();
+                self.write_json(&mut out);
+                out.len()
+            }
+        }
+    }
+
     /// Appends the payload as JSON: the original text when there is one.
     pub fn write_json(&self, out: &mut Vec<u8>) {
         match &self.raw {

@@ -28,12 +28,20 @@ pub fn router(metrics: Arc<Metrics>, readiness: Arc<Readiness>) -> Router {
 }
 
 async fn ready(State(admin): State<Admin>) -> impl IntoResponse {
-    let waiting = admin.readiness.waiting_for();
-    if waiting.is_empty() {
-        (StatusCode::OK, Json(serde_json::json!({ "status": "ready" })))
-    } else {
-        (StatusCode::SERVICE_UNAVAILABLE, Json(serde_json::json!({ "status": "starting", "waiting_for": waiting })))
+    let not_ready = admin.readiness.not_ready();
+    if not_ready.is_empty() {
+        return (StatusCode::OK, Json(serde_json::json!({ "status": "ready" })));
     }
+    let down: Vec<serde_json::Value> = not_ready
+        .down
+        .iter()
+        .map(|(component, error)| serde_json::json!({ "component": component, "error": error }))
+        .collect();
+    let status = if down.is_empty() { "starting" } else { "down" };
+    (
+        StatusCode::SERVICE_UNAVAILABLE,
+        Json(serde_json::json!({ "status": status, "waiting_for": not_ready.starting, "down": down })),
+    )
 }
 
 async fn metrics_text(State(admin): State<Admin>) -> impl IntoResponse {

@@ -15,6 +15,7 @@ use schemars::JsonSchema;
 use serde::de::DeserializeOwned;
 use serde::Deserialize;
 
+use crate::options::OutputOptions;
 use crate::yaml::{self, Node, Pos, Style, Yaml};
 
 /// One problem in a pipeline file.
@@ -81,7 +82,7 @@ impl Default for RuntimeConfig {
 }
 
 /// How an output retries a failed write: exponential backoff.
-#[derive(Debug, Clone, Deserialize, JsonSchema, PartialEq)]
+#[derive(Debug, Clone, Deserialize, serde::Serialize, JsonSchema, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct RetryConfig {
     /// Wait before the first retry.
@@ -243,7 +244,8 @@ pub struct ComponentSpec {
     pub from: Vec<Ref>,
     /// Plugin options: everything but `type`, `from` and engine options.
     pub options: serde_json::Value,
-    pub retry: RetryConfig,
+    /// The engine's options of an output (defaults for inputs and stages).
+    pub output: OutputOptions,
     pub spans: Spans,
 }
 
@@ -512,6 +514,26 @@ impl Loader<'_> {
     }
 
     /// Deserializes a section into a typed value, reporting errors at their position.
+    /// The engine's options of an output, from the entries that name them.
+    fn output_options(&mut self, entries: Vec<(Node, Node)>, pos: Pos) -> OutputOptions {
+        if entries.is_empty() {
+            return OutputOptions::default();
+        }
+        let node = Node { value: Yaml::Map(entries), pos };
+        let Some((options, spans)) = self.typed::<OutputOptions>(&node, pos) else {
+            return OutputOptions::default();
+        };
+        match options.check() {
+            Ok(()) => options,
+            Err((path, message)) => {
+                let err = BuildError::at(path.iter().copied(), "");
+                let at = locate(&spans, &err, "");
+                self.error(at, format!("`{}` {message}", path.join(".")));
+                OutputOptions::default()
+            }
+        }
+    }
+
     fn typed<T: DeserializeOwned>(&mut self, node: &Node, key: Pos) -> Option<(T, Spans)> {
         let mut spans = Spans::default();
         let json = self.convert(node, key, &mut Vec::new(), &mut spans);
@@ -549,7 +571,7 @@ impl Loader<'_> {
         let mut type_name = None;
         let mut from = Vec::new();
         let mut saw_from = false;
-        let mut retry = RetryConfig::default();
+        let mut engine_options = Vec::new();
         let mut options = serde_json::Map::new();
         for (k, v) in entries {
             let key = k.as_key().unwrap_or_default();
@@ -592,10 +614,8 @@ impl Loader<'_> {
                 "from" => {
                     self.error(k.pos, format!("input `{name_text}` cannot have `from`: inputs are where events enter"))
                 }
-                "retry" if kind == Kind::Output => {
-                    if let Some((r, _)) = self.typed::<RetryConfig>(v, k.pos) {
-                        retry = r;
-                    }
+                key if kind == Kind::Output && OutputOptions::KEYS.contains(&key) => {
+                    engine_options.push((k.clone(), v.clone()));
                 }
                 _ => {
                     let mut path = vec![key.clone()];
@@ -604,6 +624,7 @@ impl Loader<'_> {
                 }
             }
         }
+        let output = self.output_options(engine_options, body.pos);
         let Some(type_name) = type_name else {
             self.error(name.pos, format!("{} `{name_text}` has no `type`", kind.as_str()));
             return None;
@@ -621,7 +642,7 @@ impl Loader<'_> {
             type_name,
             from,
             options: serde_json::Value::Object(options),
-            retry,
+            output,
             spans,
         })
     }

@@ -11,7 +11,8 @@ use conflux_api::component::ERROR_PORT;
 use conflux_api::registry::Factory;
 use conflux_api::{BuildContext, Input, Kind, Output, Registration, Stage};
 
-use crate::config::{did_you_mean, AdminConfig, Diagnostic, PipelineSpec, Ref, RetryConfig, RuntimeConfig, TestSpec};
+use crate::config::{did_you_mean, AdminConfig, Diagnostic, PipelineSpec, Ref, RuntimeConfig, TestSpec};
+use crate::options::OutputOptions;
 
 /// A built component.
 pub enum Body {
@@ -25,14 +26,18 @@ pub struct GraphNode {
     pub name: String,
     pub kind: Kind,
     pub type_name: String,
-    /// Ports it emits on: `""` (default) first, declared ports, `error` last. Empty for outputs.
+    /// Ports it emits on: `""` (default) first, declared ports, `error` last.
+    /// An output has only `error` besides the default, on which it emits nothing.
     pub ports: Vec<String>,
     /// Upstream (node index, port index) pairs.
     pub from: Vec<(usize, usize)>,
-    pub retry: RetryConfig,
+    /// The engine's options of an output (defaults for the rest; inputs use its `retry`).
+    pub output: OutputOptions,
     pub body: Body,
     /// Counters the component declared while built; exported by the runtime.
     pub counters: Vec<conflux_api::metrics::Declared>,
+    /// Up or down, shared with the component.
+    pub health: conflux_api::Health,
 }
 
 impl GraphNode {
@@ -126,6 +131,7 @@ pub fn compile(spec: PipelineSpec) -> Result<Pipeline, Vec<Diagnostic>> {
             data_dir: data_dir.clone(),
             metrics: Default::default(),
             source_map: Some(source_map(&spec, component)),
+            health: Default::default(),
         };
         let mut options = component.options.clone();
         let built = loop {
@@ -148,9 +154,10 @@ pub fn compile(spec: PipelineSpec) -> Result<Pipeline, Vec<Diagnostic>> {
                     type_name: component.type_name.clone(),
                     ports,
                     from: Vec::new(),
-                    retry: component.retry.clone(),
+                    output: component.output.clone(),
                     body,
                     counters: cx.metrics.declared(),
+                    health: cx.health.clone(),
                 });
             }
             Err(err) => {
@@ -180,12 +187,12 @@ pub fn compile(spec: PipelineSpec) -> Result<Pipeline, Vec<Diagnostic>> {
                     ));
                     ok = false;
                 }
-                Some(Kind::Output) => {
+                Some(Kind::Output) if r.port.as_deref() != Some(ERROR_PORT) => {
                     diags.push(spec.diag(
                         r.pos,
                         format!(
-                            "`{}` reads from output `{}`; outputs emit nothing, read from an input or stage",
-                            component.name, r.component
+                            "`{}` reads from output `{}`; an output emits only the events it refused, on `{}.error`",
+                            component.name, r.component, r.component
                         ),
                     ));
                     ok = false;
@@ -263,7 +270,7 @@ fn build(
     match &registration.factory {
         Factory::Input(build) => build(options, cx).map(|b| (Body::Input(b.input), ports_with_defaults(b.ports))),
         Factory::Stage(build) => build(options, cx).map(|b| (Body::Stage(b.stage), ports_with_defaults(b.ports))),
-        Factory::Output(build) => build(options, cx).map(|o| (Body::Output(o), Vec::new())),
+        Factory::Output(build) => build(options, cx).map(|o| (Body::Output(o), ports_with_defaults(Vec::new()))),
     }
 }
 

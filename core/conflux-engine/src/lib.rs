@@ -2,6 +2,7 @@ pub mod admin;
 pub mod config;
 pub mod graph;
 pub mod metrics;
+pub mod options;
 pub mod runtime;
 pub mod schema;
 pub mod testing;

@@ -8,6 +8,7 @@ use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 
 use conflux_api::metrics::{Declared, Metric};
+use conflux_api::{Health, HealthState};
 use prometheus_client::collector::Collector;
 use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric};
 use prometheus_client::metrics::counter::ConstCounter;
@@ -100,6 +101,11 @@ impl Default for Metrics {
 
 impl Metrics {
     pub fn new() -> Self {
+        Self::with_readiness(Arc::new(Readiness::default()))
+    }
+
+    /// Metrics that also export the health of the components `readiness` tracks.
+    pub fn with_readiness(readiness: Arc<Readiness>) -> Self {
         let mut registry = Registry::with_prefix("conflux");
         let received = Family::<Labels, Counter>::default();
         let sent = Family::<Labels, Counter>::default();
@@ -138,6 +144,7 @@ impl Metrics {
         );
         let plugin = PluginCounters::default();
         registry.register_collector(Box::new(plugin.clone()));
+        registry.register_collector(Box::new(ComponentUp(readiness)));
         Metrics { registry, received, sent, errors, discarded, retries, acks, unacked, queued, batch_seconds, plugin }
     }
 
@@ -187,28 +194,86 @@ impl Metrics {
     }
 }
 
-/// Which components have started; `/ready` answers 200 once all have.
+/// Each running component's health; `/ready` answers 200 while all are up.
 #[derive(Default)]
 pub struct Readiness {
-    components: Mutex<BTreeMap<String, bool>>,
+    components: Mutex<BTreeMap<String, Health>>,
+}
+
+/// Why the process is not ready.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct NotReady {
+    /// Components that have not connected yet.
+    pub starting: Vec<String>,
+    /// Components that were up and are not, with their last error.
+    pub down: Vec<(String, String)>,
+}
+
+impl NotReady {
+    pub fn is_empty(&self) -> bool {
+        self.starting.is_empty() && self.down.is_empty()
+    }
 }
 
 impl Readiness {
-    pub fn register(&self, key: &str) {
-        self.components.lock().expect("readiness lock").insert(key.to_string(), false);
+    /// Tracks a component (`pipeline/component`) through its health handle.
+    pub fn register(&self, key: &str, health: Health) {
+        self.lock().insert(key.to_string(), health);
     }
 
-    pub fn set_ready(&self, key: &str) {
-        self.components.lock().expect("readiness lock").insert(key.to_string(), true);
+    /// Forgets a component whose pipeline has ended.
+    pub fn remove(&self, key: &str) {
+        self.lock().remove(key);
     }
 
-    /// The components not ready yet; empty when all are (and at least one exists).
-    pub fn waiting_for(&self) -> Vec<String> {
-        let components = self.components.lock().expect("readiness lock");
+    /// What keeps the process from being ready; empty when every component is up
+    /// (and at least one exists).
+    pub fn not_ready(&self) -> NotReady {
+        let components = self.lock();
+        let mut report = NotReady::default();
         if components.is_empty() {
-            return vec!["(no pipeline started yet)".into()];
+            report.starting.push("(no pipeline running)".into());
         }
-        components.iter().filter(|(_, ready)| !**ready).map(|(k, _)| k.clone()).collect()
+        for (key, health) in components.iter() {
+            match health.state() {
+                HealthState::Up => {}
+                HealthState::Starting => report.starting.push(key.clone()),
+                HealthState::Down(error) => report.down.push((key.clone(), error)),
+            }
+        }
+        report
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, BTreeMap<String, Health>> {
+        self.components.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+/// Exports `conflux_component_up{pipeline, component}`: 1 while up, else 0.
+#[derive(Clone)]
+struct ComponentUp(Arc<Readiness>);
+
+impl std::fmt::Debug for ComponentUp {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("ComponentUp")
+    }
+}
+
+impl Collector for ComponentUp {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        let components = self.0.lock();
+        let mut family = encoder.encode_descriptor(
+            "conflux_component_up",
+            "Whether a component is up (connected, its last write or read succeeded): 1, or 0",
+            None,
+            MetricType::Gauge,
+        )?;
+        for (key, health) in components.iter() {
+            let (pipeline, component) = key.split_once('/').unwrap_or(("", key));
+            let labels: Labels = vec![("pipeline".into(), pipeline.into()), ("component".into(), component.into())];
+            ConstGauge::new(i64::from(health.is_up())).encode(family.encode_family(&labels)?)?;
+        }
+        Ok(())
     }
 }
 

@@ -6,7 +6,8 @@ use schemars::generate::SchemaSettings;
 use schemars::Schema;
 use serde_json::{json, Map, Value};
 
-use crate::config::{AdminConfig, RetryConfig, RuntimeConfig, TestSpec};
+use crate::config::{AdminConfig, RuntimeConfig, TestSpec};
+use crate::options::{from_schema, OutputOptions};
 
 fn object(schema: Schema) -> Map<String, Value> {
     match schema.to_value() {
@@ -22,14 +23,8 @@ fn object(schema: Schema) -> Map<String, Value> {
 /// The JSON Schema (draft 2020-12) of a pipeline file.
 pub fn pipeline_schema() -> Value {
     let mut generator = SchemaSettings::draft2020_12().into_generator();
-    let from = json!({
-        "description": "Components this one reads from: `name` or `name.port`.",
-        "oneOf": [
-            { "type": "string" },
-            { "type": "array", "items": { "type": "string" }, "minItems": 1 }
-        ]
-    });
-    let retry = generator.subschema_for::<RetryConfig>().to_value();
+    let from = from_schema();
+    let output_options = output_option_properties(&mut generator);
     let mut variants: [Vec<Value>; 3] = Default::default();
     for registration in Registration::all() {
         let mut schema = object((registration.schema)(&mut generator));
@@ -40,7 +35,7 @@ pub fn pipeline_schema() -> Value {
             props.insert("from".into(), from.clone());
         }
         if registration.kind == Kind::Output {
-            props.insert("retry".into(), retry.clone());
+            props.extend(output_options.clone());
         }
         let mut required: Vec<Value> = schema.get("required").and_then(|r| r.as_array()).cloned().unwrap_or_default();
         required.insert(0, json!("type"));
@@ -418,39 +413,31 @@ fn options_table(opts: Vec<OptionDoc>) -> String {
 
 /// The options every stage and output takes besides its own.
 fn common_options() -> Vec<OptionDoc> {
-    let mut retry = object(SchemaSettings::draft2020_12().into_generator().root_schema_for::<RetryConfig>());
-    let defs = retry.remove("$defs").unwrap_or(json!({}));
-    // The defaults live in `RetryConfig::default()`, which the schema cannot show.
-    let defaults = RetryConfig::default();
-    let defaults = [
-        ("initial_backoff", json!(defaults.initial_backoff.to_string())),
-        ("max_backoff", json!(defaults.max_backoff.to_string())),
-        ("max_attempts", json!(defaults.max_attempts)),
-    ];
-    if let Some(props) = retry.get_mut("properties").and_then(|p| p.as_object_mut()) {
-        for (name, default) in defaults {
-            if let Some(prop) = props.get_mut(name).and_then(|p| p.as_object_mut()) {
-                prop.entry("default").or_insert(default);
-            }
+    let mut generator = SchemaSettings::draft2020_12().into_generator();
+    let mut props = Map::new();
+    props.insert("from".into(), from_schema());
+    for (name, mut prop) in output_option_properties(&mut generator) {
+        if let Some(Value::String(d)) = prop.get_mut("description") {
+            *d = format!("Outputs only. {d}");
         }
+        props.insert(name, prop);
     }
-    let retry_description = retry.get("description").cloned().unwrap_or(json!(""));
     let schema = json!({
         "type": "object",
         "required": ["from"],
-        "properties": {
-            "from": {
-                "description": "Stages and outputs: the components this one reads from: `name`, `name.port`, or a list of them.",
-                "oneOf": [{ "type": "string" }, { "type": "array", "items": { "type": "string" } }]
-            },
-            "retry": {
-                "description": format!("Outputs only. {}", retry_description.as_str().unwrap_or("")),
-                "allOf": [Value::Object(retry)]
-            }
-        },
-        "$defs": defs,
+        "properties": props,
+        "$defs": generator.take_definitions(true),
     });
     options_of(&schema)
+}
+
+/// The properties of [`OutputOptions`], which every output takes.
+fn output_option_properties(generator: &mut schemars::SchemaGenerator) -> Map<String, Value> {
+    let schema = object(<OutputOptions as schemars::JsonSchema>::json_schema(generator));
+    match schema.get("properties") {
+        Some(Value::Object(props)) => props.clone(),
+        _ => Map::new(),
+    }
 }
 
 /// The plugin reference as Markdown (`docs/plugins.md`).
@@ -460,7 +447,8 @@ pub fn plugins_markdown() -> String {
          Options inside an object option are listed after it under dotted names: `auth.jwt.secret` is written\n\
          `auth: { jwt: { secret: … } }`; `name[].key` is a key of each item of a list, `name.<name>.key` one of each\n\
          entry of a map. A nested option marked required is required whenever its parent is given.\n\
-         \n## Common options\n\nEvery stage and output also takes `from`; every output takes `retry`.\n",
+         \n## Common options\n\nEvery stage and output also takes `from`; every output takes `retry`, `batch` and `max_in_flight`, which the\n\
+         engine handles (an output's refused events come out of its `error` port: `from: name.error`).\n",
     );
     out.push_str(&options_table(common_options()));
     for kind in [Kind::Input, Kind::Stage, Kind::Output] {

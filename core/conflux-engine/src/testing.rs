@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use conflux_api::{async_trait, Batch, Emitter, Event, Input, Kind, Output, PluginError, Timestamp, Value};
 
-use crate::config::{Diagnostic, PipelineSpec, RetryConfig, TestExpectation, TestSpec};
+use crate::config::{Diagnostic, PipelineSpec, TestExpectation, TestSpec};
 use crate::graph::{compile, Body, GraphNode, Pipeline};
 use crate::runtime::{run, RunContext};
 
@@ -71,9 +71,10 @@ async fn run_one(mut pipeline: Pipeline, test: &TestSpec) -> Result<Vec<String>,
                     type_name: TEST_NODE.into(),
                     ports: vec![String::new(), "error".into()],
                     from: Vec::new(),
-                    retry: RetryConfig::default(),
+                    output: Default::default(),
                     body: Body::Input(Box::new(MemoryInput { events: Some(events) })),
                     counters: Vec::new(),
+                    health: Default::default(),
                 });
                 pipeline.nodes[idx].from.push((feed_idx, 0));
             }
@@ -109,11 +110,12 @@ async fn run_one(mut pipeline: Pipeline, test: &TestSpec) -> Result<Vec<String>,
                     name: format!("test tap on {at}"),
                     kind: Kind::Output,
                     type_name: TEST_NODE.into(),
-                    ports: Vec::new(),
+                    ports: vec![String::new(), "error".into()],
                     from: vec![(node, port)],
-                    retry: RetryConfig::default(),
+                    output: Default::default(),
                     body: Body::Output(Box::new(Collector(collected.clone()))),
                     counters: Vec::new(),
+                    health: Default::default(),
                 });
                 collected
             }
@@ -228,7 +230,7 @@ struct Collector(Collected);
 
 #[async_trait]
 impl Output for Collector {
-    async fn write(&mut self, batch: &Batch) -> Result<(), PluginError> {
+    async fn write(&self, batch: &Batch) -> Result<(), PluginError> {
         let mut seen = self.0.lock().expect("collector lock");
         for event in batch {
             let json =

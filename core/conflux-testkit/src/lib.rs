@@ -162,7 +162,7 @@ struct TestSink(TestSinkConfig);
 
 #[async_trait]
 impl Output for TestSink {
-    async fn write(&mut self, batch: &Batch) -> Result<(), PluginError> {
+    async fn write(&self, batch: &Batch) -> Result<(), PluginError> {
         let attempt = with_state(&self.0.key, |s| {
             s.attempts += 1;
             s.attempts

@@ -330,6 +330,11 @@ async fn run_files(files: Vec<PathBuf>, admin_flag: Option<String>) -> anyhow::R
                 if report.failed || report.forced {
                     clean = false;
                 }
+                // A run that ended on its own (finite inputs) says what it lost.
+                if !cx.stop.is_cancelled() && report.lost_events() {
+                    eprintln!("{}", lost_summary(&report));
+                    clean = false;
+                }
             }
             Err(e) => {
                 error!(error = %e, "pipeline task crashed");
@@ -344,6 +349,16 @@ async fn run_files(files: Vec<PathBuf>, admin_flag: Option<String>) -> anyhow::R
         }
     }
     Ok(if clean { ExitCode::SUCCESS } else { ExitCode::FAILURE })
+}
+
+/// One line: what each input of a finished pipeline heard back.
+fn lost_summary(report: &conflux_engine::runtime::RunReport) -> String {
+    let inputs: Vec<String> = report
+        .inputs
+        .iter()
+        .map(|i| format!("`{}` {} delivered, {} rejected, {} errored", i.component, i.delivered, i.rejected, i.errored))
+        .collect();
+    format!("pipeline `{}` finished with events not delivered: {}", report.pipeline, inputs.join("; "))
 }
 
 /// First SIGINT/SIGTERM drains; a second one exits at once.

@@ -6,7 +6,8 @@ use std::time::Duration as StdDuration;
 use conflux_api::config::Duration;
 use conflux_api::template::Template;
 use conflux_api::{
-    async_trait, inventory, Batch, BuildContext, BuildError, Output, OutputConfig, PluginError, Registration,
+    async_trait, inventory, Batch, BuildContext, BuildError, FailedEvent, Output, OutputConfig, PluginError,
+    Registration,
 };
 use rdkafka::config::ClientConfig;
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
@@ -122,8 +123,19 @@ struct KafkaOutput {
     producer: Option<FutureProducer>,
 }
 
-fn fatal(what: &str, e: String) -> PluginError {
-    PluginError::fatal(format!("{what}: {e}"))
+/// Errors about one message that sending it again cannot fix.
+fn refuses_the_message(e: &KafkaError) -> bool {
+    matches!(
+        e.rdkafka_error_code(),
+        Some(
+            RDKafkaErrorCode::MessageSizeTooLarge
+                | RDKafkaErrorCode::InvalidMessageSize
+                | RDKafkaErrorCode::InvalidMessage
+                | RDKafkaErrorCode::InvalidRecord
+                | RDKafkaErrorCode::UnknownPartition
+                | RDKafkaErrorCode::InvalidTopic
+        )
+    )
 }
 
 #[async_trait]
@@ -151,20 +163,34 @@ impl Output for KafkaOutput {
         Ok(())
     }
 
-    async fn write(&mut self, batch: &Batch) -> Result<(), PluginError> {
+    async fn write(&self, batch: &Batch) -> Result<(), PluginError> {
         let producer = self.producer.as_ref().ok_or_else(|| PluginError::not_connected("not connected"))?;
         let mut reports = Vec::with_capacity(batch.len());
-        for event in batch {
-            let topic = self.topic.render(&event.data).map_err(|e| fatal("topic", e))?;
-            let key = self.key.as_ref().map(|k| k.render(&event.data)).transpose().map_err(|e| fatal("key", e))?;
+        // Events that can never be sent (a template field missing, too
+        // large); the rest of the batch goes on without them.
+        let mut refused = Vec::new();
+        for (index, event) in batch.iter().enumerate() {
+            let rendered = (|| {
+                let topic = self.topic.render(&event.data).map_err(|e| format!("topic: {e}"))?;
+                let key =
+                    self.key.as_ref().map(|k| k.render(&event.data)).transpose().map_err(|e| format!("key: {e}"))?;
+                let mut headers = OwnedHeaders::new_with_capacity(self.headers.len());
+                for (name, template) in &self.headers {
+                    let value = template.render(&event.data).map_err(|e| format!("header `{name}`: {e}"))?;
+                    headers = headers.insert(Header { key: name, value: Some(value.as_bytes()) });
+                }
+                Ok::<_, String>((topic, key, headers))
+            })();
+            let (topic, key, headers) = match rendered {
+                Ok(parts) => parts,
+                Err(reason) => {
+                    refused.push(FailedEvent::new(index, reason));
+                    continue;
+                }
+            };
             // The payload's own text when it still has it.
             let mut payload = Vec::new();
             event.data.write_json(&mut payload);
-            let mut headers = OwnedHeaders::new_with_capacity(self.headers.len());
-            for (name, template) in &self.headers {
-                let value = template.render(&event.data).map_err(|e| fatal("header", e))?;
-                headers = headers.insert(Header { key: name, value: Some(value.as_bytes()) });
-            }
             let mut record = FutureRecord::to(&topic).payload(&payload).headers(headers);
             if let Some(key) = &key {
                 record = record.key(key);
@@ -172,7 +198,7 @@ impl Output for KafkaOutput {
             loop {
                 match producer.send_result(record) {
                     Ok(report) => {
-                        reports.push(report);
+                        reports.push((index, report));
                         break;
                     }
                     Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), back)) => {
@@ -181,18 +207,31 @@ impl Output for KafkaOutput {
                         producer.poll(StdDuration::from_millis(0));
                         tokio::time::sleep(StdDuration::from_millis(5)).await;
                     }
+                    Err((e, _)) if refuses_the_message(&e) => {
+                        refused.push(FailedEvent::new(index, format!("Kafka refuses the message: {e}")));
+                        break;
+                    }
                     Err((e, _)) => return Err(PluginError::retryable(format!("cannot enqueue a message: {e}"))),
                 }
             }
         }
-        for report in futures_util::future::join_all(reports).await {
+        let (indexes, reports): (Vec<usize>, Vec<_>) = reports.into_iter().unzip();
+        for (index, report) in indexes.into_iter().zip(futures_util::future::join_all(reports).await) {
             match report {
                 Ok(Ok(_)) => {}
+                Ok(Err((e, _))) if refuses_the_message(&e) => {
+                    refused.push(FailedEvent::new(index, format!("Kafka refuses the message: {e}")))
+                }
                 Ok(Err((e, _))) => return Err(PluginError::retryable(format!("delivery failed: {e}"))),
                 Err(_) => return Err(PluginError::retryable("delivery report lost")),
             }
         }
-        Ok(())
+        if refused.is_empty() {
+            Ok(())
+        } else {
+            refused.sort_by_key(|f| f.index);
+            Err(PluginError::Partial(refused))
+        }
     }
 
     async fn close(&mut self) -> Result<(), PluginError> {

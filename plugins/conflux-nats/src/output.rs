@@ -3,7 +3,8 @@
 use async_nats::jetstream::context::PublishAckFuture;
 use conflux_api::template::Template;
 use conflux_api::{
-    async_trait, inventory, Batch, BuildContext, BuildError, Output, OutputConfig, PluginError, Registration,
+    async_trait, inventory, Batch, BuildContext, BuildError, FailedEvent, Output, OutputConfig, PluginError,
+    Registration,
 };
 use schemars::JsonSchema;
 use serde::Deserialize;
@@ -53,11 +54,19 @@ impl Output for NatsOutput {
         Ok(())
     }
 
-    async fn write(&mut self, batch: &Batch) -> Result<(), PluginError> {
+    async fn write(&self, batch: &Batch) -> Result<(), PluginError> {
         let (client, js) = self.client.as_ref().ok_or_else(|| PluginError::not_connected("not connected"))?;
         let mut pending: Vec<PublishAckFuture> = Vec::new();
-        for event in batch {
-            let subject = self.subject.render(&event.data).map_err(|e| PluginError::fatal(format!("subject: {e}")))?;
+        // Events whose subject cannot be rendered; the rest go on without them.
+        let mut refused = Vec::new();
+        for (index, event) in batch.iter().enumerate() {
+            let subject = match self.subject.render(&event.data) {
+                Ok(subject) => subject,
+                Err(e) => {
+                    refused.push(FailedEvent::new(index, format!("subject: {e}")));
+                    continue;
+                }
+            };
             // The payload's own text when it still has it.
             let mut payload = Vec::new();
             event.data.write_json(&mut payload);
@@ -83,7 +92,11 @@ impl Output for NatsOutput {
         } else {
             client.flush().await.map_err(|e| PluginError::retryable(format!("flush failed: {e}")))?;
         }
-        Ok(())
+        if refused.is_empty() {
+            Ok(())
+        } else {
+            Err(PluginError::Partial(refused))
+        }
     }
 
     async fn close(&mut self) -> Result<(), PluginError> {

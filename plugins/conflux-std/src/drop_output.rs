@@ -36,7 +36,7 @@ struct DropOutput {
 
 #[async_trait]
 impl Output for DropOutput {
-    async fn write(&mut self, _batch: &Batch) -> Result<(), PluginError> {
+    async fn write(&self, _batch: &Batch) -> Result<(), PluginError> {
         if let Some(delay) = self.delay {
             tokio::time::sleep(delay).await;
         }

@@ -196,7 +196,7 @@ fn yes() -> bool {
 impl OutputConfig for FileOutputConfig {
     const TYPE: &'static str = "file";
     fn build(self, cx: &BuildContext) -> Result<Box<dyn Output>, BuildError> {
-        Ok(Box::new(FileOutput { path: cx.resolve(&self.path), config: self, file: None, buf: Vec::new() }))
+        Ok(Box::new(FileOutput { path: cx.resolve(&self.path), config: self, file: tokio::sync::Mutex::new(None) }))
     }
 }
 
@@ -205,8 +205,8 @@ inventory::submit!(Registration::output::<FileOutputConfig>());
 struct FileOutput {
     path: PathBuf,
     config: FileOutputConfig,
-    file: Option<tokio::fs::File>,
-    buf: Vec<u8>,
+    /// Held across a write: lines of concurrent writes never interleave.
+    file: tokio::sync::Mutex<Option<tokio::fs::File>>,
 }
 
 #[async_trait]
@@ -228,21 +228,22 @@ impl Output for FileOutput {
             .open(&self.path)
             .await
             .map_err(|e| PluginError::retryable_from(format!("cannot open {}", self.path.display()), e))?;
-        self.file = Some(file);
+        *self.file.get_mut() = Some(file);
         Ok(())
     }
 
-    async fn write(&mut self, batch: &Batch) -> Result<(), PluginError> {
-        let file = self.file.as_mut().ok_or_else(|| PluginError::not_connected("file not open"))?;
-        self.buf.clear();
+    async fn write(&self, batch: &Batch) -> Result<(), PluginError> {
+        let mut buf = Vec::new();
         for event in batch {
-            write_json_line(&mut self.buf, &event.data);
+            write_json_line(&mut buf, &event.data);
         }
+        let mut file = self.file.lock().await;
+        let file = file.as_mut().ok_or_else(|| PluginError::not_connected("file not open"))?;
         let failed = |e: std::io::Error| PluginError::NotConnected {
             message: format!("cannot write {}", self.path.display()),
             source: Some(Box::new(e)),
         };
-        file.write_all(&self.buf).await.map_err(failed)?;
+        file.write_all(&buf).await.map_err(failed)?;
         file.flush().await.map_err(failed)?;
         if self.config.sync {
             file.sync_data().await.map_err(failed)?;
@@ -251,7 +252,7 @@ impl Output for FileOutput {
     }
 
     async fn close(&mut self) -> Result<(), PluginError> {
-        if let Some(file) = self.file.as_mut() {
+        if let Some(file) = self.file.get_mut().as_mut() {
             file.flush().await.map_err(|e| PluginError::fatal_from("flush failed", e))?;
         }
         Ok(())

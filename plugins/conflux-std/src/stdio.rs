@@ -56,26 +56,27 @@ pub struct StdoutConfig {}
 impl OutputConfig for StdoutConfig {
     const TYPE: &'static str = "stdout";
     fn build(self, _cx: &BuildContext) -> Result<Box<dyn Output>, BuildError> {
-        Ok(Box::new(StdoutOutput { out: tokio::io::stdout(), buf: Vec::new() }))
+        Ok(Box::new(StdoutOutput { out: tokio::sync::Mutex::new(tokio::io::stdout()) }))
     }
 }
 
 inventory::submit!(Registration::output::<StdoutConfig>());
 
 struct StdoutOutput {
-    out: tokio::io::Stdout,
-    buf: Vec<u8>,
+    /// Held across a write so that concurrent writes never interleave lines.
+    out: tokio::sync::Mutex<tokio::io::Stdout>,
 }
 
 #[async_trait]
 impl Output for StdoutOutput {
-    async fn write(&mut self, batch: &Batch) -> Result<(), PluginError> {
-        self.buf.clear();
+    async fn write(&self, batch: &Batch) -> Result<(), PluginError> {
+        let mut buf = Vec::new();
         for event in batch {
-            write_json_line(&mut self.buf, &event.data);
+            write_json_line(&mut buf, &event.data);
         }
+        let mut out = self.out.lock().await;
         // A closed stdout (`| head`) will not come back: fail for good.
-        self.out.write_all(&self.buf).await.map_err(|e| PluginError::fatal_from("cannot write stdout", e))?;
-        self.out.flush().await.map_err(|e| PluginError::fatal_from("cannot flush stdout", e))
+        out.write_all(&buf).await.map_err(|e| PluginError::fatal_from("cannot write stdout", e))?;
+        out.flush().await.map_err(|e| PluginError::fatal_from("cannot flush stdout", e))
     }
 }
