@@ -100,8 +100,10 @@ mod tests {
     fn zero_limits_are_refused() {
         let options = OutputOptions { max_in_flight: 0, ..Default::default() };
         assert_eq!(options.check().unwrap_err().0, vec!["max_in_flight"]);
-        let options =
-            OutputOptions { batch: Some(BatchConfig { max_events: Some(0), ..Default::default() }), ..Default::default() };
+        let options = OutputOptions {
+            batch: Some(BatchConfig { max_events: Some(0), ..Default::default() }),
+            ..Default::default()
+        };
         assert_eq!(options.check().unwrap_err().0, vec!["batch", "max_events"]);
     }
 }

@@ -4,6 +4,9 @@
 //!
 //! State is kept per `key` option so tests running in parallel stay apart.
 
+pub mod fault_proxy;
+pub use fault_proxy::{Fault, FaultProxy};
+
 use std::collections::HashMap;
 use std::path::Path;
 use std::sync::{Arc, LazyLock, Mutex};
@@ -30,6 +33,10 @@ struct KeyState {
     delivered: Vec<serde_json::Value>,
     attempts: usize,
     gate: Option<Arc<Semaphore>>,
+    /// Sizes of the batches handed to `write`, in call order.
+    batches: Vec<usize>,
+    writing: usize,
+    most_writing: usize,
 }
 
 static STATE: LazyLock<Mutex<HashMap<String, KeyState>>> = LazyLock::new(Default::default);
@@ -57,6 +64,16 @@ pub fn delivered(key: &str) -> Vec<serde_json::Value> {
 /// Write attempts a `test_sink` saw, failed ones included.
 pub fn attempts(key: &str) -> usize {
     with_state(key, |s| s.attempts)
+}
+
+/// Sizes of the batches a `test_sink` was asked to write, in call order.
+pub fn batches(key: &str) -> Vec<usize> {
+    with_state(key, |s| s.batches.clone())
+}
+
+/// Most writes a `test_sink` had in progress at once.
+pub fn most_concurrent_writes(key: &str) -> usize {
+    with_state(key, |s| s.most_writing)
 }
 
 /// Lets a gated `test_sink` write `n` more batches.
@@ -147,6 +164,10 @@ pub struct TestSinkConfig {
     /// Time each write takes.
     #[serde(default)]
     pub delay: Option<Duration>,
+    /// Refuses for good (alone, the rest of the batch is written) every
+    /// event whose `n` is a multiple of this.
+    #[serde(default)]
+    pub refuse_multiples_of: Option<u64>,
 }
 
 impl OutputConfig for TestSinkConfig {
@@ -165,8 +186,12 @@ impl Output for TestSink {
     async fn write(&self, batch: &Batch) -> Result<(), PluginError> {
         let attempt = with_state(&self.0.key, |s| {
             s.attempts += 1;
+            s.batches.push(batch.len());
+            s.writing += 1;
+            s.most_writing = s.most_writing.max(s.writing);
             s.attempts
         });
+        let _done = Writing(&self.0.key);
         if self.0.gated {
             gate(&self.0.key).acquire().await.expect("gate open").forget();
         }
@@ -179,10 +204,33 @@ impl Output for TestSink {
         if attempt <= self.0.fail_first {
             return Err(PluginError::retryable(format!("test sink failure {attempt}")));
         }
+        use conflux_api::sonic_rs::JsonValueTrait;
+        let refused = |e: &Event| {
+            let n = e.data.get("n").and_then(|n| n.as_u64());
+            self.0.refuse_multiples_of.zip(n).is_some_and(|(m, n)| m > 0 && n % m == 0)
+        };
         let payloads: Vec<serde_json::Value> =
-            batch.iter().map(|e| serde_json::to_value(&e.data).expect("JSON")).collect();
+            batch.iter().filter(|e| !refused(e)).map(|e| serde_json::to_value(&e.data).expect("JSON")).collect();
         with_state(&self.0.key, |s| s.delivered.extend(payloads));
+        let failed: Vec<conflux_api::FailedEvent> = batch
+            .iter()
+            .enumerate()
+            .filter(|(_, e)| refused(e))
+            .map(|(i, _)| conflux_api::FailedEvent::new(i, "test sink refuses this n"))
+            .collect();
+        if !failed.is_empty() {
+            return Err(PluginError::Partial(failed));
+        }
         Ok(())
+    }
+}
+
+/// Counts a write as finished when dropped, however it ends.
+struct Writing<'a>(&'a str);
+
+impl Drop for Writing<'_> {
+    fn drop(&mut self) {
+        with_state(self.0, |s| s.writing -= 1);
     }
 }
 

@@ -304,7 +304,9 @@ fn refused_events(batch: &Batch, failed: &[FailedEvent], component: &str) -> Bat
                 refused.push(event);
             }
             Some(_) => {}
-            None => warn!(%component, index = f.index, events = batch.len(), "the output refused an event index outside its batch; ignored"),
+            None => {
+                warn!(%component, index = f.index, events = batch.len(), "the output refused an event index outside its batch; ignored")
+            }
         }
     }
     refused

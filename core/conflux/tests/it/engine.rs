@@ -289,8 +289,8 @@ outputs:
     run_yaml(&yaml, cx.clone()).await;
     let (status, _) = http_get(addr, "/health").await;
     assert_eq!(status, 200);
-    let (status, _) = http_get(addr, "/ready").await;
-    assert_eq!(status, 200);
+    let (status, body) = http_get(addr, "/ready").await;
+    assert_eq!(status, 503, "a pipeline that ended is gone from readiness: {body}");
     let (status, metrics) = http_get(addr, "/metrics").await;
     assert_eq!(status, 200);
     for line in [

@@ -698,3 +698,50 @@ async fn the_kafka_input_logs_its_wait_for_partitions_and_how_long_it_took() {
     let joined = logs.lines().find(|l| l.contains("consumer group joined")).unwrap_or_else(|| panic!("{logs}"));
     assert!(joined.contains("waited"), "{joined}");
 }
+
+#[tokio::test]
+async fn a_poison_event_goes_to_the_dead_letter_output_alone_and_its_batch_mates_are_written_once() {
+    setup();
+    conflux_rhai::link();
+    let brokers = brokers().await;
+    let (base, group, dead) = (key("poison").replace('-', "_"), key("g"), key("dead"));
+    let (source, target) = (format!("{base}_in"), format!("{base}_out"));
+    create_topic(&brokers, &source, 1).await;
+    create_topic(&brokers, &target, 1).await;
+    produce(&brokers, &source, 50).await;
+    // Event 13 has no `route`, so the output cannot name its topic: it is
+    // refused for good, alone; the other 49 are written in the same batches.
+    let yaml = format!(
+        "runtime: {{ shutdown_timeout: 200ms }}
+inputs:
+  in: {{ type: kafka, brokers: [\"{brokers}\"], topics: [{source}], group: {group}, batch_size: 100, commit_interval: 100ms, options: {{ session.timeout.ms: \"6000\" }} }}
+stages:
+  shape:
+    type: rhai
+    from: in
+    script: |
+      if event.n != 13 {{ event.route = \"out\"; }}
+      event
+outputs:
+  out: {{ type: kafka, brokers: [\"{brokers}\"], topic: \"{base}_{{{{ route }}}}\", from: shape, retry: {{ initial_backoff: 50ms }} }}
+  dead: {{ type: test_sink, key: {dead}, from: out.error }}
+"
+    );
+    let cx = RunContext::new();
+    let run = tokio::spawn({
+        let cx = cx.clone();
+        async move { run_yaml(&yaml, cx).await }
+    });
+    wait_for(|| committed(&brokers, &group, &source, 1) >= 50, "all 50 offsets committed").await;
+    cx.stop.cancel();
+    run.await.unwrap();
+    assert_eq!(ns(&delivered(&dead)), [13].into_iter().collect(), "only the poison event is dead-lettered");
+    let written = read_back(&brokers, &[&target], 49).await;
+    let seen: Vec<u64> = written.iter().map(|m| m.payload["n"].as_u64().unwrap()).collect();
+    let unique: BTreeSet<u64> = seen.iter().copied().collect();
+    assert_eq!(seen.len(), 49, "each batch-mate written once: {seen:?}");
+    assert_eq!(unique, (0..50).filter(|n| *n != 13).collect());
+    let metrics = cx.metrics.encode();
+    let line = r#"conflux_output_retries_total{pipeline="test",component="out",kind="output"} 0"#;
+    assert!(metrics.contains(line), "a refused event is not retried: missing `{line}` in\n{metrics}");
+}

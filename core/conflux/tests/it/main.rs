@@ -8,6 +8,7 @@ mod hostile;
 mod http;
 mod kafka;
 mod nats;
+mod outputs;
 mod validation;
 mod wasm;
 
