@@ -21,6 +21,14 @@ pub const ERROR_PORT: &str = "error";
 /// Metadata key under which a component records why an event failed.
 pub const ERROR_META: &str = "error";
 
+/// Metadata key of a windowed result's stable identity: the same for every
+/// update of one group's window, so an output can upsert or overwrite by it.
+pub const RESULT_KEY_META: &str = "result_key";
+
+/// Metadata key of a windowed result's revision within its window: updates
+/// count up from 1 and the final result has the highest.
+pub const RESULT_REVISION_META: &str = "result_revision";
+
 /// Collects what a component emits during one call, per port.
 ///
 /// The engine owns it and routes its contents after the call returns, so

@@ -33,6 +33,11 @@ pub const SNAPSHOT_VERSION: u32 = 1;
 pub struct Pending {
     pub payload: Value,
     pub event_time: i64,
+    /// The result's key and revision (its metadata), sent again with it.
+    #[serde(default)]
+    pub key: String,
+    #[serde(default)]
+    pub revision: u64,
 }
 
 /// What a snapshot holds; written from borrowed state, read back owned.
@@ -70,6 +75,7 @@ pub struct GroupRef<'a> {
     pub key: &'a str,
     pub group: &'a [Value],
     pub accs: &'a [Acc],
+    pub revision: u64,
 }
 
 #[derive(Deserialize)]
@@ -84,6 +90,9 @@ pub struct SavedGroup {
     pub key: String,
     pub group: Vec<Value>,
     pub accs: Vec<Acc>,
+    /// Results emitted for the group's window so far (absent in older snapshots).
+    #[serde(default)]
+    pub revision: u64,
 }
 
 pub type SnapshotRef<'a> = Snapshot<WindowRef<'a>, &'a Pending>;
@@ -459,8 +468,8 @@ mod tests {
     fn failed_results_come_back_confirmed_ones_go() {
         let mut d =
             Durability::new(Store::file("x".into()), Duration::from_secs(1), String::new(), Counters::default());
-        let ok = d.track(Pending { payload: Value::from("a"), event_time: 1 });
-        let bad = d.track(Pending { payload: Value::from("b"), event_time: 2 });
+        let ok = d.track(Pending { payload: Value::from("a"), event_time: 1, key: String::new(), revision: 1 });
+        let bad = d.track(Pending { payload: Value::from("b"), event_time: 2, key: String::new(), revision: 1 });
         bad.mark(AckStatus::Errored);
         drop((ok, bad));
         let retry = d.settle();

@@ -5,6 +5,7 @@ use std::collections::hash_map::Entry;
 use std::collections::{BTreeMap, HashMap};
 use std::time::Instant;
 
+use conflux_api::component::{RESULT_KEY_META, RESULT_REVISION_META};
 use conflux_api::path::{FieldPath, FieldSet};
 use conflux_api::{
     async_trait, inventory, AckToken, Batch, BuildContext, BuildError, BuiltStage, Emitter, Event, Field, PortId,
@@ -80,6 +81,8 @@ struct GroupState {
     accs: Vec<Acc>,
     tokens: Vec<AckToken>,
     dirty: bool,
+    /// Results emitted for this group's window so far.
+    revision: u64,
 }
 
 /// Windows by (start, end), then groups by key.
@@ -121,6 +124,7 @@ pub struct AggregateStage {
     /// Set when `checkpoint` is configured.
     durability: Option<Durability>,
     component: String,
+    pipeline: String,
 }
 
 fn path(option: &[&str], text: &str) -> Result<FieldPath, BuildError> {
@@ -342,6 +346,7 @@ impl StageConfig for AggregateConfig {
             contributions: Vec::new(),
             durability,
             component: cx.component.clone(),
+            pipeline: cx.pipeline.clone(),
         };
         Ok(BuiltStage::new(stage).with_ports(["late", "invalid"]))
     }
@@ -470,7 +475,7 @@ impl AggregateStage {
     /// (see [`Self::levels`]).
     fn new_state(&self, group: Vec<Value>) -> GroupState {
         let accs: Vec<Acc> = self.metrics.iter().map(Metric::empty).collect();
-        GroupState { group, accs, tokens: Vec::new(), dirty: false }
+        GroupState { group, accs, tokens: Vec::new(), dirty: false, revision: 0 }
     }
 
     /// Gauge levels of a group at time `end`: the level carried from the
@@ -659,6 +664,7 @@ impl AggregateStage {
             self.carry_gauges(&key, &state.accs);
             let levels = self.levels(&key, window.1);
             let payload = self.result(window, &state, levels.as_deref(), true);
+            let (result_key, revision) = (self.result_key(window, &state.group), state.revision + 1);
             if let Some(sessions) = self.sessions.get_mut(&key) {
                 sessions.retain(|w| *w != window);
                 if sessions.is_empty() {
@@ -669,16 +675,26 @@ impl AggregateStage {
             let ack = if let Some(durability) = &mut self.durability {
                 // Sources were (or will be) acknowledged by a snapshot; the result stays in
                 // snapshots until an output confirms it.
-                durability.track(Pending { payload: payload.clone(), event_time: window.1 })
+                durability.track(Pending {
+                    payload: payload.clone(),
+                    event_time: window.1,
+                    key: result_key.clone(),
+                    revision,
+                })
             } else if tokens.is_empty() {
                 AckToken::untracked()
             } else {
                 AckToken::new(move |status| tokens.iter().for_each(|t| t.mark(status)))
             };
-            let mut event = Event::new(payload).with_ack(ack);
-            event.event_time = Some(Timestamp(window.1));
-            out.emit(event);
+            out.emit(result_event(payload, window.1, result_key, revision).with_ack(ack));
         }
+    }
+
+    /// The stable identity of one group's window (see [`RESULT_KEY_META`]):
+    /// `pipeline/stage/[group values]/window start`.
+    fn result_key(&self, window: (i64, i64), group: &[Value]) -> String {
+        let values = conflux_api::sonic_rs::to_string(group).unwrap_or_default();
+        format!("{}/{}/{values}/{}", self.pipeline, self.component, Timestamp(window.0).to_rfc3339())
     }
 
     fn close_due(&mut self, watermark: i64, out: &mut Emitter) {
@@ -742,6 +758,7 @@ impl AggregateStage {
                             accs: state.accs.clone(),
                             tokens: Vec::new(),
                             dirty: false,
+                            revision: 0,
                         };
                         merged.insert(key, copy);
                     }
@@ -750,9 +767,10 @@ impl AggregateStage {
         }
         for (key, state) in &merged {
             let levels = self.levels(key, t);
-            let mut event = Event::new(self.result((t - size, t), state, levels.as_deref(), true));
-            event.event_time = Some(Timestamp(t));
-            out.emit(event);
+            let window = (t - size, t);
+            let payload = self.result(window, state, levels.as_deref(), true);
+            // Each step's window is reported once, final.
+            out.emit(result_event(payload, t, self.result_key(window, &state.group), 1));
         }
     }
 
@@ -784,15 +802,16 @@ impl AggregateStage {
         for (window, groups) in self.windows.iter_mut() {
             for (key, state) in groups.iter_mut().filter(|(_, s)| s.dirty) {
                 state.dirty = false;
-                results.push((*window, key.clone(), state.group.clone(), state.accs.clone()));
+                state.revision += 1;
+                results.push((*window, key.clone(), state.group.clone(), state.accs.clone(), state.revision));
             }
         }
-        for (window, key, group, accs) in results {
-            let state = GroupState { group, accs, tokens: Vec::new(), dirty: false };
+        for (window, key, group, accs, revision) in results {
+            let result_key = self.result_key(window, &group);
+            let state = GroupState { group, accs, tokens: Vec::new(), dirty: false, revision };
             let levels = self.levels(&key, window.1);
-            let mut event = Event::new(self.result(window, &state, levels.as_deref(), false));
-            event.event_time = Some(Timestamp(window.1));
-            out.emit(event);
+            let payload = self.result(window, &state, levels.as_deref(), false);
+            out.emit(result_event(payload, window.1, result_key, revision));
         }
     }
 
@@ -850,7 +869,16 @@ impl AggregateStage {
             let groups: HashMap<String, GroupState> = window
                 .groups
                 .into_iter()
-                .map(|g| (g.key, GroupState { group: g.group, accs: g.accs, tokens: Vec::new(), dirty: false }))
+                .map(|g| {
+                    let state = GroupState {
+                        group: g.group,
+                        accs: g.accs,
+                        tokens: Vec::new(),
+                        dirty: false,
+                        revision: g.revision,
+                    };
+                    (g.key, state)
+                })
                 .collect();
             self.states += groups.len();
             self.windows.insert((window.start, window.end), groups);
@@ -884,7 +912,12 @@ impl AggregateStage {
                 end,
                 groups: groups
                     .iter()
-                    .map(|(key, state)| GroupRef { key, group: &state.group, accs: &state.accs })
+                    .map(|(key, state)| GroupRef {
+                        key,
+                        group: &state.group,
+                        accs: &state.accs,
+                        revision: state.revision,
+                    })
                     .collect(),
             })
             .collect();
@@ -964,10 +997,17 @@ fn add_gauges(levels: &mut [f64], accs: &[Acc]) {
 /// Emits results again: restored from a snapshot, or failed by an output.
 fn emit_pending(results: Vec<(Pending, AckToken)>, out: &mut Emitter) {
     for (pending, ack) in results {
-        let mut event = Event::new(pending.payload).with_ack(ack);
-        event.event_time = Some(Timestamp(pending.event_time));
-        out.emit(event);
+        out.emit(result_event(pending.payload, pending.event_time, pending.key, pending.revision).with_ack(ack));
     }
+}
+
+/// A result event: timed at its window's end, with its key and revision in the metadata.
+fn result_event(payload: Value, end: i64, key: String, revision: u64) -> Event {
+    let mut event = Event::new(payload);
+    event.event_time = Some(Timestamp(end));
+    event.meta.insert(RESULT_KEY_META, key.as_str());
+    event.meta.insert(RESULT_REVISION_META, revision);
+    event
 }
 
 impl Drop for AggregateStage {

@@ -5,6 +5,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use conflux_aggregate::AggregateConfig;
+use conflux_api::sonic_rs::JsonValueTrait;
 use conflux_api::{AckStatus, AckToken, BuildContext, BuiltStage, Emitter, Event, StageConfig};
 use serde_json::{json, Value as J};
 
@@ -115,6 +116,16 @@ async fn unconfirmed_results_are_sent_again_after_a_restart() {
     let mut second = stage(config(), dir.path());
     let mut out = Emitter::new(second.ports.len());
     second.stage.process(Vec::new(), &mut out).await;
+    let again: Vec<Event> = out.drain().flat_map(|(_, b)| b).collect();
+    // Sent again with the same key and revision, so an output overwrites.
+    for event in &again {
+        let key = event.meta.get("result_key").and_then(|v| v.as_str()).expect("result_key");
+        let r = serde_json::to_value(&event.data).unwrap()["r"].as_str().unwrap().to_string();
+        assert_eq!(key, format!(r#"p/agg/["{r}"]/2026-11-22T10:00:00.000Z"#));
+        assert_eq!(event.meta.get("result_revision").and_then(|v| v.as_u64()), Some(1));
+    }
+    let mut out = Emitter::new(second.ports.len());
+    out.emit_batch(again);
     let again = results(&mut out);
     let keys: Vec<&str> = again.iter().map(|(k, _)| k.as_str()).collect();
     assert_eq!(keys.len(), 3, "restored results are resent: {keys:?}");

@@ -1035,3 +1035,42 @@ async fn percentiles_report_the_nearest_rank() {
         assert!((got - want).abs() <= 0.01 * want, "{key}: {got}, want {want} ({p})");
     }
 }
+
+/// (result_key, result_revision, final) of each default-port result.
+fn keyed(out: &mut Emitter) -> Vec<(String, u64, bool)> {
+    out.drain()
+        .filter(|(port, _)| *port == 0)
+        .flat_map(|(_, b)| b.into_iter())
+        .map(|e| {
+            let key = e.meta.get("result_key").and_then(|v| v.as_str()).expect("result_key").to_string();
+            let revision = e.meta.get("result_revision").and_then(|v| v.as_u64()).expect("result_revision");
+            let final_ = serde_json::to_value(&e.data).unwrap()["final"].as_bool().unwrap();
+            (key, revision, final_)
+        })
+        .collect()
+}
+
+use conflux_api::sonic_rs::JsonValueTrait;
+
+#[tokio::test]
+async fn results_carry_a_stable_key_and_a_revision_that_ends_highest_at_the_final() {
+    let mut s = stage(json!({
+        "group_by": ["data.restaurantId"],
+        "time": { "field": "timestamp" },
+        "window": { "tumbling": "1m" },
+        "emit": "every_batch",
+        "metrics": { "bookings": { "count": {} } }
+    }));
+    let mut out = Emitter::new(s.ports.len());
+    s.stage.process(vec![at(0, 1, "r-1", "booking_created", 2), at(0, 2, "r-2", "booking_created", 2)], &mut out).await;
+    s.stage.process(vec![at(0, 3, "r-1", "booking_created", 2)], &mut out).await;
+    s.stage.finish(&mut out).await;
+    let mut got = keyed(&mut out);
+    got.sort();
+    let r1 = r#"p/agg/["r-1"]/2026-11-22T10:00:00.000Z"#.to_string();
+    let r2 = r#"p/agg/["r-2"]/2026-11-22T10:00:00.000Z"#.to_string();
+    assert_eq!(
+        got,
+        vec![(r1.clone(), 1, false), (r1.clone(), 2, false), (r1, 3, true), (r2.clone(), 1, false), (r2, 2, true)]
+    );
+}
