@@ -7,6 +7,7 @@
 //! value types every plugin shares ([`config`]).
 
 pub mod ack;
+pub mod backoff;
 pub mod component;
 pub mod config;
 pub mod error;
@@ -25,6 +26,7 @@ pub mod template;
 
 pub use ack::{AckStatus, AckToken};
 pub use async_trait::async_trait;
+pub use backoff::Backoff;
 pub use bytes::{self, Bytes};
 pub use component::{BuildContext, BuiltInput, BuiltStage, Emitter, Input, Output, PortId, Stage};
 pub use error::{BuildError, FailedEvent, PluginError};

@@ -106,8 +106,7 @@ impl Default for RetryConfig {
 impl RetryConfig {
     /// Backoff before retry number `attempt` (1-based), doubling up to the maximum.
     pub fn backoff(&self, attempt: u32) -> std::time::Duration {
-        let factor = 2u32.saturating_pow(attempt.saturating_sub(1).min(20));
-        self.initial_backoff.0.saturating_mul(factor).min(self.max_backoff.0)
+        conflux_api::Backoff::new(self.initial_backoff.0, self.max_backoff.0).wait(attempt)
     }
 }
 

@@ -141,7 +141,8 @@ impl SharedKeys {
                 .arg("GET");
         }
         let started = Instant::now();
-        let mut wait = Duration::from_millis(50);
+        let backoff = conflux_api::Backoff::new(Duration::from_millis(50), Duration::from_secs(1));
+        let mut failures = 0;
         loop {
             let attempt = async {
                 if self.conn.is_none() {
@@ -160,12 +161,13 @@ impl SharedKeys {
                 }
                 Err(e) => {
                     self.conn = None;
+                    failures += 1;
+                    let wait = backoff.wait(failures);
                     if started.elapsed() + wait > self.timeout {
                         return Err(format!("dedupe keys in Redis are unreachable: {e}"));
                     }
                     debug!(error = %e, retry_in = ?wait, "dedupe: Redis call failed; retrying");
                     tokio::time::sleep(wait).await;
-                    wait = (wait * 2).min(Duration::from_secs(1));
                 }
             }
         }

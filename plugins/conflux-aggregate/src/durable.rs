@@ -302,8 +302,9 @@ impl Durability {
 
     /// Whether a snapshot is due (sooner after success, backing off after failures).
     pub fn due(&self) -> bool {
-        let backoff = self.interval.saturating_mul(1 << self.failures.min(4)).min(Duration::from_secs(60));
-        self.last_save.elapsed() >= backoff.max(self.interval)
+        // Up to 16 intervals, and no more than a minute unless the interval is longer.
+        let max = self.interval.saturating_mul(16).min(Duration::from_secs(60)).max(self.interval);
+        self.last_save.elapsed() >= conflux_api::Backoff::new(self.interval, max).wait(self.failures + 1)
     }
 
     /// The bookkeeping a snapshot records, with state filled in by the stage.

@@ -819,7 +819,9 @@ impl AggregateStage {
     /// can (store unreachable, unreadable or from another configuration), the
     /// stage waits: processing without its state would double-count.
     async fn ensure_restored(&mut self, out: &mut Emitter) {
-        let mut wait = std::time::Duration::from_millis(500);
+        let backoff =
+            conflux_api::Backoff::new(std::time::Duration::from_millis(500), std::time::Duration::from_secs(30));
+        let mut failures = 0;
         loop {
             let Some(durability) = self.durability.as_mut() else { return };
             if durability.restored {
@@ -830,6 +832,8 @@ impl AggregateStage {
             match loaded.and_then(|bytes| self.restore(bytes.as_deref(), out)) {
                 Ok(()) => return,
                 Err(reason) => {
+                    failures += 1;
+                    let wait = backoff.wait(failures);
                     error!(
                         component = %self.component,
                         checkpoint = %place,
@@ -838,7 +842,6 @@ impl AggregateStage {
                         "cannot restore the aggregate checkpoint; nothing is processed until it can"
                     );
                     tokio::time::sleep(wait).await;
-                    wait = (wait * 2).min(std::time::Duration::from_secs(30));
                 }
             }
         }

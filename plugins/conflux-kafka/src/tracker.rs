@@ -32,19 +32,7 @@ struct Partition {
 }
 
 /// How long a partition waits before a failed event is read again.
-#[derive(Debug, Clone, Copy)]
-pub struct Backoff {
-    pub initial: Duration,
-    pub max: Duration,
-}
-
-impl Backoff {
-    /// The wait after the `failures`-th consecutive failure (1 = first).
-    pub fn wait(&self, failures: u32) -> Duration {
-        let doublings = failures.saturating_sub(1).min(31);
-        self.initial.saturating_mul(1 << doublings).min(self.max)
-    }
-}
+pub use conflux_api::Backoff;
 
 #[derive(Debug, Default)]
 pub struct Tracker {

@@ -425,7 +425,7 @@ async fn acknowledge(
                 }
                 AckEvent::Done { reply, delivered, status: AckStatus::Errored } => {
                     let delivered = delivered.clamp(1, 16) as u32;
-                    let delay = nak_delay.saturating_mul(1 << (delivered - 1)).min(StdDuration::from_secs(60));
+                    let delay = conflux_api::Backoff::new(nak_delay, StdDuration::from_secs(60)).wait(delivered);
                     send(&client, reply, AckKind::Nak(Some(delay))).await;
                 }
                 // Under `all`, a term would count as an ack of everything below
