@@ -7,7 +7,7 @@ use conflux_api::AckStatus;
 use conflux_engine::runtime::RunContext;
 use conflux_testkit::{acks, delivered, emitted, release, run_yaml};
 
-use crate::{http_get, key, setup};
+use crate::{http_get, key, setup, AdminServer};
 
 fn ns(values: &[serde_json::Value]) -> Vec<u64> {
     let mut n: Vec<u64> = values.iter().map(|v| v["n"].as_u64().unwrap()).collect();
@@ -274,15 +274,8 @@ outputs:
 "
     );
     let cx = RunContext::new();
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let stop_admin = tokio_util::sync::CancellationToken::new();
-    let server = tokio::spawn(conflux_engine::admin::serve(
-        listener,
-        cx.metrics.clone(),
-        cx.readiness.clone(),
-        stop_admin.clone(),
-    ));
+    let admin = AdminServer::start(&cx).await;
+    let addr = admin.addr;
 
     let (status, body) = http_get(addr, "/ready").await;
     assert_eq!(status, 503, "not ready before any pipeline started: {body}");
@@ -305,6 +298,5 @@ outputs:
     ] {
         assert!(metrics.contains(line), "missing `{line}` in\n{metrics}");
     }
-    stop_admin.cancel();
-    server.await.unwrap().unwrap();
+    admin.stop().await;
 }

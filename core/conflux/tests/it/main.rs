@@ -45,6 +45,33 @@ pub async fn http_get(addr: std::net::SocketAddr, path: &str) -> (u16, String) {
     (status, body)
 }
 
+/// The admin server (`/health`, `/ready`, `/metrics`) of a run context, on a free port.
+pub struct AdminServer {
+    pub addr: std::net::SocketAddr,
+    stop: tokio_util::sync::CancellationToken,
+    task: tokio::task::JoinHandle<std::io::Result<()>>,
+}
+
+impl AdminServer {
+    pub async fn start(cx: &conflux_engine::runtime::RunContext) -> AdminServer {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let stop = tokio_util::sync::CancellationToken::new();
+        let task = tokio::spawn(conflux_engine::admin::serve(
+            listener,
+            cx.metrics.clone(),
+            cx.readiness.clone(),
+            stop.clone(),
+        ));
+        AdminServer { addr, stop, task }
+    }
+
+    pub async fn stop(self) {
+        self.stop.cancel();
+        self.task.await.unwrap().unwrap();
+    }
+}
+
 /// A loopback address with a port free right now.
 pub fn free_addr() -> std::net::SocketAddr {
     let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind loopback");

@@ -10,7 +10,7 @@ use conflux_api::AckStatus;
 use conflux_engine::runtime::RunContext;
 use conflux_testkit::{acks, batches, delivered, most_concurrent_writes, run_yaml, FaultProxy};
 
-use crate::{http_get, key, setup};
+use crate::{http_get, key, setup, AdminServer};
 
 fn ns(values: &[serde_json::Value]) -> BTreeSet<u64> {
     values.iter().map(|v| v["n"].as_u64().unwrap()).collect()
@@ -253,15 +253,8 @@ outputs:
         proxy = proxy.host_port()
     );
     let cx = RunContext::new();
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let admin = listener.local_addr().unwrap();
-    let stop_admin = tokio_util::sync::CancellationToken::new();
-    let server = tokio::spawn(conflux_engine::admin::serve(
-        listener,
-        cx.metrics.clone(),
-        cx.readiness.clone(),
-        stop_admin.clone(),
-    ));
+    let server = AdminServer::start(&cx).await;
+    let admin = server.addr;
     let run = tokio::spawn({
         let cx = cx.clone();
         async move { run_yaml(&yaml, cx).await }
@@ -287,8 +280,7 @@ outputs:
 
     cx.stop.cancel();
     run.await.unwrap();
-    stop_admin.cancel();
-    server.await.unwrap().unwrap();
+    server.stop().await;
 
     // Every event the source emitted was acknowledged as delivered, and is in the stream.
     let statuses = acks(&src);
