@@ -6,7 +6,7 @@ use std::sync::OnceLock;
 
 use conflux_api::path::FieldPath;
 use conflux_api::template::Template;
-use conflux_api::{sonic_rs, Payload, Value};
+use conflux_api::{sonic_rs, Event, Payload, Value};
 use libfuzzer_sys::fuzz_target;
 
 const EVENT: &str = r#"{"type":"booking_created","timestamp":"2026-11-22T10:00:05Z",
@@ -23,7 +23,15 @@ fuzz_target!(|data: &[u8]| {
     let value = event();
     if let Ok(template) = Template::parse(text) {
         let _ = template.is_static();
-        let _ = template.render(value);
+        let mut event = Event::new(value.clone());
+        event.meta.insert("kafka.key", "k");
+        event.meta.insert("kafka.headers", value.clone());
+        let _ = template.render(&event);
+        let parsed = template.render(&event);
+        // Reading the fields from the unparsed text must give the same string.
+        let payload = Payload::from_json(EVENT.replace('\n', "").as_bytes()).expect("the fixed event is accepted");
+        event.data = payload;
+        assert_eq!(parsed, template.render(&event), "tree and text render `{text}` differently");
     }
     if let Ok(path) = FieldPath::parse(text) {
         let got = path.get(value);

@@ -128,6 +128,15 @@ impl<'p> Field<'p> {
         }
     }
 
+    /// The value as JSON text: its own text when it has one (no tree is built).
+    pub fn json_text(&self) -> Cow<'p, str> {
+        match *self {
+            Field::Parsed(v) => Cow::Owned(sonic_rs::to_string(v).unwrap_or_default()),
+            // The text was checked as UTF-8 when it was accepted.
+            Field::Text(t) => String::from_utf8_lossy(exact(t)),
+        }
+    }
+
     /// The value as a tree: borrowed when parsed, built from its text otherwise.
     pub fn to_value(&self) -> Cow<'p, Value> {
         match *self {

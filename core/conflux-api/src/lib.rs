@@ -8,6 +8,7 @@
 
 pub mod ack;
 pub mod backoff;
+pub mod columns;
 pub mod component;
 pub mod config;
 pub mod error;

@@ -29,6 +29,11 @@ impl FieldPath {
         &self.text
     }
 
+    /// The path's steps (`a.b.0` → `a`, `b`, `0`).
+    pub fn segments(&self) -> &[String] {
+        &self.segments
+    }
+
     /// The value at this path, if every step exists.
     pub fn get<'v>(&self, root: &'v Value) -> Option<&'v Value> {
         let mut current = root;

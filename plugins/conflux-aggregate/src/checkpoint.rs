@@ -7,7 +7,7 @@
 
 use std::path::{Path, PathBuf};
 
-use redis::aio::MultiplexedConnection;
+use conflux_redis::RedisConn;
 
 /// A snapshot could not be read or written.
 #[derive(Debug, thiserror::Error)]
@@ -21,7 +21,7 @@ pub enum CheckpointError {
 /// One durable slot holding the latest snapshot.
 pub enum Store {
     File(PathBuf),
-    Redis { client: Box<redis::Client>, url: String, key: String, conn: Option<MultiplexedConnection> },
+    Redis { conn: Box<RedisConn>, key: String },
 }
 
 impl Store {
@@ -32,14 +32,14 @@ impl Store {
 
     /// A Redis store; the URL is checked now, the connection opened on first use.
     pub fn redis(url: &str, key: String) -> Result<Self, redis::RedisError> {
-        Ok(Store::Redis { client: Box::new(redis::Client::open(url)?), url: redacted(url), key, conn: None })
+        Ok(Store::Redis { conn: Box::new(RedisConn::open(url)?), key })
     }
 
     /// Where snapshots go, for logs (passwords removed).
     pub fn describe(&self) -> String {
         match self {
             Store::File(path) => path.display().to_string(),
-            Store::Redis { url, key, .. } => format!("{url} key {key}"),
+            Store::Redis { conn, key } => format!("{} key {key}", conn.url()),
         }
     }
 
@@ -87,18 +87,12 @@ impl Store {
     }
 
     async fn redis_query<T: redis::FromRedisValue>(&mut self, cmd: &mut redis::Cmd) -> Result<T, CheckpointError> {
-        let Store::Redis { client, url, key, conn } = self else { unreachable!("only called on the Redis store") };
-        let error = |source| CheckpointError::Redis { url: url.clone(), key: key.clone(), source };
-        if conn.is_none() {
-            *conn = Some(client.get_multiplexed_async_connection().await.map_err(error)?);
-        }
-        let connection = conn.as_mut().expect("connected above");
-        let result = cmd.query_async(connection).await;
-        if result.is_err() {
-            // Reconnect next time: the connection may be what broke.
-            *conn = None;
-        }
-        result.map_err(error)
+        let Store::Redis { conn, key } = self else { unreachable!("only called on the Redis store") };
+        conn.query(cmd).await.map_err(|source| CheckpointError::Redis {
+            url: conn.url().to_string(),
+            key: key.clone(),
+            source,
+        })
     }
 }
 
@@ -117,28 +111,12 @@ fn write_atomically(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
     std::fs::File::open(dir)?.sync_all()
 }
 
-/// `redis://user:secret@host` → `redis://user:***@host`: URLs end up in logs.
-fn redacted(url: &str) -> String {
-    match (url.find("://"), url.rfind('@')) {
-        (Some(scheme), Some(at)) if at > scheme => {
-            let credentials = &url[scheme + 3..at];
-            match credentials.find(':') {
-                Some(colon) => format!("{}{}:***{}", &url[..scheme + 3], &credentials[..colon], &url[at..]),
-                None => url.to_string(),
-            }
-        }
-        _ => url.to_string(),
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
 
     #[test]
     fn passwords_never_reach_the_description() {
-        assert_eq!(redacted("redis://app:hunter2@cache:6379/0"), "redis://app:***@cache:6379/0");
-        assert_eq!(redacted("redis://127.0.0.1:6379"), "redis://127.0.0.1:6379");
         let store = Store::redis("redis://:hunter2@127.0.0.1:6379", "k".into()).unwrap();
         assert!(!store.describe().contains("hunter2"), "{}", store.describe());
     }

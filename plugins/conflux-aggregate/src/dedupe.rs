@@ -8,11 +8,11 @@ use conflux_api::{
     async_trait, inventory, AckStatus, Batch, BuildContext, BuildError, BuiltStage, Emitter, Event, PortId,
     Registration, Stage, StageConfig,
 };
+use conflux_redis::RedisConn;
 use conflux_rhai::{Condition, Limits};
-use redis::aio::MultiplexedConnection;
 use schemars::JsonSchema;
 use serde::Deserialize;
-use tracing::{debug, warn};
+use tracing::warn;
 
 /// Passes the first event of each key and sends repeats within `window` to
 /// port `duplicate` (idempotent intake: retried HTTP posts, redelivered messages).
@@ -78,11 +78,10 @@ impl StageConfig for DedupeConfig {
         let memory = match self.redis {
             None => Memory::Local { seen: HashMap::new(), order: VecDeque::new() },
             Some(redis) => Memory::Redis(SharedKeys {
-                client: Box::new(
-                    redis::Client::open(redis.url.as_str())
+                redis: Box::new(
+                    RedisConn::open(redis.url.as_str())
                         .map_err(|e| BuildError::at(["redis", "url"], format!("bad Redis URL: {e}")))?,
                 ),
-                conn: None,
                 prefix: redis.prefix.unwrap_or_else(|| format!("conflux:dedupe:{}:{}:", cx.pipeline, cx.component)),
                 timeout: redis.timeout.0,
                 nonce: fastrand::u64(..),
@@ -116,8 +115,7 @@ enum Memory {
 }
 
 struct SharedKeys {
-    client: Box<redis::Client>,
-    conn: Option<MultiplexedConnection>,
+    redis: Box<RedisConn>,
     prefix: String,
     timeout: Duration,
     /// Tells this process's writes apart, so a retried batch recognises keys it set itself.
@@ -140,37 +138,13 @@ impl SharedKeys {
                 .arg(window.as_millis() as u64)
                 .arg("GET");
         }
-        let started = Instant::now();
         let backoff = conflux_api::Backoff::new(Duration::from_millis(50), Duration::from_secs(1));
-        let mut failures = 0;
-        loop {
-            let attempt = async {
-                if self.conn.is_none() {
-                    self.conn = Some(self.client.get_multiplexed_async_connection().await?);
-                }
-                let conn = self.conn.as_mut().expect("connected above");
-                pipe.query_async::<Vec<Option<String>>>(conn).await
-            };
-            match attempt.await {
-                Ok(previous) => {
-                    return Ok(previous
-                        .iter()
-                        .zip(&tokens)
-                        .map(|(before, ours)| before.as_ref().is_none_or(|b| b == ours))
-                        .collect())
-                }
-                Err(e) => {
-                    self.conn = None;
-                    failures += 1;
-                    let wait = backoff.wait(failures);
-                    if started.elapsed() + wait > self.timeout {
-                        return Err(format!("dedupe keys in Redis are unreachable: {e}"));
-                    }
-                    debug!(error = %e, retry_in = ?wait, "dedupe: Redis call failed; retrying");
-                    tokio::time::sleep(wait).await;
-                }
-            }
-        }
+        let previous: Vec<Option<String>> = self
+            .redis
+            .query_pipe_retrying(&pipe, backoff, self.timeout)
+            .await
+            .map_err(|e| format!("dedupe keys in Redis are unreachable: {e}"))?;
+        Ok(previous.iter().zip(&tokens).map(|(before, ours)| before.as_ref().is_none_or(|b| b == ours)).collect())
     }
 }
 
@@ -293,8 +267,7 @@ mod tests {
     async fn a_retried_batch_recognises_its_own_keys() {
         let prefix = format!("conflux-test:dedupe:{}:", fastrand::u64(..));
         let mut shared = SharedKeys {
-            client: Box::new(redis::Client::open("redis://127.0.0.1:6379").unwrap()),
-            conn: None,
+            redis: Box::new(RedisConn::open("redis://127.0.0.1:6379").unwrap()),
             prefix,
             timeout: Duration::from_secs(2),
             nonce: 7,

@@ -100,13 +100,16 @@ impl OutputConfig for KafkaOutputConfig {
         if self.brokers.is_empty() {
             return Err(BuildError::at(["brokers"], "give at least one broker"));
         }
-        let topic = Template::parse(&self.topic).map_err(|e| BuildError::at(["topic"], e))?;
-        let key = self.key.as_deref().map(Template::parse).transpose().map_err(|e| BuildError::at(["key"], e))?;
+        let topic = Template::parse(&self.topic).map_err(|e| BuildError::at(["topic"], e.to_string()))?;
+        let key =
+            self.key.as_deref().map(Template::parse).transpose().map_err(|e| BuildError::at(["key"], e.to_string()))?;
         let headers = self
             .headers
             .iter()
             .map(|(k, v)| {
-                Template::parse(v).map(|t| (k.clone(), t)).map_err(|e| BuildError::at(["headers", k.as_str()], e))
+                Template::parse(v)
+                    .map(|t| (k.clone(), t))
+                    .map_err(|e| BuildError::at(["headers", k.as_str()], e.to_string()))
             })
             .collect::<Result<Vec<_>, _>>()?;
         Ok(Box::new(KafkaOutput { config: self, topic, key, headers, producer: None }))
@@ -171,12 +174,11 @@ impl Output for KafkaOutput {
         let mut refused = Vec::new();
         for (index, event) in batch.iter().enumerate() {
             let rendered = (|| {
-                let topic = self.topic.render(&event.data).map_err(|e| format!("topic: {e}"))?;
-                let key =
-                    self.key.as_ref().map(|k| k.render(&event.data)).transpose().map_err(|e| format!("key: {e}"))?;
+                let topic = self.topic.render(event).map_err(|e| format!("topic: {e}"))?;
+                let key = self.key.as_ref().map(|k| k.render(event)).transpose().map_err(|e| format!("key: {e}"))?;
                 let mut headers = OwnedHeaders::new_with_capacity(self.headers.len());
                 for (name, template) in &self.headers {
-                    let value = template.render(&event.data).map_err(|e| format!("header `{name}`: {e}"))?;
+                    let value = template.render(event).map_err(|e| format!("header `{name}`: {e}"))?;
                     headers = headers.insert(Header { key: name, value: Some(value.as_bytes()) });
                 }
                 Ok::<_, String>((topic, key, headers))

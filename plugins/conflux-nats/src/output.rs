@@ -30,7 +30,7 @@ pub struct NatsOutputConfig {
 impl OutputConfig for NatsOutputConfig {
     const TYPE: &'static str = "nats";
     fn build(self, _cx: &BuildContext) -> Result<Box<dyn Output>, BuildError> {
-        let subject = Template::parse(&self.subject).map_err(|e| BuildError::at(["subject"], e))?;
+        let subject = Template::parse(&self.subject).map_err(|e| BuildError::at(["subject"], e.to_string()))?;
         Ok(Box::new(NatsOutput { config: self, subject, client: None }))
     }
 }
@@ -60,7 +60,7 @@ impl Output for NatsOutput {
         // Events whose subject cannot be rendered; the rest go on without them.
         let mut refused = Vec::new();
         for (index, event) in batch.iter().enumerate() {
-            let subject = match self.subject.render(&event.data) {
+            let subject = match self.subject.render(event) {
                 Ok(subject) => subject,
                 Err(e) => {
                     refused.push(FailedEvent::new(index, format!("subject: {e}")));
