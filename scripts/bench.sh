@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Throughput and memory benchmarks on a release build. Prints events/s (median
 # of RUNS runs) and peak RSS per scenario. Usage: scripts/bench.sh [scenario…]
-# Scenarios: generate_drop file_drop rhai wasm_identity wasm_mask wasm_filter aggregate idle slow_output
+# Scenarios: generate_drop file_drop file_drop_batched rhai wasm_identity wasm_mask wasm_filter aggregate idle slow_output
 # http_single http_ndjson kafka_drop jetstream_drop (default: all but the last four, which need wrk,
 # and tansu / NATS via scripts/services.sh).
 set -euo pipefail
@@ -108,6 +108,20 @@ outputs:
 YAML
   printf '(file: %s lines, %s bytes/line on average)\n' "$(wc -l <"$file")" "$(( $(stat -c %s "$file") / $(wc -l <"$file") ))"
   throughput "file (NDJSON) → drop" "$EVENTS" "$WORK/file-drop.yaml"
+}
+
+# The same with write batches the engine gathers (`batch:`), as COPY and
+# Redis pipelines want them.
+file_drop_batched() {
+  local file
+  file=$(events_file)
+  cat >"$WORK/file-drop-batched.yaml" <<YAML
+inputs:
+  in: { type: file, path: $file }
+outputs:
+  out: { type: drop, from: in, batch: { max_events: 10000 } }
+YAML
+  throughput "file → drop (batch 10000)" "$EVENTS" "$WORK/file-drop-batched.yaml"
 }
 
 # Issue 3: a filter dropping cancelled bookings and a 3-line map script.
@@ -395,6 +409,6 @@ js_delete_stream() { # name
 }
 
 echo "conflux bench: $(nproc) cores, RUNS=$RUNS, EVENTS=$EVENTS"
-for scenario in "${@:-generate_drop file_drop rhai wasm_identity wasm_mask wasm_filter aggregate idle slow_output}"; do
+for scenario in "${@:-generate_drop file_drop file_drop_batched rhai wasm_identity wasm_mask wasm_filter aggregate idle slow_output}"; do
   for s in $scenario; do "$s"; done
 done

@@ -4,6 +4,7 @@
 //!
 //! State is kept per `key` option so tests running in parallel stay apart.
 
+pub mod conformance;
 pub mod fault_proxy;
 pub use fault_proxy::{Fault, FaultProxy};
 
@@ -231,6 +232,41 @@ struct Writing<'a>(&'a str);
 impl Drop for Writing<'_> {
     fn drop(&mut self) {
         with_state(self.0, |s| s.writing -= 1);
+    }
+}
+
+/// Sets `route: "r"` on every event, or with `skip_multiples_of` on every
+/// event except those whose `n` is a multiple of it, so an output templated
+/// on `route` refuses those.
+#[derive(Debug, Default, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct TestRouteConfig {
+    #[serde(default)]
+    pub skip_multiples_of: Option<u64>,
+}
+
+impl StageConfig for TestRouteConfig {
+    const TYPE: &'static str = "test_route";
+    fn build(self, _cx: &BuildContext) -> Result<BuiltStage, BuildError> {
+        Ok(BuiltStage::new(TestRoute(self.skip_multiples_of)))
+    }
+}
+
+inventory::submit!(Registration::stage::<TestRouteConfig>());
+
+struct TestRoute(Option<u64>);
+
+#[async_trait]
+impl Stage for TestRoute {
+    async fn process(&mut self, batch: Batch, out: &mut Emitter) {
+        use conflux_api::sonic_rs::JsonValueTrait;
+        for mut event in batch {
+            let n = event.data.get("n").and_then(|n| n.as_u64()).unwrap_or(0);
+            if self.0.is_none_or(|m| m == 0 || n % m != 0) {
+                event.data.set_fields(vec![(&["route"][..], Value::from("r"))]);
+            }
+            out.emit(event);
+        }
     }
 }
 

@@ -321,7 +321,7 @@ async fn run_files(files: Vec<PathBuf>, admin_flag: Option<String>) -> anyhow::R
     let mut runs = tokio::task::JoinSet::new();
     for pipeline in pipelines {
         info!(pipeline = %pipeline.name, file = %pipeline.file.display(), components = pipeline.nodes.len(), "starting pipeline");
-        runs.spawn(run(pipeline, cx.clone()));
+        runs.spawn(run(pipeline, cx.for_pipeline()));
     }
     let mut clean = true;
     while let Some(result) = runs.join_next().await {

@@ -38,6 +38,13 @@ pub struct RunContext {
 }
 
 impl RunContext {
+    /// The same metrics and readiness with a stop signal of the pipeline's
+    /// own, which the process's stop also fires: a pipeline whose component
+    /// fails stops alone, and one pipeline can be drained without the rest.
+    pub fn for_pipeline(&self) -> RunContext {
+        RunContext { metrics: self.metrics.clone(), readiness: self.readiness.clone(), stop: self.stop.child_token() }
+    }
+
     pub fn new() -> Self {
         let readiness = Arc::new(Readiness::default());
         RunContext {

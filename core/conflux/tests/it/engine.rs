@@ -300,3 +300,47 @@ outputs:
     }
     admin.stop().await;
 }
+
+#[tokio::test]
+async fn a_failing_pipeline_stops_alone_and_the_others_keep_serving() {
+    let dir = tempfile::tempdir().unwrap();
+    let addr = crate::free_addr();
+    let broken = dir.path().join("broken.yaml");
+    std::fs::write(
+        &broken,
+        "inputs:\n  in: { type: file, path: missing.ndjson }\noutputs:\n  out: { type: drop, from: in }\n",
+    )
+    .unwrap();
+    let serving = dir.path().join("serving.yaml");
+    std::fs::write(
+        &serving,
+        format!(
+            "inputs:\n  api: {{ type: http_server, address: \"{addr}\", ack: sync }}\noutputs:\n  out: {{ type: file, path: out.ndjson, from: api }}\n"
+        ),
+    )
+    .unwrap();
+    let child = std::process::Command::new(env!("CARGO_BIN_EXE_conflux"))
+        .env("CONFLUX_LOG", "error")
+        .arg("run")
+        .arg(&broken)
+        .arg(&serving)
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut process = crate::Conflux(child);
+    crate::wait_listening(addr).await;
+    // The broken pipeline fails at once; give it time to take others down if it would.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let (status, answer) = crate::hostile::post(addr, "application/json", br#"{"n":1}"#.to_vec()).await;
+    assert_eq!(status, 200, "the other pipeline still serves: {answer}");
+    assert_eq!(std::fs::read_to_string(dir.path().join("out.ndjson")).unwrap(), "{\"n\":1}\n");
+    assert!(process.0.try_wait().unwrap().is_none(), "the process keeps running");
+
+    let pid = process.0.id().to_string();
+    assert!(std::process::Command::new("kill").args(["-TERM", &pid]).status().unwrap().success());
+    let status = process.0.wait().unwrap();
+    assert_eq!(status.code(), Some(1), "a pipeline failed, so the run did not end clean");
+    let mut stderr = String::new();
+    std::io::Read::read_to_string(process.0.stderr.as_mut().unwrap(), &mut stderr).unwrap();
+    assert!(stderr.contains("missing.ndjson"), "the failure names the file: {stderr}");
+}

@@ -22,7 +22,7 @@ use rdkafka::{Message, Offset, TopicPartitionList};
 use crate::{key, setup, start_conflux};
 
 /// The broker address, after checking something listens there.
-async fn brokers() -> String {
+pub async fn brokers() -> String {
     let brokers = std::env::var("KAFKA_BROKERS").unwrap_or_else(|_| "127.0.0.1:9092".into());
     let first = brokers.split(',').next().unwrap().to_string();
     let reachable = tokio::time::timeout(Duration::from_secs(3), tokio::net::TcpStream::connect(&first)).await;
@@ -35,7 +35,7 @@ async fn brokers() -> String {
     brokers
 }
 
-async fn create_topic(brokers: &str, topic: &str, partitions: i32) {
+pub async fn create_topic(brokers: &str, topic: &str, partitions: i32) {
     let admin: AdminClient<DefaultClientContext> =
         ClientConfig::new().set("bootstrap.servers", brokers).create().unwrap();
     let results = admin
@@ -330,15 +330,15 @@ async fn every_compression_codec_round_trips_through_the_broker() {
 
 /// A message read back from the broker: topic, key, headers, payload.
 #[derive(Debug)]
-struct ReadBack {
-    topic: String,
-    key: Option<String>,
-    headers: BTreeMap<String, String>,
-    payload: serde_json::Value,
+pub struct ReadBack {
+    pub topic: String,
+    pub key: Option<String>,
+    pub headers: BTreeMap<String, String>,
+    pub payload: serde_json::Value,
 }
 
 /// Reads `count` messages from the start of partition 0 of each of `topics`, without a group commit.
-async fn read_back(brokers: &str, topics: &[&str], count: usize) -> Vec<ReadBack> {
+pub async fn read_back(brokers: &str, topics: &[&str], count: usize) -> Vec<ReadBack> {
     let consumer: BaseConsumer = ClientConfig::new()
         .set("bootstrap.servers", brokers)
         .set("group.id", key("reader"))

@@ -2,6 +2,7 @@
 
 mod checkpoint;
 mod cli;
+mod conformance;
 mod engine;
 mod generated;
 mod hostile;

@@ -1,0 +1,119 @@
+//! The output conformance suite (`conflux_testkit::conformance`) on the
+//! `file`, `nats` (JetStream) and `kafka` outputs, against the real services.
+//! Kafka runs without the fault cases: its broker advertises its own address,
+//! so clients reach it around a proxy; kafka.rs takes the broker away with
+//! librdkafka's mock cluster instead.
+
+use std::time::{Duration, Instant};
+
+use conflux_testkit::conformance::{run_all, OutputUnderTest};
+
+use crate::setup;
+
+fn ns_of_lines(text: &str) -> Vec<u64> {
+    text.lines().filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok()?["n"].as_u64()).collect()
+}
+
+#[tokio::test]
+async fn the_file_output_passes_the_conformance_suite() {
+    setup();
+    let dir = tempfile::tempdir().unwrap();
+    let folder = dir.path().to_path_buf();
+    let read_folder = folder.clone();
+    run_all(&OutputUnderTest {
+        name: "file",
+        output: Box::new(move |_, tag| format!("{{ type: file, path: \"{}/{tag}.ndjson\" }}", folder.display())),
+        service: None,
+        prepare: Box::new(|_| Box::pin(async {})),
+        read_back: Box::new(move |tag, _| {
+            let path = read_folder.join(format!("{tag}.ndjson"));
+            Box::pin(async move { ns_of_lines(&std::fs::read_to_string(path).unwrap_or_default()) })
+        }),
+        refuses_by_template: false,
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn the_nats_jetstream_output_passes_the_conformance_suite() {
+    setup();
+    let url = crate::nats::nats_url().await;
+    let service = url.trim_start_matches("nats://").to_string();
+    let (prepare_url, read_url) = (url.clone(), url.clone());
+    run_all(&OutputUnderTest {
+        name: "nats",
+        output: Box::new(|addr, tag| {
+            format!("{{ type: nats, url: \"nats://{addr}\", jetstream: true, subject: \"cfc.{tag}.{{{{ route }}}}\" }}")
+        }),
+        service: Some(service),
+        prepare: Box::new(move |tag| {
+            let url = prepare_url.clone();
+            Box::pin(async move {
+                let js = async_nats::jetstream::new(async_nats::connect(&url).await.unwrap());
+                js.create_stream(async_nats::jetstream::stream::Config {
+                    name: format!("CFC_{tag}"),
+                    subjects: vec![format!("cfc.{tag}.>")],
+                    ..Default::default()
+                })
+                .await
+                .unwrap();
+            })
+        }),
+        read_back: Box::new(move |tag, expected| {
+            let url = read_url.clone();
+            Box::pin(async move {
+                let js = async_nats::jetstream::new(async_nats::connect(&url).await.unwrap());
+                let mut stream = js.get_stream(format!("CFC_{tag}")).await.unwrap();
+                let deadline = Instant::now() + Duration::from_secs(10);
+                loop {
+                    let last = stream.info().await.unwrap().state.last_sequence;
+                    if last as usize >= expected || Instant::now() > deadline {
+                        let mut ns = Vec::new();
+                        for seq in 1..=last {
+                            let message = stream.get_raw_message(seq).await.unwrap();
+                            let payload: serde_json::Value = serde_json::from_slice(&message.payload).unwrap();
+                            ns.push(payload["n"].as_u64().unwrap());
+                        }
+                        stream.delete_message(last.max(1)).await.ok();
+                        js.delete_stream(format!("CFC_{tag}")).await.ok();
+                        return ns;
+                    }
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            })
+        }),
+        refuses_by_template: true,
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn the_kafka_output_passes_the_conformance_suite() {
+    setup();
+    let brokers = crate::kafka::brokers().await;
+    let (prepare_brokers, read_brokers) = (brokers.clone(), brokers.clone());
+    run_all(&OutputUnderTest {
+        name: "kafka",
+        // No fault proxy (see above): the output is given the broker itself.
+        output: Box::new(move |_, tag| {
+            format!("{{ type: kafka, brokers: [\"{brokers}\"], topic: \"{tag}_{{{{ route }}}}\" }}")
+        }),
+        service: None,
+        prepare: Box::new(move |tag| {
+            let brokers = prepare_brokers.clone();
+            Box::pin(async move { crate::kafka::create_topic(&brokers, &format!("{tag}_r"), 1).await })
+        }),
+        read_back: Box::new(move |tag, expected| {
+            let brokers = read_brokers.clone();
+            Box::pin(async move {
+                crate::kafka::read_back(&brokers, &[&format!("{tag}_r")], expected)
+                    .await
+                    .iter()
+                    .map(|m| m.payload["n"].as_u64().unwrap())
+                    .collect()
+            })
+        }),
+        refuses_by_template: true,
+    })
+    .await;
+}
