@@ -57,9 +57,9 @@ impl Compression {
 pub struct KafkaOutputConfig {
     /// Bootstrap brokers, `host:port`.
     pub brokers: Vec<String>,
-    /// Topic, with `{{ field.path }}` taken from each event.
+    /// Topic, with `{{ field.path }}` or `{{ meta.key }}` taken from each event; an event missing one goes to `error`.
     pub topic: String,
-    /// Message key, with `{{ field.path }}` (`{{ data.restaurantId }}`); unset sends no key.
+    /// Message key, with `{{ field.path }}` (`{{ data.restaurantId }}`) or `{{ meta.result_key }}`; unset sends no key.
     #[serde(default)]
     pub key: Option<String>,
     /// Headers to add: name → value template.

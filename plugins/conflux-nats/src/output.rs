@@ -20,7 +20,7 @@ pub struct NatsOutputConfig {
     /// Server URL(s), comma-separated.
     #[serde(default = "crate::default_url")]
     pub url: String,
-    /// Subject, with `{{ field.path }}` taken from each event (`events.{{ type }}`).
+    /// Subject, with `{{ field.path }}` or `{{ meta.key }}` taken from each event (`events.{{ type }}`); an event missing one goes to `error`.
     pub subject: String,
     /// Publish through JetStream and wait for the stream's acknowledgement.
     #[serde(default)]
