@@ -97,32 +97,29 @@ YAML
   throughput "generate (templates) → drop" "$n" "$WORK/generate-templates-drop.yaml"
 }
 
-file_drop() {
+# file → drop; extra options of the drop output, if any, as `, key: value`.
+file_to_drop() { # name pipeline-name [output-options]
   local file
   file=$(events_file)
-  cat >"$WORK/file-drop.yaml" <<YAML
+  cat >"$WORK/$2.yaml" <<YAML
 inputs:
   in: { type: file, path: $file }
 outputs:
-  out: { type: drop, from: in }
+  out: { type: drop, from: in${3:-} }
 YAML
+  throughput "$1" "$EVENTS" "$WORK/$2.yaml"
+}
+
+file_drop() {
+  local file
+  file=$(events_file)
   printf '(file: %s lines, %s bytes/line on average)\n' "$(wc -l <"$file")" "$(( $(stat -c %s "$file") / $(wc -l <"$file") ))"
-  throughput "file (NDJSON) → drop" "$EVENTS" "$WORK/file-drop.yaml"
+  file_to_drop "file (NDJSON) → drop" file-drop
 }
 
 # The same with write batches the engine gathers (`batch:`), as COPY and
 # Redis pipelines want them.
-file_drop_batched() {
-  local file
-  file=$(events_file)
-  cat >"$WORK/file-drop-batched.yaml" <<YAML
-inputs:
-  in: { type: file, path: $file }
-outputs:
-  out: { type: drop, from: in, batch: { max_events: 10000 } }
-YAML
-  throughput "file → drop (batch 10000)" "$EVENTS" "$WORK/file-drop-batched.yaml"
-}
+file_drop_batched() { file_to_drop "file → drop (batch 10000)" file-drop-batched ", batch: { max_events: 10000 }"; }
 
 # Issue 3: a filter dropping cancelled bookings and a 3-line map script.
 rhai() {

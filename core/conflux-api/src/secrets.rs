@@ -84,8 +84,9 @@ pub fn redact(line: &str) -> Cow<'_, str> {
     mask_url_passwords(out)
 }
 
-/// Masks `user:password@` after any `://`, even for URLs never registered.
-fn mask_url_passwords(text: Cow<'_, str>) -> Cow<'_, str> {
+/// Masks `user:password@` after any `://`, even for URLs never registered
+/// (`redis://app:***@cache:6379`).
+pub fn mask_url_passwords(text: Cow<'_, str>) -> Cow<'_, str> {
     if !text.contains("://") {
         return text;
     }

@@ -21,7 +21,11 @@ pub struct RedisConn {
 impl RedisConn {
     /// Checks the URL (`redis://`, `rediss://`, user and password); opens nothing.
     pub fn open(url: &str) -> Result<Self, RedisError> {
-        Ok(RedisConn { client: redis::Client::open(url)?, shown: mask_password(url), conn: None })
+        Ok(RedisConn {
+            client: redis::Client::open(url)?,
+            shown: conflux_api::secrets::mask_url_passwords(url.into()).into_owned(),
+            conn: None,
+        })
     }
 
     /// The URL with its password masked, for logs and errors.
@@ -95,29 +99,16 @@ impl RedisConn {
     }
 }
 
-/// `redis://user:secret@host` → `redis://user:***@host`.
-pub fn mask_password(url: &str) -> String {
-    match (url.find("://"), url.rfind('@')) {
-        (Some(scheme), Some(at)) if at > scheme => {
-            let credentials = &url[scheme + 3..at];
-            match credentials.find(':') {
-                Some(colon) => format!("{}{}:***{}", &url[..scheme + 3], &credentials[..colon], &url[at..]),
-                None => url.to_string(),
-            }
-        }
-        _ => url.to_string(),
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
 
     #[test]
     fn passwords_are_masked() {
-        assert_eq!(mask_password("redis://app:hunter2@cache:6379/0"), "redis://app:***@cache:6379/0");
-        assert_eq!(mask_password("redis://:hunter2@cache"), "redis://:***@cache");
-        assert_eq!(mask_password("redis://127.0.0.1:6379"), "redis://127.0.0.1:6379");
+        let shown = |url: &str| RedisConn::open(url).unwrap().url().to_string();
+        assert_eq!(shown("redis://app:hunter2@cache:6379/0"), "redis://app:***@cache:6379/0");
+        assert_eq!(shown("redis://:hunter2@cache"), "redis://:***@cache");
+        assert_eq!(shown("redis://127.0.0.1:6379"), "redis://127.0.0.1:6379");
         assert_eq!(RedisConn::open("redis://u:pw@127.0.0.1:6380").unwrap().url(), "redis://u:***@127.0.0.1:6380");
     }
 
