@@ -2,7 +2,8 @@
 //! paths every input line takes (`Payload::from_json`, `json_guard::check`).
 #![no_main]
 
-use conflux_api::{json_check, json_guard, sonic_rs, Payload, Value};
+use conflux_api::{sonic_rs, Payload, Value};
+use conflux_json::{check as json_check, guard as json_guard};
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {

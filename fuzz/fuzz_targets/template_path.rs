@@ -4,7 +4,7 @@
 
 use std::sync::OnceLock;
 
-use conflux_api::path::FieldPath;
+use conflux_json::path::FieldPath;
 use conflux_api::template::Template;
 use conflux_api::{sonic_rs, Event, Payload, Value};
 use libfuzzer_sys::fuzz_target;

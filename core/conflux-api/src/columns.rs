@@ -11,8 +11,8 @@ use serde::Deserialize;
 use sonic_rs::{JsonType, Value};
 
 use crate::event::{Event, Timestamp};
-use crate::field::Field;
-use crate::path::FieldPath;
+use crate::Field;
+use crate::FieldPath;
 
 /// The type a column's value must have.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, JsonSchema)]

@@ -10,7 +10,7 @@ use std::borrow::Cow;
 use sonic_rs::{JsonValueTrait, Value};
 
 use crate::event::{Event, Metadata};
-use crate::path::FieldPath;
+use crate::FieldPath;
 
 /// Why a template does not parse or cannot be rendered for an event.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]

@@ -76,7 +76,7 @@ impl Default for RuntimeConfig {
             channel_capacity: 8,
             shutdown_timeout: Duration::from_secs(10),
             data_dir: ".conflux".into(),
-            max_json_depth: conflux_api::json_guard::DEFAULT_MAX_DEPTH,
+            max_json_depth: conflux_json::guard::DEFAULT_MAX_DEPTH,
         }
     }
 }
@@ -713,7 +713,7 @@ pub fn load_str(path: &Path, text: &str, env: Env) -> Result<PipelineSpec, Vec<D
             "admin" => spec.admin = loader.typed::<AdminConfig>(v, k.pos).map(|(a, _)| a),
             "runtime" => {
                 if let Some((r, _)) = loader.typed::<RuntimeConfig>(v, k.pos) {
-                    let limit = conflux_api::json_guard::LIMIT_MAX_DEPTH;
+                    let limit = conflux_json::guard::LIMIT_MAX_DEPTH;
                     if !(1..=limit).contains(&r.max_json_depth) {
                         loader.error(v.pos, format!("runtime.max_json_depth must be between 1 and {limit}"));
                     }

@@ -5,11 +5,11 @@ use std::collections::{BTreeMap, HashMap};
 use std::time::Instant;
 
 use conflux_api::config::Duration;
-use conflux_api::path::FieldPath;
 use conflux_api::{
     async_trait, inventory, Batch, BuildContext, BuildError, BuiltStage, Emitter, Event, Registration, Stage,
     StageConfig, Timestamp, Value,
 };
+use conflux_json::path::FieldPath;
 use conflux_rhai::{Condition, Limits};
 use schemars::JsonSchema;
 use serde::Deserialize;

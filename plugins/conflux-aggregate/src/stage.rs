@@ -6,11 +6,11 @@ use std::collections::{BTreeMap, HashMap};
 use std::time::Instant;
 
 use conflux_api::component::{RESULT_KEY_META, RESULT_REVISION_META};
-use conflux_api::path::{FieldPath, FieldSet};
 use conflux_api::{
     async_trait, inventory, AckToken, Batch, BuildContext, BuildError, BuiltStage, Emitter, Event, Field, PortId,
     Registration, Stage, StageConfig, Timestamp, Value,
 };
+use conflux_json::path::{FieldPath, FieldSet};
 use conflux_rhai::Condition;
 use tracing::{debug, error, info, warn};
 

@@ -1,9 +1,9 @@
 //! Request bodies to events: a JSON object, a JSON array of objects, or
 //! NDJSON. Every bad element is reported, not just the first.
 
-use conflux_api::json_guard::{self, JsonError};
 use conflux_api::sonic_rs::{JsonContainerTrait, JsonValueTrait};
 use conflux_api::Value;
+use conflux_json::guard::{self, JsonError};
 use serde::Serialize;
 
 /// How a body is framed, from its content type.
@@ -82,7 +82,7 @@ pub fn parse(format: Format, bytes: &[u8]) -> Result<Vec<Value>, BadBody> {
 }
 
 fn parse_json(bytes: &[u8]) -> Result<Vec<Value>, BadBody> {
-    let value: Value = match json_guard::parse(bytes) {
+    let value: Value = match guard::parse(bytes) {
         Ok(v) => v,
         Err(e) => {
             // A broken array: find which elements are broken.
@@ -90,7 +90,7 @@ fn parse_json(bytes: &[u8]) -> Result<Vec<Value>, BadBody> {
                 let elements: Vec<BadElement> = parts
                     .iter()
                     .enumerate()
-                    .filter_map(|(i, part)| match json_guard::parse(part) {
+                    .filter_map(|(i, part)| match guard::parse(part) {
                         Ok(v) if v.is_object() => None,
                         Ok(v) => Some(BadElement {
                             index: Some(i),
@@ -143,7 +143,7 @@ fn parse_ndjson(bytes: &[u8]) -> Result<Vec<Value>, BadBody> {
         if line.iter().all(u8::is_ascii_whitespace) {
             continue;
         }
-        match json_guard::parse(line) {
+        match guard::parse(line) {
             Ok(v) if v.is_object() => events.push(v),
             Ok(v) => elements.push(BadElement {
                 index: None,

@@ -78,7 +78,7 @@ fn to_json(value: Dynamic) -> String {
 }
 
 fn from_json(text: &str) -> Result<Dynamic, Box<rhai::EvalAltResult>> {
-    let value = conflux_api::json_guard::parse(text.as_bytes()).map_err(|e| format!("invalid JSON: {e}"))?;
+    let value = conflux_json::guard::parse(text.as_bytes()).map_err(|e| format!("invalid JSON: {e}"))?;
     Ok(to_dynamic(&value))
 }
 

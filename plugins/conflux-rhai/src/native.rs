@@ -20,10 +20,10 @@
 use std::borrow::Cow;
 use std::cell::RefCell;
 
-use conflux_api::json_edit::Splice;
-use conflux_api::path::{Located, TextScan};
 use conflux_api::sonic_rs::JsonType;
 use conflux_api::{Field, Payload, Value};
+use conflux_json::edit::Splice;
+use conflux_json::path::{Located, TextScan};
 use rhai::{ASTFlags, Dynamic, Expr, ImmutableString, Stmt, AST};
 
 use crate::script::Limits;

@@ -107,7 +107,7 @@ struct Task {
 /// Runs a pipeline to its end: all finite inputs exhausted, or `stop` and drain.
 pub async fn run(pipeline: Pipeline, cx: RunContext) -> RunReport {
     let name = pipeline.name.clone();
-    conflux_api::json_guard::set_max_depth(pipeline.runtime.max_json_depth);
+    conflux_json::guard::set_max_depth(pipeline.runtime.max_json_depth);
     let capacity = pipeline.runtime.channel_capacity.max(1);
     let deadline = pipeline.runtime.shutdown_timeout.0;
     let nodes = pipeline.nodes;

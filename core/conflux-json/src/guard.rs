@@ -69,7 +69,7 @@ pub enum JsonError {
 
 /// Parses a JSON text into a tree after [`check`]: the one way the product
 /// builds a tree from text it did not write itself.
-pub fn parse(text: &[u8]) -> Result<crate::Value, JsonError> {
+pub fn parse(text: &[u8]) -> Result<sonic_rs::Value, JsonError> {
     check(text)?;
     Ok(sonic_rs::from_slice(text)?)
 }
@@ -142,7 +142,7 @@ enum Slot {
 
 /// Index just past the closing quote of a string whose content starts at `from`.
 fn string_end(text: &[u8], mut from: usize) -> usize {
-    while let Some(stop) = crate::json_check::string_stop(text, from) {
+    while let Some(stop) = crate::check::string_stop(text, from) {
         match text[stop] {
             b'"' => return stop + 1,
             b'\\' => from = stop + 2,

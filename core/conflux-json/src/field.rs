@@ -1,7 +1,7 @@
 //! Reading fields of a payload without parsing the rest of it.
 //!
 //! Inputs keep each event's JSON text and check it without building a tree
-//! ([`Payload::from_json`](crate::Payload::from_json)); a stage that reads
+//! ([`Payload::from_json`](crate::payload::Payload::from_json)); a stage that reads
 //! two fields of a 300-byte event then scans for those two in the text
 //! instead of allocating and freeing a tree of every field. A payload that is
 //! already parsed answers from its tree.
@@ -54,7 +54,7 @@ impl<'p> Field<'p> {
         match *self {
             Field::Parsed(v) => v.get(key).map(Field::Parsed),
             // A plain scan finds most members; sonic-rs, checking as it goes, the rest.
-            Field::Text(t) if t.first() == Some(&b'{') => match crate::json_edit::member(t, key) {
+            Field::Text(t) if t.first() == Some(&b'{') => match crate::edit::member(t, key) {
                 Some(found) => found.map(Field::Text),
                 None => {
                     let t = exact(t);
@@ -148,7 +148,7 @@ impl<'p> Field<'p> {
 
 /// The value a [`Field::Text`] starts with, without what follows it.
 fn exact(text: &[u8]) -> &[u8] {
-    &text[..crate::json_edit::value_len(text).unwrap_or(text.len())]
+    &text[..crate::edit::value_len(text).unwrap_or(text.len())]
 }
 
 enum Number {
@@ -190,7 +190,7 @@ fn text_of<'p>(outer: &'p [u8], value: sonic_rs::LazyValue<'_>) -> Option<Field<
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::Payload;
+    use crate::payload::Payload;
 
     const DOCS: &[&str] = &[
         r#"{"a": 1, "s": "plain", "e": "tab\tquote\" \u00e9 \ud83d\ude00", "f": 2.5, "x": 1e3, "n": null}"#,

@@ -2,8 +2,8 @@
 
 use sonic_rs::{JsonValueMutTrait, JsonValueTrait, Value};
 
-use crate::json_edit::{KeyTree, Splice};
-use crate::{Field, Payload};
+use crate::edit::{KeyTree, Splice};
+use crate::{field::Field, payload::Payload};
 
 /// A parsed field path; parse once at build time, use per event.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -212,7 +212,7 @@ impl<'p> Located<'p> {
     /// slot and its object's close slot. Apply with [`Payload::splice`].
     /// None when the object was not found or `name` needs escaping.
     pub fn set(&self, value: usize, close: usize, name: &str, json: &[u8]) -> Option<Splice> {
-        crate::json_edit::set_splice(self.text, self.found[value], self.found[close], name, json)
+        crate::edit::set_splice(self.text, self.found[value], self.found[close], name, json)
     }
 }
 
@@ -302,7 +302,7 @@ mod tests {
             let mut payload = Payload::from_json(doc.as_bytes()).unwrap();
             let mut one_by_one = doc.trim().as_bytes().to_vec();
             let expected =
-                writes.iter().all(|(path, value)| crate::json_edit::set(&mut one_by_one, path, value.as_bytes(), None));
+                writes.iter().all(|(path, value)| crate::edit::set(&mut one_by_one, path, value.as_bytes(), None));
             let located = scan.locate(&payload);
             let splices: Option<Vec<Splice>> = located.and_then(|located| {
                 writes

@@ -64,7 +64,7 @@ fn member_text(empty: bool, name: &str, value: &[u8]) -> Vec<u8> {
 }
 
 /// A replacement of `text[start..end]`, computed on a payload's text and
-/// applied with [`crate::Payload::splice`].
+/// applied with [`crate::payload::Payload::splice`].
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Splice {
     pub start: usize,
@@ -365,7 +365,7 @@ fn member_at(json: &[u8], i: usize) -> Option<(&[u8], usize)> {
     }
     // The key's first stop must be its closing quote: an escape (or a
     // control byte) means it is not plain.
-    let stop = crate::json_check::string_stop(json, i + 1)?;
+    let stop = crate::check::string_stop(json, i + 1)?;
     if json[stop] != b'"' {
         return None;
     }
@@ -406,7 +406,7 @@ fn skip_string(json: &[u8], mut i: usize) -> Option<usize> {
     i += 1;
     loop {
         // Eight bytes at a time: most strings in events are short, where memchr's setup costs more.
-        i = crate::json_check::string_stop(json, i)?;
+        i = crate::check::string_stop(json, i)?;
         match json[i] {
             b'"' => return Some(i + 1),
             b'\\' => i += 2,

@@ -26,9 +26,9 @@ const MAX_EXACT_FRACTION_DIGITS: usize = 15;
 /// Whether `text` is certainly one JSON value (whitespace around it allowed).
 /// UTF-8 is checked on the way: outside strings only ASCII is JSON, and
 /// inside them each run of non-ASCII bytes is checked where the scan meets it.
-/// Nesting deeper than [`crate::json_guard::max_depth`] is left to the parser's side too.
+/// Nesting deeper than [`crate::guard::max_depth`] is left to the parser's side too.
 pub fn is_valid(text: &[u8]) -> bool {
-    Checker { text, at: 0 }.document(crate::json_guard::max_depth().min(MAX_DEPTH))
+    Checker { text, at: 0 }.document(crate::guard::max_depth().min(MAX_DEPTH))
 }
 
 struct Checker<'t> {
@@ -272,7 +272,7 @@ impl Checker<'_> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::Value;
+    use sonic_rs::Value;
 
     const VALID: &[&str] = &[
         r#"{"type":"booking_created","timestamp":"2026-11-22T10:00:00Z","data":{"bookingId":"b-1","guests":4,"price":129.5,"zone":"terrace","tags":["a","b"],"vip":true,"note":null}}"#,

@@ -3,8 +3,8 @@
 //! `scripts/bench.sh` feeds them. `cargo bench -p conflux-api`; divide the
 //! time by the batch size for ns/line.
 
-use conflux_api::path::TextScan;
-use conflux_api::Payload;
+use conflux_json::path::TextScan;
+use conflux_json::Payload;
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 
 const LINES: usize = 1024;
