@@ -1,15 +1,17 @@
-//! The front door both servers share: the queue into the pipeline, schema
-//! checks, acknowledgement waiting and rate limits. Each request (or
-//! WebSocket message) becomes one batch with one acknowledgement token.
+//! The intake both receiving servers share: the queue into the pipeline,
+//! schema checks, acknowledgement waiting and the rate limiter's buckets.
+//! Each request (or WebSocket message) becomes one batch with one
+//! acknowledgement token.
 
 use std::num::NonZeroU32;
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration as StdDuration;
 
 use axum::http::StatusCode;
-use conflux_api::config::{Duration, Rate};
-use conflux_api::{AckStatus, AckToken, Batch, BuildError, Event, Timestamp, Value};
+use conflux_api::config::{ByteSize, Duration, Rate};
+use conflux_api::{AckStatus, AckToken, Batch, BuildContext, BuildError, Event, Timestamp, Value};
 use conflux_validate::EventSchema;
 use governor::clock::{Clock, DefaultClock};
 use governor::{Quota, RateLimiter};
@@ -159,9 +161,52 @@ impl Drop for Held {
     }
 }
 
-/// Options about queueing and acknowledgement, common to both servers.
-pub fn timeouts(queue: Option<Duration>, ack: Option<Duration>) -> (StdDuration, StdDuration) {
-    (queue.map_or(StdDuration::from_secs(1), |d| d.0), ack.map_or(StdDuration::from_secs(30), |d| d.0))
+/// The intake's options (queue, acknowledgement, schema), as
+/// [`server_config!`](crate::front_door::server_config)`{ intake; … }` declares them.
+#[derive(Debug, Clone)]
+pub struct IntakeOptions {
+    pub ack: AckMode,
+    pub queue_timeout: Option<Duration>,
+    pub ack_timeout: Option<Duration>,
+    pub queue: usize,
+    pub max_queue_bytes: ByteSize,
+    pub schema: Option<PathBuf>,
+    pub partial: PartialMode,
+}
+
+pub(crate) fn default_queue() -> usize {
+    256
+}
+
+pub(crate) fn default_max_queue_bytes() -> ByteSize {
+    ByteSize(64 * 1024 * 1024)
+}
+
+impl IntakeOptions {
+    /// The intake and the receiving end of its queue, for the input half.
+    pub fn build(self, cx: &BuildContext) -> Result<(Arc<Intake>, mpsc::Receiver<Batch>), BuildError> {
+        if self.queue == 0 {
+            return Err(BuildError::at(["queue"], "queue must be at least 1"));
+        }
+        let schema = self
+            .schema
+            .map(|p| {
+                EventSchema::load(&cx.resolve(&p)).map(Arc::new).map_err(|e| BuildError::at(["schema"], e.to_string()))
+            })
+            .transpose()?;
+        let (tx, rx) = mpsc::channel(self.queue);
+        let intake = Intake {
+            tx,
+            schema,
+            partial: self.partial,
+            ack: self.ack,
+            queue_timeout: self.queue_timeout.map_or(StdDuration::from_secs(1), |d| d.0),
+            ack_timeout: self.ack_timeout.map_or(StdDuration::from_secs(30), |d| d.0),
+            held: Arc::default(),
+            max_bytes: usize::try_from(self.max_queue_bytes.0).unwrap_or(usize::MAX),
+        };
+        Ok((Arc::new(intake), rx))
+    }
 }
 
 impl Intake {

@@ -1,8 +1,9 @@
 //! HTTP and WebSocket intake: `http_server` and `websocket_server` inputs.
 //!
-//! Both share one front door ([`intake`]): authentication (API keys or JWT),
-//! per-client token-bucket rate limits, body size limits, optional schema
-//! checks, and a bounded queue into the pipeline whose fullness turns into
+//! Both stand on one front door ([`front_door`]: address, paths, TLS, CORS,
+//! authentication by API keys or JWT, token-bucket rate limits) and one
+//! intake ([`intake`]): body size limits, optional schema checks, and a
+//! bounded queue into the pipeline whose fullness turns into
 //! `503` + `Retry-After` instead of unbounded memory. With `ack: sync` the
 //! answer waits for the request's acknowledgement token, so `200` means every
 //! output confirmed.
@@ -13,6 +14,7 @@ pub mod auth;
 #[doc(hidden)]
 pub mod body;
 mod connections;
+mod front_door;
 mod http_server;
 mod intake;
 mod server;
