@@ -115,3 +115,21 @@ outputs:
     );
     assert!(p.is_empty(), "{p:#?}");
 }
+
+/// The servers' shared options are spliced into each config (not flattened),
+/// so a bad one still names its own line and column.
+#[test]
+fn shared_server_option_mistakes_point_at_the_option() {
+    let p = problems(
+        "inputs:
+  h: { type: http_server, address: \"127.0.0.1:0\", queue: many, cors: { allow_origins: [x] } }
+  c: { type: http_server, address: \"127.0.0.1:0\", queue: 1000, cors: { allow_origins: [x], spede: 1 } }
+  w: { type: websocket_server, address: \"127.0.0.1:0\", max_message: 1KiB, tls: { cert: c.pem } }
+outputs:
+  o: { type: drop, from: [h, c, w] }
+",
+    );
+    assert_has(&p, "p.yaml:2:58: input `h`: invalid type: a string of 4 characters");
+    assert_has(&p, "p.yaml:3:92: input `c`: unknown field `spede`");
+    assert_has(&p, "p.yaml:4:75: input `w`: missing field `key`");
+}
