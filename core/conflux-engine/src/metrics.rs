@@ -42,6 +42,8 @@ pub struct Metrics {
     queued: Family<Labels, Gauge>,
     batch_seconds: Family<Labels, Histogram, fn() -> Histogram>,
     plugin: PluginCounters,
+    /// Every label set handed out, by pipeline, so that [`Metrics::forget`] finds them.
+    issued: Mutex<BTreeMap<String, Vec<Labels>>>,
 }
 
 /// Counters plugins declared, read at each scrape.
@@ -145,7 +147,20 @@ impl Metrics {
         let plugin = PluginCounters::default();
         registry.register_collector(Box::new(plugin.clone()));
         registry.register_collector(Box::new(ComponentUp(readiness)));
-        Metrics { registry, received, sent, errors, discarded, retries, acks, unacked, queued, batch_seconds, plugin }
+        Metrics {
+            registry,
+            received,
+            sent,
+            errors,
+            discarded,
+            retries,
+            acks,
+            unacked,
+            queued,
+            batch_seconds,
+            plugin,
+            issued: Mutex::default(),
+        }
     }
 
     /// Exports the counters a component declared, labelled with its pipeline and name.
@@ -170,6 +185,13 @@ impl Metrics {
         let port_names: Vec<&str> =
             if ports.is_empty() { vec![""] } else { ports.iter().map(String::as_str).collect() };
         let port_label = |p: &str| if p.is_empty() { "default".to_string() } else { p.to_string() };
+        {
+            let mut issued = self.issued.lock().unwrap_or_else(|p| p.into_inner());
+            let labels = issued.entry(pipeline.to_string()).or_default();
+            labels.push(base.clone());
+            labels.extend(port_names.iter().map(|p| with("port", &port_label(p))));
+            labels.extend(["delivered", "rejected", "errored"].map(|s| with("status", s)));
+        }
         ComponentMetrics {
             received: self.received.get_or_create(&base).clone(),
             sent: port_names.iter().map(|p| self.sent.get_or_create(&with("port", &port_label(p))).clone()).collect(),
@@ -184,6 +206,25 @@ impl Metrics {
             queued: self.queued.get_or_create(&base).clone(),
             batch_seconds: self.batch_seconds.get_or_create(&base).clone(),
         }
+    }
+
+    /// Drops every series of a pipeline that ended, so that a process
+    /// running on (or a replacement of the same name) shows only what runs.
+    pub fn forget(&self, pipeline: &str) {
+        let labels = self.issued.lock().unwrap_or_else(|p| p.into_inner()).remove(pipeline).unwrap_or_default();
+        for l in &labels {
+            self.received.remove(l);
+            self.sent.remove(l);
+            self.errors.remove(l);
+            self.discarded.remove(l);
+            self.retries.remove(l);
+            self.acks.remove(l);
+            self.unacked.remove(l);
+            self.queued.remove(l);
+            self.batch_seconds.remove(l);
+        }
+        let mut plugin = self.plugin.0.lock().unwrap_or_else(|p| p.into_inner());
+        plugin.retain(|(labels, _)| !labels.iter().any(|(k, v)| k == "pipeline" && v == pipeline));
     }
 
     /// The Prometheus/OpenMetrics text exposition.
@@ -280,6 +321,29 @@ impl Collector for ComponentUp {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn forgetting_a_pipeline_drops_its_series_only() {
+        let metrics = Metrics::new();
+        for pipeline in ["ended", "running"] {
+            let handles = metrics.component(pipeline, "out", "output", &["".into(), "error".into()]);
+            handles.received.inc();
+            handles.acks[0].inc();
+            let declared = conflux_api::metrics::PluginMetrics::default();
+            declared.counter("kafka_redeliveries", "Seeks back").inc();
+            metrics.adopt(pipeline, "out", declared.declared());
+        }
+        metrics.forget("ended");
+        let text = metrics.encode();
+        assert!(!text.contains(r#"pipeline="ended""#), "{text}");
+        for family in ["conflux_events_received_total", "conflux_input_acks_total", "conflux_kafka_redeliveries_total"]
+        {
+            assert!(
+                text.lines().any(|l| l.starts_with(family) && l.contains(r#"pipeline="running""#)),
+                "{family}: {text}"
+            );
+        }
+    }
 
     #[test]
     fn plugin_counters_are_exported_with_their_component() {

@@ -327,6 +327,8 @@ async fn run_files(files: Vec<PathBuf>, admin_flag: Option<String>) -> anyhow::R
     while let Some(result) = runs.join_next().await {
         match result {
             Ok(report) => {
+                // Its readiness entries went with it; its series go too.
+                cx.metrics.forget(&report.pipeline);
                 if report.failed || report.forced {
                     clean = false;
                 }

@@ -344,3 +344,51 @@ async fn a_failing_pipeline_stops_alone_and_the_others_keep_serving() {
     std::io::Read::read_to_string(process.0.stderr.as_mut().unwrap(), &mut stderr).unwrap();
     assert!(stderr.contains("missing.ndjson"), "the failure names the file: {stderr}");
 }
+
+/// A pipeline that ends takes its series and readiness entries with it,
+/// while the process goes on serving the others.
+#[tokio::test]
+async fn an_ended_pipeline_leaves_metrics_and_readiness() {
+    let dir = tempfile::tempdir().unwrap();
+    let (api, admin) = (crate::free_addr(), crate::free_addr());
+    let finite = dir.path().join("finite.yaml");
+    std::fs::write(
+        &finite,
+        "name: finite\ninputs:\n  gen: { type: generate, count: 30, rate: 20/s }\noutputs:\n  out: { type: drop, from: gen }\n",
+    )
+    .unwrap();
+    let serving = dir.path().join("serving.yaml");
+    std::fs::write(
+        &serving,
+        format!("name: serving\ninputs:\n  api: {{ type: http_server, address: \"{api}\" }}\noutputs:\n  out: {{ type: drop, from: api }}\n"),
+    )
+    .unwrap();
+    let child = std::process::Command::new(env!("CARGO_BIN_EXE_conflux"))
+        .env("CONFLUX_LOG", "error")
+        .args(["run", "--admin", &admin.to_string()])
+        .arg(&finite)
+        .arg(&serving)
+        .spawn()
+        .unwrap();
+    let process = crate::Conflux(child);
+    crate::wait_listening(admin).await;
+    let (_, running) = http_get(admin, "/metrics").await;
+    assert!(running.contains(r#"pipeline="finite""#), "the finite pipeline is counted while it runs:\n{running}");
+    // 30 events at 20/s: done in about 1.5 s.
+    let mut ended = String::new();
+    for _ in 0..100 {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        (_, ended) = http_get(admin, "/metrics").await;
+        if !ended.contains(r#"pipeline="finite""#) {
+            break;
+        }
+    }
+    assert!(!ended.contains(r#"pipeline="finite""#), "an ended pipeline's series stay:\n{ended}");
+    assert!(
+        ended.contains(r#"conflux_component_up{pipeline="serving",component="api"} 1"#),
+        "the running pipeline is still exported:\n{ended}"
+    );
+    let (status, ready) = http_get(admin, "/ready").await;
+    assert_eq!(status, 200, "only the running pipeline counts for readiness: {ready}");
+    drop(process);
+}
