@@ -9,12 +9,14 @@
 
 mod handle;
 mod helpers;
+mod limits;
 mod native;
 mod script;
 mod stages;
 
+pub use limits::Limits;
 pub use rhai::Dynamic;
-pub use script::{Condition, Limits, RunState, Script, ScriptError};
+pub use script::{Condition, RunState, Script, ScriptError};
 
 /// Call from the binary so the linker keeps this crate's registrations.
 pub fn link() {}

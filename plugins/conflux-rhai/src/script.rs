@@ -4,43 +4,10 @@ use std::sync::{Arc, Mutex};
 
 use conflux_api::{Event, Metadata, Value};
 use rhai::{ASTNode, Caches, Dynamic, Engine, Expr, GlobalRuntimeState, ImmutableString, Map, Scope, AST};
-use schemars::JsonSchema;
-use serde::Deserialize;
 
 use crate::handle::{to_dynamic, to_value, EventHandle};
+use crate::limits::Limits;
 use crate::native::{Bail, Ending, Native};
-
-/// Limits that keep a runaway script from hurting the process. A script that
-/// exceeds one fails the event it was running on, not the pipeline.
-#[derive(Debug, Clone, Deserialize, JsonSchema, PartialEq)]
-#[serde(deny_unknown_fields, default)]
-pub struct Limits {
-    /// Operations one run may take (an infinite loop stops here).
-    pub max_operations: u64,
-    /// Depth of nested function calls.
-    pub max_call_depth: usize,
-    /// Depth of nested expressions.
-    pub max_expr_depth: usize,
-    /// Longest string a script may build, in bytes.
-    pub max_string_size: usize,
-    /// Most items in an array a script builds.
-    pub max_array_size: usize,
-    /// Most entries in a map a script builds.
-    pub max_map_size: usize,
-}
-
-impl Default for Limits {
-    fn default() -> Self {
-        Limits {
-            max_operations: 100_000,
-            max_call_depth: 32,
-            max_expr_depth: 64,
-            max_string_size: 1 << 20,
-            max_array_size: 10_000,
-            max_map_size: 10_000,
-        }
-    }
-}
 
 /// A compile error with its position inside the script (1-based).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -196,7 +163,7 @@ impl Script {
         }
     }
 
-    /// Whether events usually skip the interpreter (see `native.rs`).
+    /// Whether events usually skip the interpreter (see `native`).
     pub fn is_native(&self) -> bool {
         self.native.is_some()
     }
@@ -352,7 +319,7 @@ impl Condition {
         &self.source
     }
 
-    /// Whether events usually skip the interpreter (see `native.rs`).
+    /// Whether events usually skip the interpreter (see `native`).
     pub fn is_native(&self) -> bool {
         self.script.is_native()
     }

@@ -10,8 +10,9 @@ use rhai::Array;
 use schemars::JsonSchema;
 use serde::Deserialize;
 
+use crate::limits::Limits;
 use crate::native::{Bail, Ending};
-use crate::script::{Condition, Limits, RunState, Script};
+use crate::script::{Condition, RunState, Script};
 
 /// Runs a Rhai script on every event.
 ///
