@@ -108,17 +108,40 @@ pub struct BuildError {
     pub path: Vec<String>,
     pub message: String,
     pub offset: Option<(usize, usize)>,
+    /// What kind of mistake it is, so that the loader can point at it
+    /// without reading the message.
+    pub kind: BuildErrorKind,
+}
+
+/// What kind of mistake a [`BuildError`] is.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub enum BuildErrorKind {
+    /// A value the component refused (the default).
+    #[default]
+    Invalid,
+    /// An option the component does not have (a typo, most often).
+    UnknownField(String),
+    /// A required option left out.
+    MissingField(String),
+    /// A string where another type was expected: a `${VAR}` interpolation
+    /// may be taken again as the number or boolean its text spells.
+    StringForOtherType,
 }
 
 impl BuildError {
     /// An error about the component as a whole.
     pub fn new(message: impl Into<String>) -> Self {
-        BuildError { path: Vec::new(), message: message.into(), offset: None }
+        BuildError { path: Vec::new(), message: message.into(), offset: None, kind: BuildErrorKind::Invalid }
     }
 
     /// An error about one option, given by its path.
     pub fn at<S: Into<String>>(path: impl IntoIterator<Item = S>, message: impl Into<String>) -> Self {
-        BuildError { path: path.into_iter().map(Into::into).collect(), message: message.into(), offset: None }
+        BuildError {
+            path: path.into_iter().map(Into::into).collect(),
+            message: message.into(),
+            offset: None,
+            kind: BuildErrorKind::Invalid,
+        }
     }
 
     /// Points inside a string option (1-based line and column within it).

@@ -15,7 +15,7 @@ use serde::de::value::{MapDeserializer, SeqDeserializer};
 use serde::de::{self, DeserializeOwned, IntoDeserializer};
 
 use crate::component::{BuildContext, BuiltInput, BuiltStage, Output};
-use crate::error::BuildError;
+use crate::error::{BuildError, BuildErrorKind};
 
 /// The three kinds of component.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -105,7 +105,8 @@ pub fn deserialize_options<C: DeserializeOwned>(raw: serde_json::Value) -> Resul
                 serde_path_to_error::Segment::Unknown => None,
             })
             .collect();
-        BuildError { path, message: e.into_inner().0, offset: None }
+        let OptionError { message, kind } = e.into_inner();
+        BuildError { path, message, offset: None, kind }
     })
 }
 
@@ -131,13 +132,23 @@ pub fn describe_str(s: &str) -> String {
     }
 }
 
-/// The error type options deserialize with: serde's messages, values left out.
+/// The error type options deserialize with: serde's messages, values left
+/// out, and the kind of mistake kept apart from the text.
 #[derive(Debug)]
-struct OptionError(String);
+struct OptionError {
+    message: String,
+    kind: BuildErrorKind,
+}
+
+impl OptionError {
+    fn invalid(message: String) -> Self {
+        OptionError { message, kind: BuildErrorKind::Invalid }
+    }
+}
 
 impl std::fmt::Display for OptionError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(&self.0)
+        f.write_str(&self.message)
     }
 }
 
@@ -145,17 +156,29 @@ impl std::error::Error for OptionError {}
 
 impl de::Error for OptionError {
     fn custom<T: std::fmt::Display>(msg: T) -> Self {
-        OptionError(msg.to_string())
+        OptionError::invalid(msg.to_string())
     }
     fn invalid_type(unexp: de::Unexpected, exp: &dyn de::Expected) -> Self {
-        OptionError(format!("invalid type: {}, expected {exp}", describe_value(&unexp)))
+        let kind = match unexp {
+            de::Unexpected::Str(_) => BuildErrorKind::StringForOtherType,
+            _ => BuildErrorKind::Invalid,
+        };
+        OptionError { message: format!("invalid type: {}, expected {exp}", describe_value(&unexp)), kind }
     }
     fn invalid_value(unexp: de::Unexpected, exp: &dyn de::Expected) -> Self {
-        OptionError(format!("invalid value: {}, expected {exp}", describe_value(&unexp)))
+        OptionError::invalid(format!("invalid value: {}, expected {exp}", describe_value(&unexp)))
     }
     fn unknown_variant(variant: &str, expected: &'static [&'static str]) -> Self {
         let list = expected.iter().map(|v| format!("`{v}`")).collect::<Vec<_>>().join(", ");
-        OptionError(format!("unknown variant ({}), expected one of {list}", describe_str(variant)))
+        OptionError::invalid(format!("unknown variant ({}), expected one of {list}", describe_str(variant)))
+    }
+    fn unknown_field(field: &str, expected: &'static [&'static str]) -> Self {
+        // serde's own wording; a field name is config text, never a secret.
+        let message = de::value::Error::unknown_field(field, expected).to_string();
+        OptionError { message, kind: BuildErrorKind::UnknownField(field.to_string()) }
+    }
+    fn missing_field(field: &'static str) -> Self {
+        OptionError { message: format!("missing field `{field}`"), kind: BuildErrorKind::MissingField(field.into()) }
     }
 }
 
@@ -364,5 +387,25 @@ mod tests {
         assert_eq!(ok.extra.unwrap(), serde_json::json!({ "a": [1, -2, 2.5, null] }));
         let err = deserialize_options::<Sample>(serde_json::json!({ "nope": 1 })).unwrap_err();
         assert!(err.message.starts_with("unknown field `nope`"), "{}", err.message);
+    }
+
+    /// The loader points at a mistake by its kind, never by reading the message.
+    #[test]
+    fn mistakes_carry_their_kind() {
+        #[derive(Debug, serde::Deserialize)]
+        #[allow(dead_code)]
+        struct Needs {
+            count: u64,
+        }
+        let kind = |value| deserialize_options::<Needs>(value).unwrap_err().kind;
+        assert_eq!(
+            deserialize_options::<Sample>(serde_json::json!({ "nope": 1 })).unwrap_err().kind,
+            BuildErrorKind::UnknownField("nope".into())
+        );
+        assert_eq!(kind(serde_json::json!({})), BuildErrorKind::MissingField("count".into()));
+        assert_eq!(kind(serde_json::json!({ "count": "12" })), BuildErrorKind::StringForOtherType);
+        assert_eq!(kind(serde_json::json!({ "count": "" })), BuildErrorKind::StringForOtherType);
+        assert_eq!(kind(serde_json::json!({ "count": true })), BuildErrorKind::Invalid);
+        assert_eq!(kind(serde_json::json!({ "count": -1 })), BuildErrorKind::Invalid);
     }
 }

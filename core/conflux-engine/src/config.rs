@@ -9,6 +9,7 @@ use std::fmt;
 use std::path::{Path, PathBuf};
 
 use conflux_api::config::Duration;
+use conflux_api::error::BuildErrorKind;
 use conflux_api::registry::deserialize_options;
 use conflux_api::{BuildError, Kind};
 use schemars::JsonSchema;
@@ -296,8 +297,8 @@ impl PipelineSpec {
 /// value of a bad one, or a line and column inside a string value.
 pub(crate) fn locate(spans: &Spans, err: &BuildError, source: &str) -> Pos {
     let mut path = err.path.clone();
-    if let Some(field) = err.message.strip_prefix("unknown field `").and_then(|rest| rest.split('`').next()) {
-        if path.last().map(String::as_str) != Some(field) {
+    if let BuildErrorKind::UnknownField(field) = &err.kind {
+        if path.last() != Some(field) {
             path.push(field.to_string());
         }
         if let Some(span) = spans.0.get(&path) {
@@ -309,7 +310,7 @@ pub(crate) fn locate(spans: &Spans, err: &BuildError, source: &str) -> Pos {
         path.pop();
     }
     let Some(span) = spans.0.get(&path) else { return Pos::default() };
-    if err.message.starts_with("missing field") {
+    if matches!(err.kind, BuildErrorKind::MissingField(_)) {
         return span.key;
     }
     match (err.offset, span.style) {

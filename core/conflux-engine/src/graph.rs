@@ -8,11 +8,13 @@ use std::collections::HashMap;
 use std::path::PathBuf;
 
 use conflux_api::component::ERROR_PORT;
+use conflux_api::error::BuildErrorKind;
 use conflux_api::registry::Factory;
 use conflux_api::{BuildContext, Input, Kind, Output, Registration, Stage};
 
 use crate::config::{did_you_mean, AdminConfig, Diagnostic, PipelineSpec, Ref, RuntimeConfig, TestSpec};
 use crate::options::OutputOptions;
+use crate::yaml::Pos;
 
 /// A built component.
 pub enum Body {
@@ -97,156 +99,48 @@ fn resolve_port(node: &GraphNode, r: &Ref) -> Result<usize, String> {
     }
 }
 
+/// A problem with a pipeline's components or wiring, before any I/O.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum GraphError {
+    #[error("unknown {kind} type `{type_name}`{hint}; known {kind} types: {}", known.join(", "))]
+    UnknownType { kind: &'static str, type_name: String, hint: String, known: Vec<&'static str> },
+    /// A component's own `build` refused its options.
+    #[error("{kind} `{component}`: {message}")]
+    Build { kind: &'static str, component: String, message: String },
+    #[error("`{reader}` reads from `{source_name}`, which is not a component of this pipeline{hint}")]
+    UnknownSource { reader: String, source_name: String, hint: String },
+    #[error(
+        "`{reader}` reads from output `{output}`; an output emits only the events it refused, on `{output}.error`"
+    )]
+    ReadsFromOutput { reader: String, output: String },
+    /// `name.port` names a port the component does not have.
+    #[error("{0}")]
+    NoSuchPort(String),
+    #[error("cycle: `{reader}` reads from `{source_name}`, which depends on `{reader}`")]
+    Cycle { reader: String, source_name: String },
+    #[error("{kind} `{component}` is not used: no stage or output reads from it")]
+    Unused { kind: &'static str, component: String },
+}
+
+/// Problems found by the passes, each with where it is in the file.
+type Found = Vec<(Pos, GraphError)>;
+
 /// Builds every component and checks the graph, reporting every problem.
+///
+/// Four passes: build the components, wire each `from` to a built port,
+/// look for a cycle among the declared components, and (when all else is
+/// right) look for components nothing reads. Wiring and cycles are checked
+/// for every declared component, built or not, so one broken component
+/// hides no graph errors.
 pub fn compile(spec: PipelineSpec) -> Result<Pipeline, Vec<Diagnostic>> {
     let mut diags = spec.problems.clone();
-    let base_dir = spec.base_dir();
-    let data_dir = base_dir.join(&spec.runtime.data_dir);
-    let mut nodes = Vec::new();
-    let mut ok = diags.is_empty();
-
-    for component in spec.components.iter().filter(|c| c.valid) {
-        let Some(registration) = Registration::find(component.kind, &component.type_name) else {
-            let known: Vec<&str> =
-                Registration::all().into_iter().filter(|r| r.kind == component.kind).map(|r| r.name).collect();
-            let pos = component.spans_type_pos();
-            diags.push(spec.diag(
-                pos,
-                format!(
-                    "unknown {} type `{}`{}; known {} types: {}",
-                    component.kind.as_str(),
-                    component.type_name,
-                    did_you_mean(&component.type_name, known.iter().copied()),
-                    component.kind.as_str(),
-                    known.join(", ")
-                ),
-            ));
-            ok = false;
-            continue;
-        };
-        let cx = BuildContext {
-            pipeline: spec.name.clone(),
-            component: component.name.clone(),
-            base_dir: base_dir.clone(),
-            data_dir: data_dir.clone(),
-            metrics: Default::default(),
-            source_map: Some(source_map(&spec, component)),
-            health: Default::default(),
-        };
-        let mut options = component.options.clone();
-        let built = loop {
-            let built = build(registration, options.clone(), &cx);
-            match &built {
-                Err(err)
-                    if err.message.starts_with("invalid type: a string")
-                        && component.spans.retype_interpolated(&err.path, &mut options) =>
-                {
-                    continue
-                }
-                _ => break built,
-            }
-        };
-        match built {
-            Ok((body, ports)) => {
-                nodes.push(GraphNode {
-                    name: component.name.clone(),
-                    kind: component.kind,
-                    type_name: component.type_name.clone(),
-                    ports,
-                    from: Vec::new(),
-                    output: component.output.clone(),
-                    body,
-                    counters: cx.metrics.declared(),
-                    health: cx.health.clone(),
-                });
-            }
-            Err(err) => {
-                let pos = spec.locate(&component.spans, &err);
-                diags
-                    .push(spec.diag(pos, format!("{} `{}`: {}", component.kind.as_str(), component.name, err.message)));
-                ok = false;
-            }
-        }
+    let (mut nodes, mut found) = build_components(&spec);
+    found.extend(wire(&spec, &mut nodes));
+    found.extend(find_cycle_in(&spec));
+    if diags.is_empty() && found.is_empty() {
+        found.extend(unused(&spec, &nodes));
     }
-
-    // Wiring is checked for every declared component, built or not and even
-    // with problems of its own, so one broken component hides no graph errors.
-    let declared: HashMap<&str, Kind> = spec.components.iter().map(|c| (c.name.as_str(), c.kind)).collect();
-    for component in &spec.components {
-        let reader = nodes.iter().position(|n| n.name == component.name);
-        for r in &component.from {
-            match declared.get(r.component.as_str()) {
-                None => {
-                    let hint = did_you_mean(&r.component, declared.keys().copied());
-                    diags.push(spec.diag(
-                        r.pos,
-                        format!(
-                            "`{}` reads from `{}`, which is not a component of this pipeline{hint}",
-                            component.name, r.component
-                        ),
-                    ));
-                    ok = false;
-                }
-                Some(Kind::Output) if r.port.as_deref() != Some(ERROR_PORT) => {
-                    diags.push(spec.diag(
-                        r.pos,
-                        format!(
-                            "`{}` reads from output `{}`; an output emits only the events it refused, on `{}.error`",
-                            component.name, r.component, r.component
-                        ),
-                    ));
-                    ok = false;
-                }
-                Some(_) => {
-                    let Some(src) = nodes.iter().position(|n| n.name == r.component) else { continue };
-                    match resolve_port(&nodes[src], r) {
-                        Ok(port) => {
-                            if let Some(reader) = reader {
-                                nodes[reader].from.push((src, port));
-                            }
-                        }
-                        Err(message) => {
-                            diags.push(spec.diag(r.pos, message));
-                            ok = false;
-                        }
-                    }
-                }
-            }
-        }
-    }
-
-    // Cycles are found among the declared components, so they are reported
-    // alongside any build error.
-    let index: HashMap<&str, usize> = spec.components.iter().enumerate().map(|(i, c)| (c.name.as_str(), i)).collect();
-    let edges: Vec<Vec<(usize, &Ref)>> = spec
-        .components
-        .iter()
-        .map(|c| c.from.iter().filter_map(|r| index.get(r.component.as_str()).map(|&src| (src, r))).collect())
-        .collect();
-    if let Some((node, edge)) = find_cycle(&edges) {
-        let (name, r) = (&spec.components[node].name, edges[node][edge].1);
-        diags
-            .push(spec.diag(r.pos, format!("cycle: `{name}` reads from `{}`, which depends on `{name}`", r.component)));
-        ok = false;
-    }
-
-    if ok {
-        for (i, node) in nodes.iter().enumerate() {
-            if node.kind == Kind::Output {
-                continue;
-            }
-            let error_port = node.ports.len() - 1;
-            let used = nodes.iter().any(|n| n.from.iter().any(|&(src, port)| src == i && port != error_port));
-            if !used {
-                let pos = spec.components.iter().find(|c| c.name == node.name).map(|c| c.pos()).unwrap_or_default();
-                diags.push(spec.diag(
-                    pos,
-                    format!("{} `{}` is not used: no stage or output reads from it", node.kind.as_str(), node.name),
-                ));
-            }
-        }
-    }
-
+    diags.extend(found.into_iter().map(|(pos, e)| spec.diag(pos, e.to_string())));
     diags.sort_by_key(|d| d.pos);
     if !diags.is_empty() {
         return Err(diags);
@@ -260,6 +154,132 @@ pub fn compile(spec: PipelineSpec) -> Result<Pipeline, Vec<Diagnostic>> {
         tests: spec.tests.clone(),
         spec,
     })
+}
+
+/// Pass 1: runs each valid component's `build` (no I/O).
+fn build_components(spec: &PipelineSpec) -> (Vec<GraphNode>, Found) {
+    let base_dir = spec.base_dir();
+    let data_dir = base_dir.join(&spec.runtime.data_dir);
+    let mut nodes = Vec::new();
+    let mut found = Found::new();
+    for component in spec.components.iter().filter(|c| c.valid) {
+        let kind = component.kind.as_str();
+        let Some(registration) = Registration::find(component.kind, &component.type_name) else {
+            let known: Vec<&str> =
+                Registration::all().into_iter().filter(|r| r.kind == component.kind).map(|r| r.name).collect();
+            let hint = did_you_mean(&component.type_name, known.iter().copied());
+            let type_name = component.type_name.clone();
+            found.push((component.spans_type_pos(), GraphError::UnknownType { kind, type_name, hint, known }));
+            continue;
+        };
+        let cx = BuildContext {
+            pipeline: spec.name.clone(),
+            component: component.name.clone(),
+            base_dir: base_dir.clone(),
+            data_dir: data_dir.clone(),
+            metrics: Default::default(),
+            source_map: Some(source_map(spec, component)),
+            health: Default::default(),
+        };
+        let mut options = component.options.clone();
+        let built = loop {
+            let built = build(registration, options.clone(), &cx);
+            match &built {
+                Err(err)
+                    if err.kind == BuildErrorKind::StringForOtherType
+                        && component.spans.retype_interpolated(&err.path, &mut options) =>
+                {
+                    continue
+                }
+                _ => break built,
+            }
+        };
+        match built {
+            Ok((body, ports)) => nodes.push(GraphNode {
+                name: component.name.clone(),
+                kind: component.kind,
+                type_name: component.type_name.clone(),
+                ports,
+                from: Vec::new(),
+                output: component.output.clone(),
+                body,
+                counters: cx.metrics.declared(),
+                health: cx.health.clone(),
+            }),
+            Err(err) => {
+                let pos = spec.locate(&component.spans, &err);
+                let component = component.name.clone();
+                found.push((pos, GraphError::Build { kind, component, message: err.message }));
+            }
+        }
+    }
+    (nodes, found)
+}
+
+/// Pass 2: resolves every `from` of every declared component; the built
+/// readers get their upstream (node, port) pairs.
+fn wire(spec: &PipelineSpec, nodes: &mut [GraphNode]) -> Found {
+    let declared: HashMap<&str, Kind> = spec.components.iter().map(|c| (c.name.as_str(), c.kind)).collect();
+    let mut found = Found::new();
+    for component in &spec.components {
+        let reader = nodes.iter().position(|n| n.name == component.name);
+        for r in &component.from {
+            let problem = match declared.get(r.component.as_str()) {
+                None => Some(GraphError::UnknownSource {
+                    reader: component.name.clone(),
+                    source_name: r.component.clone(),
+                    hint: did_you_mean(&r.component, declared.keys().copied()),
+                }),
+                Some(Kind::Output) if r.port.as_deref() != Some(ERROR_PORT) => {
+                    Some(GraphError::ReadsFromOutput { reader: component.name.clone(), output: r.component.clone() })
+                }
+                Some(_) => {
+                    // A source that failed to build has been reported already.
+                    let Some(src) = nodes.iter().position(|n| n.name == r.component) else { continue };
+                    match resolve_port(&nodes[src], r) {
+                        Ok(port) => {
+                            if let Some(reader) = reader {
+                                nodes[reader].from.push((src, port));
+                            }
+                            None
+                        }
+                        Err(message) => Some(GraphError::NoSuchPort(message)),
+                    }
+                }
+            };
+            found.extend(problem.map(|e| (r.pos, e)));
+        }
+    }
+    found
+}
+
+/// Pass 3: one cycle among the declared components, if any.
+fn find_cycle_in(spec: &PipelineSpec) -> Option<(Pos, GraphError)> {
+    let index: HashMap<&str, usize> = spec.components.iter().enumerate().map(|(i, c)| (c.name.as_str(), i)).collect();
+    let edges: Vec<Vec<(usize, &Ref)>> = spec
+        .components
+        .iter()
+        .map(|c| c.from.iter().filter_map(|r| index.get(r.component.as_str()).map(|&src| (src, r))).collect())
+        .collect();
+    let (node, edge) = find_cycle(&edges)?;
+    let r = edges[node][edge].1;
+    Some((r.pos, GraphError::Cycle { reader: spec.components[node].name.clone(), source_name: r.component.clone() }))
+}
+
+/// Pass 4: inputs and stages whose events nobody reads (their `error` port aside).
+fn unused(spec: &PipelineSpec, nodes: &[GraphNode]) -> Found {
+    let mut found = Found::new();
+    for (i, node) in nodes.iter().enumerate() {
+        if node.kind == Kind::Output {
+            continue;
+        }
+        let error_port = node.ports.len() - 1;
+        if !nodes.iter().any(|n| n.from.iter().any(|&(src, port)| src == i && port != error_port)) {
+            let pos = spec.components.iter().find(|c| c.name == node.name).map(|c| c.pos()).unwrap_or_default();
+            found.push((pos, GraphError::Unused { kind: node.kind.as_str(), component: node.name.clone() }));
+        }
+    }
+    found
 }
 
 fn build(
