@@ -16,6 +16,7 @@ use serde::Deserialize;
 use tracing::warn;
 
 use crate::accumulator::{detached, float};
+use crate::config::{condition, field_path};
 
 /// Evaluates alert rules on incoming events (typically `aggregate` results)
 /// and emits an event when a rule starts firing and when it resolves.
@@ -132,14 +133,6 @@ struct AlertStage {
     last_event_wall: Instant,
 }
 
-fn compile(source: &str, limits: &Limits, at: &[&str]) -> Result<Condition, BuildError> {
-    Condition::compile(source, limits).map_err(|e| e.at(at.iter().copied()))
-}
-
-fn field(text: &str, at: &[&str]) -> Result<FieldPath, BuildError> {
-    FieldPath::parse(text).map_err(|e| BuildError::at(at.iter().copied(), e))
-}
-
 impl StageConfig for AlertConfig {
     const TYPE: &'static str = "alert";
     fn build(self, cx: &BuildContext) -> Result<BuiltStage, BuildError> {
@@ -155,23 +148,23 @@ impl StageConfig for AlertConfig {
             let at = |opt: &'static str| ["rules", i.as_str(), opt];
             let kind = match (&r.when, &r.expect) {
                 (Some(when), None) => RuleKind::Threshold {
-                    when: compile(when, &self.limits, &at("when"))?,
+                    when: condition(when, &self.limits, &at("when"))?,
                     resolve: r
                         .resolve_when
                         .as_deref()
-                        .map(|s| compile(s, &self.limits, &at("resolve_when")))
+                        .map(|s| condition(s, &self.limits, &at("resolve_when")))
                         .transpose()?,
                     hold: r.hold.map(|d| d.0.as_nanos() as i64).unwrap_or(0),
                 },
                 (None, Some(e)) => RuleKind::Absence {
-                    start: compile(&e.start, &self.limits, &["rules", i.as_str(), "expect", "start"])?,
-                    end: compile(&e.end, &self.limits, &["rules", i.as_str(), "expect", "end"])?,
-                    key: field(&e.key, &["rules", i.as_str(), "expect", "key"])?,
+                    start: condition(&e.start, &self.limits, &["rules", i.as_str(), "expect", "start"])?,
+                    end: condition(&e.end, &self.limits, &["rules", i.as_str(), "expect", "end"])?,
+                    key: field_path(&e.key, &["rules", i.as_str(), "expect", "key"])?,
                     within: e.within.0.as_nanos() as i64,
                     after: e
                         .after
                         .as_deref()
-                        .map(|a| field(a, &["rules", i.as_str(), "expect", "after"]))
+                        .map(|a| field_path(a, &["rules", i.as_str(), "expect", "after"]))
                         .transpose()?,
                 },
                 _ => {
@@ -181,14 +174,14 @@ impl StageConfig for AlertConfig {
                     ))
                 }
             };
-            let value = r.value.as_deref().map(|s| compile(s, &self.limits, &at("value"))).transpose()?;
+            let value = r.value.as_deref().map(|s| condition(s, &self.limits, &at("value"))).transpose()?;
             rules.push(Rule { name: r.name.clone(), severity: r.severity.clone(), value, kind });
         }
         let group_by = self
             .group_by
             .iter()
             .enumerate()
-            .map(|(i, g)| field(g, &["group_by", &i.to_string()]))
+            .map(|(i, g)| field_path(g, &["group_by", &i.to_string()]))
             .collect::<Result<Vec<_>, _>>()?;
         Ok(BuiltStage::new(AlertStage {
             group_by,

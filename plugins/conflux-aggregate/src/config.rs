@@ -3,7 +3,9 @@
 use std::collections::BTreeMap;
 
 use conflux_api::config::Duration;
-use conflux_rhai::Limits;
+use conflux_api::BuildError;
+use conflux_json::path::FieldPath;
+use conflux_rhai::{Condition, Limits};
 use schemars::JsonSchema;
 use serde::Deserialize;
 
@@ -261,4 +263,15 @@ pub struct GaugeSpec {
     pub up: String,
     /// Rhai condition: the event lowers the level.
     pub down: String,
+}
+
+/// A field path option, or an error pointing at `option`.
+pub(crate) fn field_path(text: &str, option: &[&str]) -> Result<FieldPath, BuildError> {
+    FieldPath::parse(text).map_err(|e| BuildError::at(option.iter().copied(), e))
+}
+
+/// A Rhai condition option, compiled, or an error pointing at `option`
+/// (and inside it, at the script's line and column).
+pub(crate) fn condition(source: &str, limits: &Limits, option: &[&str]) -> Result<Condition, BuildError> {
+    Condition::compile(source, limits).map_err(|e| e.at(option.iter().copied()))
 }

@@ -13,6 +13,7 @@ mod checkpoint;
 mod config;
 mod dedupe;
 mod durable;
+mod metric;
 mod stage;
 mod window;
 
