@@ -25,21 +25,50 @@ pub struct NatsOutputConfig {
     /// Publish through JetStream and wait for the stream's acknowledgement.
     #[serde(default)]
     pub jetstream: bool,
+    /// With `jetstream`, the `Nats-Msg-Id` of each message, a template such as `{{ id }}`:
+    /// the stream drops a message whose id it saw within its duplicate window (2 minutes
+    /// unless the stream says otherwise), so a write retried after a lost connection is
+    /// stored once. Unset, aggregate results get `<result_key>@<result_revision>` (a replay
+    /// writes each revision once) and other events no id. An event missing a value goes to
+    /// `error`.
+    #[serde(default)]
+    pub msg_id: Option<String>,
 }
 
 impl OutputConfig for NatsOutputConfig {
     const TYPE: &'static str = "nats";
     fn build(self, _cx: &BuildContext) -> Result<Box<dyn Output>, BuildError> {
         let subject = Template::parse(&self.subject).map_err(|e| BuildError::at(["subject"], e.to_string()))?;
-        Ok(Box::new(NatsOutput { config: self, subject, client: None }))
+        let msg_id = match &self.msg_id {
+            Some(_) if !self.jetstream => {
+                return Err(BuildError::at(
+                    ["msg_id"],
+                    "msg_id needs `jetstream: true` (core NATS has no deduplication)",
+                ))
+            }
+            Some(text) => Some(Template::parse(text).map_err(|e| BuildError::at(["msg_id"], e.to_string()))?),
+            None => None,
+        };
+        Ok(Box::new(NatsOutput { config: self, subject, msg_id, client: None }))
     }
 }
 
 inventory::submit!(Registration::output::<NatsOutputConfig>());
 
+/// An aggregate result's identity, `<result_key>@<result_revision>`: the same
+/// revision of the same window is the same message.
+fn result_id(event: &conflux_api::Event) -> Option<String> {
+    use conflux_api::component::{RESULT_KEY_META, RESULT_REVISION_META};
+    use conflux_api::sonic_rs::JsonValueTrait;
+    let key = event.meta.get(RESULT_KEY_META)?.as_str()?;
+    let revision = event.meta.get(RESULT_REVISION_META)?.as_u64()?;
+    Some(format!("{key}@{revision}"))
+}
+
 struct NatsOutput {
     config: NatsOutputConfig,
     subject: Template,
+    msg_id: Option<Template>,
     client: Option<(async_nats::Client, async_nats::jetstream::Context)>,
 }
 
@@ -71,8 +100,22 @@ impl Output for NatsOutput {
             let mut payload = Vec::new();
             event.data.write_json(&mut payload);
             if self.config.jetstream {
+                let id = match &self.msg_id {
+                    Some(template) => match template.render(event) {
+                        Ok(id) => Some(id),
+                        Err(e) => {
+                            refused.push(FailedEvent::new(index, format!("msg_id: {e}")));
+                            continue;
+                        }
+                    },
+                    None => result_id(event),
+                };
+                let mut headers = async_nats::HeaderMap::new();
+                if let Some(id) = id {
+                    headers.insert(async_nats::header::NATS_MESSAGE_ID, id.as_str());
+                }
                 let ack = js
-                    .publish(subject, payload.into())
+                    .publish_with_headers(subject, headers, payload.into())
                     .await
                     .map_err(|e| PluginError::retryable(format!("JetStream publish failed: {e}")))?;
                 pending.push(ack);

@@ -30,6 +30,7 @@ async fn the_file_output_passes_the_conformance_suite() {
             Box::pin(async move { ns_of_lines(&std::fs::read_to_string(path).unwrap_or_default()) })
         }),
         refuses_by_template: false,
+        at_least_once: false,
     })
     .await;
 }
@@ -43,7 +44,7 @@ async fn the_nats_jetstream_output_passes_the_conformance_suite() {
     run_all(&OutputUnderTest {
         name: "nats",
         output: Box::new(|addr, tag| {
-            format!("{{ type: nats, url: \"nats://{addr}\", jetstream: true, subject: \"cfc.{tag}.{{{{ route }}}}\" }}")
+            format!("{{ type: nats, url: \"nats://{addr}\", jetstream: true, subject: \"cfc.{tag}.{{{{ route }}}}\", msg_id: \"{tag}-{{{{ n }}}}\" }}")
         }),
         service: Some(service),
         prepare: Box::new(move |tag| {
@@ -83,6 +84,7 @@ async fn the_nats_jetstream_output_passes_the_conformance_suite() {
             })
         }),
         refuses_by_template: true,
+        at_least_once: false,
     })
     .await;
 }
@@ -114,6 +116,7 @@ async fn the_kafka_output_passes_the_conformance_suite() {
             })
         }),
         refuses_by_template: true,
+        at_least_once: false,
     })
     .await;
 }

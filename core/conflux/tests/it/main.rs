@@ -23,6 +23,7 @@ pub fn setup() {
     conflux_validate::link();
     conflux_nats::link();
     conflux_kafka::link();
+    conflux_aggregate::link();
 }
 
 /// A unique key per test and run, so parallel tests keep their testkit state

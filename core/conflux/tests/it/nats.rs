@@ -370,3 +370,38 @@ async fn a_failed_jetstream_message_comes_back_after_its_nak_delay_not_the_ack_w
     run.await.unwrap();
     js.delete_stream(&stream).await.ok();
 }
+
+/// Aggregate results carry `<result_key>@<revision>` as their `Nats-Msg-Id`:
+/// the same input aggregated twice (a replay after a crash) is stored once.
+#[tokio::test]
+async fn a_replayed_aggregate_is_stored_once_in_jetstream() {
+    setup();
+    let url = nats_url().await;
+    let tag = key("replay").replace('-', "_");
+    let (js, stream) = stream_over(&url, &tag).await;
+    let dir = tempfile::tempdir().unwrap();
+    // Groups a, b, c in two 10 s windows: 6 results, whatever the run.
+    let mut lines = String::new();
+    for (second, group) in [(1, "a"), (2, "b"), (3, "c"), (4, "a"), (11, "a"), (12, "b"), (13, "c")] {
+        lines.push_str(&format!("{{\"t\":\"2026-01-01T00:00:{second:02}Z\",\"g\":\"{group}\"}}\n"));
+    }
+    let input = dir.path().join("in.ndjson");
+    std::fs::write(&input, lines).unwrap();
+    let yaml = format!(
+        "name: replay
+inputs:
+  in: {{ type: file, path: \"{}\" }}
+stages:
+  agg: {{ type: aggregate, from: in, group_by: [g], time: {{ field: t }}, window: {{ tumbling: 10s }}, metrics: {{ n: {{ count: {{}} }} }} }}
+outputs:
+  out: {{ type: nats, url: \"{url}\", jetstream: true, subject: \"{tag}\", from: agg }}
+",
+        input.display()
+    );
+    for run in 1..=2 {
+        run_yaml(&yaml, RunContext::new()).await;
+        let stored = js.get_stream(&stream).await.unwrap().info().await.unwrap().state.messages;
+        assert_eq!(stored, 6, "after run {run}: one message per group and window");
+    }
+    js.delete_stream(&stream).await.ok();
+}

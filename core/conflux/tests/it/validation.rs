@@ -133,3 +133,15 @@ outputs:
     assert_has(&p, "p.yaml:3:92: input `c`: unknown field `spede`");
     assert_has(&p, "p.yaml:4:75: input `w`: missing field `key`");
 }
+
+#[test]
+fn a_nats_msg_id_without_jetstream_is_refused() {
+    let p = problems(
+        "inputs:
+  g: { type: generate, count: 1 }
+outputs:
+  n: { type: nats, subject: x, msg_id: \"{{ id }}\", from: g }
+",
+    );
+    assert_has(&p, "p.yaml:4:40: output `n`: msg_id needs `jetstream: true`");
+}
