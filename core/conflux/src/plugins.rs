@@ -10,4 +10,5 @@ pub fn link_all() {
     conflux_validate::link();
     conflux_nats::link();
     conflux_kafka::link();
+    conflux_redis::link();
 }

@@ -120,3 +120,41 @@ async fn the_kafka_output_passes_the_conformance_suite() {
     })
     .await;
 }
+
+/// `rpush` is the command a retried batch can apply twice (a list keeps
+/// every push), so the suite counts duplicates through a cut instead of
+/// failing on them; loss still fails.
+#[tokio::test]
+async fn the_redis_output_passes_the_conformance_suite() {
+    use redis::AsyncCommands;
+    setup();
+    run_all(&OutputUnderTest {
+        name: "redis",
+        output: Box::new(|addr, tag| {
+            format!("{{ type: redis, url: \"redis://{addr}\", commands: [{{ rpush: {{ key: \"cfc:{tag}:{{{{ route }}}}\" }} }}] }}")
+        }),
+        service: Some(crate::redis_output::REDIS.to_string()),
+        prepare: Box::new(|_| Box::pin(async {})),
+        read_back: Box::new(|tag, expected| {
+            Box::pin(async move {
+                let mut r = crate::redis_output::redis().await;
+                let key = format!("cfc:{tag}:r");
+                let deadline = Instant::now() + Duration::from_secs(10);
+                loop {
+                    let items: Vec<String> = r.lrange(&key, 0, -1).await.unwrap();
+                    if items.len() >= expected || Instant::now() > deadline {
+                        let _: () = r.del(&key).await.unwrap();
+                        return items
+                            .iter()
+                            .map(|i| serde_json::from_str::<serde_json::Value>(i).unwrap()["n"].as_u64().unwrap())
+                            .collect();
+                    }
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            })
+        }),
+        refuses_by_template: true,
+        at_least_once: true,
+    })
+    .await;
+}

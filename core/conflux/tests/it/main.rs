@@ -10,6 +10,7 @@ mod http;
 mod kafka;
 mod nats;
 mod outputs;
+mod redis_output;
 mod validation;
 mod wasm;
 
@@ -24,6 +25,7 @@ pub fn setup() {
     conflux_nats::link();
     conflux_kafka::link();
     conflux_aggregate::link();
+    conflux_redis::link();
 }
 
 /// A unique key per test and run, so parallel tests keep their testkit state
