@@ -2,8 +2,8 @@
 # Throughput and memory benchmarks on a release build. Prints events/s (median
 # of RUNS runs) and peak RSS per scenario. Usage: scripts/bench.sh [scenario…]
 # Scenarios: generate_drop file_drop file_drop_batched rhai wasm_identity wasm_mask wasm_filter aggregate idle slow_output
-# http_single http_ndjson kafka_drop jetstream_drop (default: all but the last four, which need wrk,
-# and tansu / NATS via scripts/services.sh).
+# http_single http_ndjson kafka_drop jetstream_drop redis_hset (default: all but the last five, which
+# need wrk, tansu / NATS via scripts/services.sh, and Redis with redis-benchmark).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 RUNS=${RUNS:-3}
@@ -392,6 +392,48 @@ YAML
   drain_rate "JetStream → drop (ack each)" "$EVENTS" "$WORK/js-drop-explicit.yaml" 19465 nats-server
   drain_rate "JetStream → drop (ack all)" "$EVENTS" "$WORK/js-drop-all.yaml" 19465 nats-server
   js_delete_stream "$stream"
+}
+
+# Redis: 1M booking events written with one HSET each (a key per booking), and
+# with three commands each (hincrby + zincrby + pfadd), against redis-benchmark's
+# own pipelined HSET (-P 64) on the same server in the same run. Database 15,
+# emptied before each run.
+REDIS_URL=${REDIS_URL:-redis://127.0.0.1:6379}
+redis_db() { redis-cli -u "$REDIS_URL/15" "$@"; }
+
+redis_reference() {
+  local rate
+  redis_db flushdb >/dev/null
+  rate=$(redis-benchmark -u "$REDIS_URL" --dbnum 15 -P 64 -t hset -n "$EVENTS" -q 2>/dev/null \
+    | tr '\r' '\n' | awk '/^HSET:/ {print $2}' | tail -1)
+  printf '%-28s %12.0f events/s   (redis-benchmark -P 64 -t hset -n %s)\n' "redis-benchmark HSET" "$rate" "$EVENTS"
+}
+
+redis_scenario() { # name pipeline-name commands
+  local file
+  file=$(events_file)
+  cat >"$WORK/$2.yaml" <<YAML
+inputs:
+  in: { type: file, path: $file }
+outputs:
+  out:
+    type: redis
+    url: $REDIS_URL/15
+    from: in
+    batch: { max_events: ${REDIS_BATCH:-10000} }
+    commands: $3
+YAML
+  redis_db flushdb >/dev/null
+  throughput "$1" "$EVENTS" "$WORK/$2.yaml"
+  redis_db flushdb >/dev/null
+}
+
+redis_hset() {
+  redis_reference
+  redis_scenario "file → redis hset" redis-hset \
+    '[{ hset: { key: "b:{{ data.bookingId }}", fields: { status: "{{ data.status }}" } } }]'
+  redis_scenario "file → redis 3 commands" redis-three \
+    '[{ hincrby: { key: "r:{{ data.restaurantId }}", field: guests, by: "{{ data.guests }}" } }, { zincrby: { key: "zones", member: "{{ data.zone }}" } }, { pfadd: { key: "users", element: "{{ data.userId }}" } }]'
 }
 
 # Deletes a stream through the JetStream API over the NATS protocol (no CLI needed): runs

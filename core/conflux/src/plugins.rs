@@ -11,4 +11,5 @@ pub fn link_all() {
     conflux_nats::link();
     conflux_kafka::link();
     conflux_redis::link();
+    conflux_postgres::link();
 }

@@ -10,6 +10,7 @@ mod http;
 mod kafka;
 mod nats;
 mod outputs;
+mod postgres_output;
 mod redis_output;
 mod validation;
 mod wasm;
@@ -26,6 +27,7 @@ pub fn setup() {
     conflux_kafka::link();
     conflux_aggregate::link();
     conflux_redis::link();
+    conflux_postgres::link();
 }
 
 /// A unique key per test and run, so parallel tests keep their testkit state

@@ -1,0 +1,342 @@
+//! `postgres` output: typed rows from events, one transaction per write
+//! batch, acknowledged after commit. A batch the database refuses (a
+//! constraint, a bad value) is split in halves until the refused rows stand
+//! alone: they go to `error` with the database's message, the rest commit.
+
+use std::collections::{BTreeMap, HashMap};
+use std::time::Duration;
+
+use conflux_api::columns::{ColumnConfig, ColumnType, Columns, TypedValue};
+use conflux_api::{
+    async_trait, inventory, Batch, BuildContext, BuildError, FailedEvent, Output, OutputConfig, PluginError,
+    Registration,
+};
+use schemars::JsonSchema;
+use serde::Deserialize;
+use sqlx::postgres::{PgPool, PgPoolOptions};
+use sqlx::Row;
+
+use crate::encode::{copy_header, copy_row, copy_trailer, ColumnArray, Wire};
+use crate::sql::{quote, Statements};
+
+/// How rows are written.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, JsonSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum Mode {
+    /// Append through `COPY … FROM STDIN (FORMAT binary)`: the fastest way in.
+    #[default]
+    Copy,
+    /// Append through `INSERT … SELECT FROM UNNEST(…)`: one statement per batch.
+    Insert,
+    /// `INSERT … ON CONFLICT (key) DO UPDATE`: the last row per key wins,
+    /// within a batch too, so a replay overwrites instead of adding.
+    Upsert,
+}
+
+/// Writes events as rows of a PostgreSQL (or TimescaleDB) table.
+///
+/// Each event gives one row, its columns typed by `columns`; an event with
+/// a missing or mistyped value goes to `error` (nothing is converted
+/// silently). Each write batch is one transaction, acknowledged after
+/// commit. Connection loss, serialization failures and too many connections
+/// are retried; a row the database refuses goes to `error` with its message
+/// while the rest of its batch commits.
+#[derive(Debug, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct PostgresOutputConfig {
+    /// `postgres://user:password@host:port/database` (the password is never logged).
+    pub url: String,
+    /// Table, optionally schema-qualified (`analytics.bookings`).
+    pub table: String,
+    /// Column name → where its value comes from and its type.
+    pub columns: BTreeMap<String, ColumnConfig>,
+    /// `copy` (default: appends, fastest), `insert` or `upsert` (with `key`).
+    #[serde(default)]
+    pub mode: Mode,
+    /// The conflict columns of an upsert (the table's primary key or a unique index).
+    #[serde(default)]
+    pub key: Vec<String>,
+    /// Create the table (and `indexes`) from the mapping if it does not exist; with `key`,
+    /// the key is its primary key.
+    #[serde(default)]
+    pub create: bool,
+    /// With `create`, indexes to create: each a list of columns.
+    #[serde(default)]
+    pub indexes: Vec<Vec<String>>,
+}
+
+impl OutputConfig for PostgresOutputConfig {
+    const TYPE: &'static str = "postgres";
+    fn build(self, _cx: &BuildContext) -> Result<Box<dyn Output>, BuildError> {
+        if self.columns.is_empty() {
+            return Err(BuildError::at(["columns"], "map at least one column"));
+        }
+        let columns = Columns::new(self.columns.iter().map(|(n, c)| (n.as_str(), c)))
+            .map_err(|e| BuildError::at(["columns"], e))?;
+        match (self.mode, self.key.is_empty()) {
+            (Mode::Upsert, true) => return Err(BuildError::at(["key"], "an upsert needs `key`: its conflict columns")),
+            (Mode::Copy | Mode::Insert, false) => {
+                return Err(BuildError::at(["key"], "`key` applies to `mode: upsert` only"))
+            }
+            _ => {}
+        }
+        for k in &self.key {
+            if !self.columns.contains_key(k) {
+                return Err(BuildError::at(["key"], format!("key column `{k}` is not in `columns`")));
+            }
+        }
+        for (i, index) in self.indexes.iter().enumerate() {
+            if !self.create {
+                return Err(BuildError::at(["indexes"], "indexes are created with `create: true` only"));
+            }
+            if let Some(missing) = index.iter().find(|c| !self.columns.contains_key(*c)) {
+                return Err(BuildError::at(
+                    ["indexes", &i.to_string()],
+                    format!("column `{missing}` is not in `columns`"),
+                ));
+            }
+        }
+        let described: Vec<(String, ColumnType, bool)> =
+            self.columns.iter().map(|(n, c)| (n.clone(), c.kind, c.nullable)).collect();
+        let statements = Statements::new(&self.table, &described, &self.key);
+        let shown = conflux_api::secrets::mask_url_passwords(self.url.as_str().into()).into_owned();
+        let pool = PgPoolOptions::new()
+            .max_connections(4)
+            .acquire_timeout(Duration::from_secs(5))
+            .connect_lazy(&self.url)
+            .map_err(|e| BuildError::at(["url"], format!("bad PostgreSQL URL: {}", describe(&e))))?;
+        let key_positions: Vec<usize> =
+            described.iter().enumerate().filter(|(_, (n, _, _))| self.key.contains(n)).map(|(i, _)| i).collect();
+        Ok(Box::new(PostgresOutput {
+            wires: vec![Wire::Native; described.len()],
+            names: described.iter().map(|(n, _, _)| n.clone()).collect(),
+            types: described.iter().map(|(_, t, _)| *t).collect(),
+            columns,
+            statements,
+            key_positions,
+            pool,
+            shown,
+            config: self,
+        }))
+    }
+}
+
+inventory::submit!(Registration::output::<PostgresOutputConfig>());
+
+struct PostgresOutput {
+    config: PostgresOutputConfig,
+    columns: Columns,
+    names: Vec<String>,
+    types: Vec<ColumnType>,
+    /// How each column takes binary COPY data, from the table's own types.
+    wires: Vec<Wire>,
+    statements: Statements,
+    key_positions: Vec<usize>,
+    pool: PgPool,
+    /// The URL with its password masked.
+    shown: String,
+}
+
+/// What a failed statement means for its rows.
+enum Failure {
+    /// The rows are bad (SQLSTATE classes 22 and 23): isolate them.
+    Refused(String),
+    /// The database or the connection is (for now): retry the batch.
+    Retry(String),
+}
+
+/// A database error's message with its SQLSTATE, never the URL.
+fn describe(e: &sqlx::Error) -> String {
+    match e.as_database_error() {
+        Some(db) => match db.code() {
+            Some(code) => format!("{} (SQLSTATE {code})", db.message()),
+            None => db.message().to_string(),
+        },
+        None => e.to_string(),
+    }
+}
+
+fn classify(e: &sqlx::Error) -> Failure {
+    let code = e.as_database_error().and_then(|d| d.code()).map(|c| c.into_owned()).unwrap_or_default();
+    if code.starts_with("22") || code.starts_with("23") {
+        Failure::Refused(describe(e))
+    } else {
+        Failure::Retry(describe(e))
+    }
+}
+
+impl PostgresOutput {
+    /// Creates the table if asked, then reads its column types: binary COPY
+    /// must send each value in its column's own wire format.
+    async fn prepare_table(&mut self) -> Result<(), String> {
+        let table = quote(&self.config.table);
+        let exists = |table: String| {
+            sqlx::query_scalar::<_, Option<String>>("SELECT to_regclass($1)::text").bind(table).fetch_one(&self.pool)
+        };
+        if exists(table.clone()).await.map_err(|e| describe(&e))?.is_none() {
+            if !self.config.create {
+                return Err(format!("table `{}` does not exist (create it, or set `create: true`)", self.config.table));
+            }
+            sqlx::query(&self.statements.create).execute(&self.pool).await.map_err(|e| describe(&e))?;
+            for index in &self.config.indexes {
+                let name = format!("{}_{}_idx", self.config.table.replace('.', "_"), index.join("_"));
+                let columns: Vec<String> = index.iter().map(|c| quote(c)).collect();
+                let statement =
+                    format!("CREATE INDEX IF NOT EXISTS {} ON {table} ({})", quote(&name), columns.join(", "));
+                sqlx::query(&statement).execute(&self.pool).await.map_err(|e| describe(&e))?;
+            }
+        }
+        let rows = sqlx::query(
+            "SELECT a.attname::text, t.typname::text FROM pg_attribute a JOIN pg_type t ON t.oid = a.atttypid \
+             WHERE a.attrelid = to_regclass($1) AND a.attnum > 0 AND NOT a.attisdropped",
+        )
+        .bind(&table)
+        .fetch_all(&self.pool)
+        .await
+        .map_err(|e| describe(&e))?;
+        let found: HashMap<String, String> =
+            rows.iter().map(|r| (r.get::<String, _>(0), r.get::<String, _>(1))).collect();
+        for (i, (name, kind)) in self.names.iter().zip(&self.types).enumerate() {
+            let Some(actual) = found.get(name) else {
+                return Err(format!("table `{}` has no column `{name}`", self.config.table));
+            };
+            self.wires[i] = wire(*kind, actual).ok_or_else(|| {
+                format!("column `{name}` is `{actual}` in the table, which a `{kind:?}` value cannot be written to")
+            })?;
+        }
+        Ok(())
+    }
+
+    /// Writes rows in one transaction.
+    async fn write_rows(&self, rows: &[(usize, Vec<TypedValue>)]) -> Result<(), sqlx::Error> {
+        let mut tx = self.pool.begin().await?;
+        match self.config.mode {
+            Mode::Copy => {
+                let mut data = Vec::with_capacity(rows.len() * 64 + 32);
+                copy_header(&mut data);
+                for (_, row) in rows {
+                    // Checked before: every row here fits its columns.
+                    let _ = copy_row(&mut data, row, &self.wires, &self.names);
+                }
+                copy_trailer(&mut data);
+                let mut copy = tx.copy_in_raw(&self.statements.copy).await?;
+                if let Err(e) = copy.send(data).await {
+                    let _ = copy.abort("write failed").await;
+                    return Err(e);
+                }
+                copy.finish().await?;
+            }
+            Mode::Insert | Mode::Upsert => {
+                let mut arrays: Vec<ColumnArray> =
+                    self.types.iter().map(|t| ColumnArray::new(*t, rows.len())).collect();
+                for (_, row) in rows {
+                    for (array, value) in arrays.iter_mut().zip(row) {
+                        array.push(value);
+                    }
+                }
+                let mut query = sqlx::query(&self.statements.insert);
+                for array in arrays {
+                    query = match array {
+                        ColumnArray::Text(v) => query.bind(v),
+                        ColumnArray::Integer(v) => query.bind(v),
+                        ColumnArray::Double(v) => query.bind(v),
+                        ColumnArray::Boolean(v) => query.bind(v),
+                    };
+                }
+                query.execute(&mut *tx).await?;
+            }
+        }
+        tx.commit().await
+    }
+}
+
+/// How a mapping type is written into a column of PostgreSQL type `actual` (`typname`).
+fn wire(kind: ColumnType, actual: &str) -> Option<Wire> {
+    match (kind, actual) {
+        (ColumnType::Text, "text" | "varchar" | "bpchar" | "name" | "citext") => Some(Wire::Native),
+        (ColumnType::Integer, "int8") => Some(Wire::Native),
+        (ColumnType::Integer, "int4") => Some(Wire::Int4),
+        (ColumnType::Integer, "int2") => Some(Wire::Int2),
+        (ColumnType::Double, "float8") => Some(Wire::Native),
+        (ColumnType::Double, "float4") => Some(Wire::Float4),
+        (ColumnType::Boolean, "bool") => Some(Wire::Native),
+        (ColumnType::Timestamp, "timestamptz" | "timestamp") => Some(Wire::Native),
+        (ColumnType::Json, "jsonb") => Some(Wire::Native),
+        (ColumnType::Json, "json") => Some(Wire::Json),
+        _ => None,
+    }
+}
+
+#[async_trait]
+impl Output for PostgresOutput {
+    async fn connect(&mut self) -> Result<(), PluginError> {
+        self.prepare_table().await.map_err(|e| PluginError::not_connected(format!("PostgreSQL at {}: {e}", self.shown)))
+    }
+
+    async fn write(&self, batch: &Batch) -> Result<(), PluginError> {
+        let mut failed = Vec::new();
+        let mut rows: Vec<(usize, Vec<TypedValue>)> = Vec::with_capacity(batch.len());
+        let mut scratch = Vec::new();
+        for (index, event) in batch.iter().enumerate() {
+            match self.columns.values(event) {
+                Ok(row) => {
+                    // A value out of an `integer` column's range is refused here, not by the COPY.
+                    scratch.clear();
+                    match self.config.mode {
+                        Mode::Copy => match copy_row(&mut scratch, &row, &self.wires, &self.names) {
+                            Ok(()) => rows.push((index, row)),
+                            Err(reason) => failed.push(FailedEvent::new(index, reason)),
+                        },
+                        _ => rows.push((index, row)),
+                    }
+                }
+                Err(e) => failed.push(FailedEvent::new(index, e.to_string())),
+            }
+        }
+        if self.config.mode == Mode::Upsert {
+            // The last row per key wins: ON CONFLICT cannot touch one row twice in a statement.
+            let mut last: HashMap<String, usize> = HashMap::with_capacity(rows.len());
+            for (position, (_, row)) in rows.iter().enumerate() {
+                let key: Vec<String> = self.key_positions.iter().map(|&k| format!("{:?}", row[k])).collect();
+                last.insert(key.join("\u{1f}"), position);
+            }
+            if last.len() < rows.len() {
+                let keep: std::collections::HashSet<usize> = last.into_values().collect();
+                rows = rows.into_iter().enumerate().filter(|(p, _)| keep.contains(p)).map(|(_, r)| r).collect();
+            }
+        }
+        // Halves of a refused part are tried on their own, first half first,
+        // until each refused row stands alone.
+        let mut parts: Vec<&[(usize, Vec<TypedValue>)]> = vec![&rows];
+        while let Some(part) = parts.pop() {
+            if part.is_empty() {
+                continue;
+            }
+            match self.write_rows(part).await {
+                Ok(()) => {}
+                Err(e) => match classify(&e) {
+                    Failure::Refused(reason) if part.len() == 1 => failed.push(FailedEvent::new(part[0].0, reason)),
+                    Failure::Refused(_) => {
+                        let (first, second) = part.split_at(part.len() / 2);
+                        parts.push(second);
+                        parts.push(first);
+                    }
+                    Failure::Retry(reason) => {
+                        return Err(PluginError::retryable(format!("PostgreSQL at {}: {reason}", self.shown)))
+                    }
+                },
+            }
+        }
+        if failed.is_empty() {
+            Ok(())
+        } else {
+            failed.sort_by_key(|f| f.index);
+            Err(PluginError::Partial(failed))
+        }
+    }
+
+    async fn close(&mut self) -> Result<(), PluginError> {
+        self.pool.close().await;
+        Ok(())
+    }
+}
