@@ -2,8 +2,8 @@
 # Throughput and memory benchmarks on a release build. Prints events/s (median
 # of RUNS runs) and peak RSS per scenario. Usage: scripts/bench.sh [scenario…]
 # Scenarios: generate_drop file_drop file_drop_batched rhai wasm_identity wasm_mask wasm_filter aggregate idle slow_output
-# http_single http_ndjson kafka_drop jetstream_drop redis_hset (default: all but the last five, which
-# need wrk, tansu / NATS via scripts/services.sh, and Redis with redis-benchmark).
+# http_single http_ndjson kafka_drop jetstream_drop redis_hset pg_copy (default: all but the last six,
+# which need wrk, tansu / NATS via scripts/services.sh, Redis with redis-benchmark, PostgreSQL with psql).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 RUNS=${RUNS:-3}
@@ -40,6 +40,7 @@ throughput() { # name events pipeline-file
   local name=$1 events=$2 file=$3 rates=() rss=() i out
   for ((i = 0; i < RUNS; i++)); do
     [ -n "${RESET_STATE:-}" ] && rm -rf "$RESET_STATE"
+    [ -n "${BEFORE_RUN:-}" ] && eval "$BEFORE_RUN"
     out=$(measure "$BIN" run "$file")
     rates+=("$(awk -v n="$events" -v t="$(echo "$out" | cut -d' ' -f1)" 'BEGIN {print n / t}')")
     rss+=("$(echo "$out" | cut -d' ' -f2)")
@@ -434,6 +435,78 @@ redis_hset() {
     '[{ hset: { key: "b:{{ data.bookingId }}", fields: { status: "{{ data.status }}" } } }]'
   redis_scenario "file → redis 3 commands" redis-three \
     '[{ hincrby: { key: "r:{{ data.restaurantId }}", field: guests, by: "{{ data.guests }}" } }, { zincrby: { key: "zones", member: "{{ data.zone }}" } }, { pfadd: { key: "users", element: "{{ data.userId }}" } }]'
+}
+
+# PostgreSQL: 1M booking rows of 8 typed columns through `copy`, against psql's
+# own `\copy` of the same rows as CSV in the same run; `upsert` of the same rows
+# keyed by id. The table is emptied before each run.
+PG_URL=${DATABASE_URL:-postgres://postgres@127.0.0.1:5432/postgres}
+PG_COLUMNS="id text, kind text, at timestamptz, restaurant text, zone text, user_id text, guests bigint, data jsonb"
+
+bookings_csv() {
+  local file csv=$WORK/bookings-$EVENTS.csv
+  file=$(events_file)
+  if [ ! -s "$csv" ]; then
+    python3 - "$file" "$csv" <<'PY'
+import csv, json, sys
+with open(sys.argv[1]) as src, open(sys.argv[2], "w", newline="") as out:
+    w = csv.writer(out)
+    for line in src:
+        e = json.loads(line)
+        d = e["data"]
+        w.writerow([e["id"], e["type"], e["timestamp"], d["restaurantId"], d["zone"], d["userId"], d["guests"],
+                    json.dumps(d, separators=(",", ":"))])
+PY
+  fi
+  echo "$csv"
+}
+
+pg_table() { # name [primary key]
+  psql -q "$PG_URL" -c "DROP TABLE IF EXISTS $1" -c "CREATE TABLE $1 ($PG_COLUMNS${2:+, PRIMARY KEY ($2)})" >/dev/null
+}
+
+pg_pipeline() { # file mode table [key]
+  local events
+  events=$(events_file)
+  cat >"$1" <<YAML
+inputs:
+  in: { type: file, path: $events }
+outputs:
+  out:
+    type: postgres
+    url: $PG_URL
+    table: $3
+    mode: $2${4:+
+    key: [$4]}
+    batch: { max_events: ${PG_BATCH:-10000}, linger: 50ms }
+    from: in
+    columns:
+      id: { from: id, type: text }
+      kind: { from: type, type: text }
+      at: { from: timestamp, type: timestamp }
+      restaurant: { from: data.restaurantId, type: text }
+      zone: { from: data.zone, type: text }
+      user_id: { from: data.userId, type: text }
+      guests: { from: data.guests, type: integer }
+      data: { from: data, type: json }
+YAML
+}
+
+pg_copy() {
+  local csv rates=() i out
+  csv=$(bookings_csv)
+  for ((i = 0; i < RUNS; i++)); do
+    pg_table bench_copy
+    out=$(measure psql -q "$PG_URL" -c "\\copy bench_copy FROM '$csv' WITH (FORMAT csv)")
+    rates+=("$(awk -v n="$EVENTS" -v t="$(echo "$out" | cut -d' ' -f1)" 'BEGIN {print n / t}')")
+  done
+  printf '%-28s %12.0f rows/s     (psql \\copy of the same rows as CSV; runs: %s)\n' "psql \\copy (reference)" \
+    "$(printf '%s\n' "${rates[@]}" | median)" "$(printf '%.0f ' "${rates[@]}")"
+  pg_pipeline "$WORK/pg-copy.yaml" copy bench_copy
+  BEFORE_RUN="pg_table bench_copy" throughput "file → postgres copy" "$EVENTS" "$WORK/pg-copy.yaml"
+  pg_pipeline "$WORK/pg-upsert.yaml" upsert bench_upsert id
+  BEFORE_RUN="pg_table bench_upsert id" throughput "file → postgres upsert" "$EVENTS" "$WORK/pg-upsert.yaml"
+  psql -q "$PG_URL" -c "DROP TABLE IF EXISTS bench_copy" -c "DROP TABLE IF EXISTS bench_upsert" >/dev/null
 }
 
 # Deletes a stream through the JetStream API over the NATS protocol (no CLI needed): runs

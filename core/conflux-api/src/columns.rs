@@ -8,7 +8,7 @@ use std::borrow::Cow;
 
 use schemars::JsonSchema;
 use serde::Deserialize;
-use sonic_rs::{JsonType, Value};
+use sonic_rs::JsonType;
 
 use crate::event::{Event, Timestamp};
 use crate::Field;
@@ -53,7 +53,8 @@ pub enum TypedValue {
     Double(f64),
     Boolean(bool),
     Timestamp(Timestamp),
-    Json(Value),
+    /// JSON text, as the event had it (never parsed and written again).
+    Json(String),
 }
 
 /// Why an event has no valid value for a column.
@@ -84,9 +85,14 @@ struct Column {
     nullable: bool,
 }
 
-/// Columns in a fixed order, resolved once at build time.
+/// Columns in a fixed order, resolved once at build time; their payload
+/// fields are found in one scan of each event's text.
 #[derive(Debug, Clone)]
-pub struct Columns(Vec<Column>);
+pub struct Columns {
+    columns: Vec<Column>,
+    /// The payload paths, in column order (columns from elsewhere have none).
+    fields: conflux_json::path::FieldSet,
+}
 
 impl Columns {
     /// Builds from (name, config) pairs, in the order the output writes them.
@@ -113,38 +119,54 @@ impl Columns {
                 nullable: config.nullable,
             });
         }
-        Ok(Columns(built))
+        let paths = built.iter().filter_map(|c| match &c.source {
+            Source::Payload(path) => Some(path.clone()),
+            _ => None,
+        });
+        Ok(Columns { fields: conflux_json::path::FieldSet::new(paths), columns: built })
     }
 
     pub fn names(&self) -> impl Iterator<Item = &str> {
-        self.0.iter().map(|c| c.name.as_str())
+        self.columns.iter().map(|c| c.name.as_str())
     }
 
     pub fn types(&self) -> impl Iterator<Item = ColumnType> + '_ {
-        self.0.iter().map(|c| c.kind)
+        self.columns.iter().map(|c| c.kind)
     }
 
     pub fn len(&self) -> usize {
-        self.0.len()
+        self.columns.len()
     }
 
     pub fn is_empty(&self) -> bool {
-        self.0.is_empty()
+        self.columns.is_empty()
     }
 
     /// One value per column, in order; payload fields are read from the
-    /// event's text without parsing it.
+    /// event's text in one scan, without parsing it.
     pub fn values(&self, event: &Event) -> Result<Vec<TypedValue>, ColumnError> {
-        self.0.iter().map(|column| column.value(event)).collect()
+        let found = self.fields.lookup(&event.data);
+        let mut from_payload = found.into_iter();
+        self.columns
+            .iter()
+            .map(|column| {
+                let field = match &column.source {
+                    Source::Payload(_) => from_payload.next().flatten(),
+                    _ => None,
+                };
+                column.value(event, field)
+            })
+            .collect()
     }
 }
 
 impl Column {
-    fn value(&self, event: &Event) -> Result<TypedValue, ColumnError> {
+    /// `payload`: this column's field, found by [`Columns::values`]'s scan.
+    fn value(&self, event: &Event, payload: Option<Field<'_>>) -> Result<TypedValue, ColumnError> {
         let found: Option<Field<'_>> = match &self.source {
             Source::EventTime => return self.time(event.event_time),
             Source::IngestTime => return Ok(TypedValue::Timestamp(event.ingest_time)),
-            Source::Payload(path) => path.lookup(&event.data),
+            Source::Payload(_) => payload,
             Source::Meta(key) => event.meta.get(key).map(Field::Parsed),
         };
         let Some(field) = found else {
@@ -162,7 +184,7 @@ impl Column {
             ColumnType::Timestamp => TypedValue::Timestamp(
                 Timestamp::from_field(&field).ok_or_else(|| wrong("an RFC 3339 time or epoch number"))?,
             ),
-            ColumnType::Json => TypedValue::Json(field.to_value().into_owned()),
+            ColumnType::Json => TypedValue::Json(field.json_text().into_owned()),
         })
     }
 
@@ -244,7 +266,7 @@ mod tests {
             ]
         );
         assert_eq!(values[4], TypedValue::Timestamp(crate::Timestamp::parse_rfc3339("2026-11-22T10:00:00Z").unwrap()));
-        assert_eq!(values[5], TypedValue::Json(sonic_rs::from_str(r#"["a"]"#).unwrap()));
+        assert_eq!(values[5], TypedValue::Json(r#"["a"]"#.to_string()));
         assert_eq!(values[6], TypedValue::Text("p/agg/[\"r-1\"]/t".into()));
         assert_eq!(values[7], TypedValue::Timestamp(crate::Timestamp::from_millis(5)));
         assert_eq!(values[8], TypedValue::Null, "a nullable missing value is NULL");

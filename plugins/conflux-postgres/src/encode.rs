@@ -88,8 +88,7 @@ pub fn copy_row(out: &mut Vec<u8>, row: &[TypedValue], wires: &[Wire], names: &[
                 field(out, &pg_micros(*t).to_be_bytes());
                 Ok(())
             }
-            (TypedValue::Json(v), wire) => {
-                let text = conflux_api::sonic_rs::to_string(v).unwrap_or_default();
+            (TypedValue::Json(text), wire) => {
                 let mut bytes = Vec::with_capacity(text.len() + 1);
                 if *wire != Wire::Json {
                     bytes.push(1); // jsonb format version
@@ -143,9 +142,7 @@ impl ColumnArray {
             (ColumnArray::Boolean(v), _) => v.push(None),
             (ColumnArray::Text(v), TypedValue::Text(s)) => v.push(Some(s.clone())),
             (ColumnArray::Text(v), TypedValue::Timestamp(t)) => v.push(Some(t.to_rfc3339())),
-            (ColumnArray::Text(v), TypedValue::Json(j)) => {
-                v.push(Some(conflux_api::sonic_rs::to_string(j).unwrap_or_default()))
-            }
+            (ColumnArray::Text(v), TypedValue::Json(j)) => v.push(Some(j.clone())),
             (ColumnArray::Text(v), _) => v.push(None),
         }
     }

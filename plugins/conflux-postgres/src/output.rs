@@ -207,17 +207,17 @@ impl PostgresOutput {
         Ok(())
     }
 
-    /// Writes rows in one transaction.
-    async fn write_rows(&self, rows: &[(usize, Vec<TypedValue>)]) -> Result<(), sqlx::Error> {
+    /// Writes one part of a batch in one transaction.
+    async fn write_part(&self, part: Part<'_>, encoded: &[u8]) -> Result<(), sqlx::Error> {
         let mut tx = self.pool.begin().await?;
-        match self.config.mode {
-            Mode::Copy => {
-                let mut data = Vec::with_capacity(rows.len() * 64 + 32);
+        match part {
+            Part::Copy(rows) => {
+                let (Some(first), Some(last)) = (rows.first(), rows.last()) else { return Ok(()) };
+                // A part's rows are neighbours in the encoded batch: one slice.
+                let body = &encoded[first.1.start..last.1.end];
+                let mut data = Vec::with_capacity(body.len() + 32);
                 copy_header(&mut data);
-                for (_, row) in rows {
-                    // Checked before: every row here fits its columns.
-                    let _ = copy_row(&mut data, row, &self.wires, &self.names);
-                }
+                data.extend_from_slice(body);
                 copy_trailer(&mut data);
                 let mut copy = tx.copy_in_raw(&self.statements.copy).await?;
                 if let Err(e) = copy.send(data).await {
@@ -226,7 +226,7 @@ impl PostgresOutput {
                 }
                 copy.finish().await?;
             }
-            Mode::Insert | Mode::Upsert => {
+            Part::Rows(rows) => {
                 let mut arrays: Vec<ColumnArray> =
                     self.types.iter().map(|t| ColumnArray::new(*t, rows.len())).collect();
                 for (_, row) in rows {
@@ -247,6 +247,43 @@ impl PostgresOutput {
             }
         }
         tx.commit().await
+    }
+}
+
+/// Rows of a batch still to write: binary COPY rows (event index, bytes in
+/// the encoded batch), or typed rows for UNNEST.
+#[derive(Clone, Copy)]
+enum Part<'a> {
+    Copy(&'a [(usize, std::ops::Range<usize>)]),
+    Rows(&'a [(usize, Vec<TypedValue>)]),
+}
+
+impl<'a> Part<'a> {
+    fn len(&self) -> usize {
+        match self {
+            Part::Copy(r) => r.len(),
+            Part::Rows(r) => r.len(),
+        }
+    }
+
+    fn first_index(&self) -> usize {
+        match self {
+            Part::Copy(r) => r[0].0,
+            Part::Rows(r) => r[0].0,
+        }
+    }
+
+    fn halves(self) -> (Part<'a>, Part<'a>) {
+        match self {
+            Part::Copy(r) => {
+                let (a, b) = r.split_at(r.len() / 2);
+                (Part::Copy(a), Part::Copy(b))
+            }
+            Part::Rows(r) => {
+                let (a, b) = r.split_at(r.len() / 2);
+                (Part::Rows(a), Part::Rows(b))
+            }
+        }
     }
 }
 
@@ -275,22 +312,26 @@ impl Output for PostgresOutput {
 
     async fn write(&self, batch: &Batch) -> Result<(), PluginError> {
         let mut failed = Vec::new();
-        let mut rows: Vec<(usize, Vec<TypedValue>)> = Vec::with_capacity(batch.len());
-        let mut scratch = Vec::new();
+        let mut rows: Vec<(usize, Vec<TypedValue>)> = Vec::new();
+        let mut copied: Vec<(usize, std::ops::Range<usize>)> = Vec::new();
+        let mut encoded = Vec::new();
         for (index, event) in batch.iter().enumerate() {
-            match self.columns.values(event) {
-                Ok(row) => {
-                    // A value out of an `integer` column's range is refused here, not by the COPY.
-                    scratch.clear();
-                    match self.config.mode {
-                        Mode::Copy => match copy_row(&mut scratch, &row, &self.wires, &self.names) {
-                            Ok(()) => rows.push((index, row)),
-                            Err(reason) => failed.push(FailedEvent::new(index, reason)),
-                        },
-                        _ => rows.push((index, row)),
-                    }
+            let row = match self.columns.values(event) {
+                Ok(row) => row,
+                Err(e) => {
+                    failed.push(FailedEvent::new(index, e.to_string()));
+                    continue;
                 }
-                Err(e) => failed.push(FailedEvent::new(index, e.to_string())),
+            };
+            if self.config.mode == Mode::Copy {
+                // Encoded once; a value out of an `integer` column's range is refused here.
+                let start = encoded.len();
+                match copy_row(&mut encoded, &row, &self.wires, &self.names) {
+                    Ok(()) => copied.push((index, start..encoded.len())),
+                    Err(reason) => failed.push(FailedEvent::new(index, reason)),
+                }
+            } else {
+                rows.push((index, row));
             }
         }
         if self.config.mode == Mode::Upsert {
@@ -307,24 +348,26 @@ impl Output for PostgresOutput {
         }
         // Halves of a refused part are tried on their own, first half first,
         // until each refused row stands alone.
-        let mut parts: Vec<&[(usize, Vec<TypedValue>)]> = vec![&rows];
+        let whole = if self.config.mode == Mode::Copy { Part::Copy(&copied) } else { Part::Rows(&rows) };
+        let mut parts = vec![whole];
         while let Some(part) = parts.pop() {
-            if part.is_empty() {
+            if part.len() == 0 {
                 continue;
             }
-            match self.write_rows(part).await {
-                Ok(()) => {}
-                Err(e) => match classify(&e) {
-                    Failure::Refused(reason) if part.len() == 1 => failed.push(FailedEvent::new(part[0].0, reason)),
+            if let Err(e) = self.write_part(part, &encoded).await {
+                match classify(&e) {
+                    Failure::Refused(reason) if part.len() == 1 => {
+                        failed.push(FailedEvent::new(part.first_index(), reason))
+                    }
                     Failure::Refused(_) => {
-                        let (first, second) = part.split_at(part.len() / 2);
+                        let (first, second) = part.halves();
                         parts.push(second);
                         parts.push(first);
                     }
                     Failure::Retry(reason) => {
                         return Err(PluginError::retryable(format!("PostgreSQL at {}: {reason}", self.shown)))
                     }
-                },
+                }
             }
         }
         if failed.is_empty() {

@@ -142,7 +142,7 @@ impl StageConfig for AggregateConfig {
             contributions: Vec::new(),
             durability,
             component: cx.component.clone(),
-            pipeline: cx.pipeline.clone(),
+            key_prefix: format!("{}/{}/", cx.pipeline, cx.component),
         };
         Ok(BuiltStage::new(stage).with_ports(["late", "invalid"]))
     }

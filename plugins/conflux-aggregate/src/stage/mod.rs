@@ -72,7 +72,8 @@ pub struct AggregateStage {
     /// Set when `checkpoint` is configured.
     durability: Option<Durability>,
     component: String,
-    pipeline: String,
+    /// `pipeline/stage/`, the start of every result key.
+    key_prefix: String,
 }
 
 impl AggregateStage {

@@ -46,7 +46,13 @@ impl AggregateStage {
     }
 
     /// `levels`: the gauges' levels at the window's end (from [`Self::levels`]).
-    pub(super) fn result(&self, window: (i64, i64), state: &GroupState, levels: Option<&[f64]>, final_: bool) -> Value {
+    pub(super) fn result(
+        &self,
+        window: &WindowText,
+        state: &GroupState,
+        levels: Option<&[f64]>,
+        final_: bool,
+    ) -> Value {
         let mut payload = Value::new_object();
         for (path, value) in self.group_paths.iter().zip(&state.group) {
             let _ = path.set(&mut payload, value.clone());
@@ -55,11 +61,11 @@ impl AggregateStage {
         fields.push((
             "window".into(),
             object([
-                ("start".to_string(), Value::from(Timestamp(window.0).to_rfc3339().as_str())),
-                ("end".to_string(), Value::from(Timestamp(window.1).to_rfc3339().as_str())),
+                ("start".to_string(), Value::from(window.start.as_str())),
+                ("end".to_string(), Value::from(window.end.as_str())),
             ]),
         ));
-        let seconds = (window.1 - window.0) as f64 / 1e9;
+        let seconds = (window.bounds.1 - window.bounds.0) as f64 / 1e9;
         for (i, (metric, acc)) in self.metrics.iter().zip(&state.accs).enumerate() {
             let level = levels.and_then(|l| l.get(i).copied());
             fields.push((metric.name.clone(), metric.value(acc, seconds, level)));
@@ -77,13 +83,14 @@ impl AggregateStage {
     pub(super) fn close(&mut self, window: (i64, i64), out: &mut Emitter) {
         let Some(groups) = self.windows.remove(&window) else { return };
         self.states -= groups.len();
+        let text = WindowText::of(window);
         for (key, mut state) in groups {
             // Windows close in order of their end, so the carried level plus the
             // open windows ending by this one's end is the level at its end.
             self.carry_gauges(&key, &state.accs);
             let levels = self.levels(&key, window.1);
-            let payload = self.result(window, &state, levels.as_deref(), true);
-            let (result_key, revision) = (self.result_key(window, &state.group), state.revision + 1);
+            let payload = self.result(&text, &state, levels.as_deref(), true);
+            let (result_key, revision) = (self.result_key(&text, &state.group), state.revision + 1);
             if let Some(sessions) = self.sessions.get_mut(&key) {
                 sessions.retain(|w| *w != window);
                 if sessions.is_empty() {
@@ -111,9 +118,14 @@ impl AggregateStage {
 
     /// The stable identity of one group's window (see [`RESULT_KEY_META`]):
     /// `pipeline/stage/[group values]/window start`.
-    pub(super) fn result_key(&self, window: (i64, i64), group: &[Value]) -> String {
+    pub(super) fn result_key(&self, window: &WindowText, group: &[Value]) -> String {
         let values = conflux_api::sonic_rs::to_string(group).unwrap_or_default();
-        format!("{}/{}/{values}/{}", self.pipeline, self.component, Timestamp(window.0).to_rfc3339())
+        let mut key = String::with_capacity(self.key_prefix.len() + values.len() + window.start.len() + 1);
+        key.push_str(&self.key_prefix);
+        key.push_str(&values);
+        key.push('/');
+        key.push_str(&window.start);
+        key
     }
 
     pub(super) fn close_due(&mut self, watermark: i64, out: &mut Emitter) {
@@ -184,12 +196,12 @@ impl AggregateStage {
                 }
             }
         }
+        let text = WindowText::of((t - size, t));
         for (key, state) in &merged {
             let levels = self.levels(key, t);
-            let window = (t - size, t);
-            let payload = self.result(window, state, levels.as_deref(), true);
+            let payload = self.result(&text, state, levels.as_deref(), true);
             // Each step's window is reported once, final.
-            out.emit(result_event(payload, t, self.result_key(window, &state.group), 1));
+            out.emit(result_event(payload, t, self.result_key(&text, &state.group), 1));
         }
     }
 
@@ -225,13 +237,33 @@ impl AggregateStage {
                 results.push((*window, key.clone(), state.group.clone(), state.accs.clone(), state.revision));
             }
         }
+        // Results come window by window: each window's text is made once.
+        let mut text: Option<WindowText> = None;
         for (window, key, group, accs, revision) in results {
-            let result_key = self.result_key(window, &group);
+            let text = match &mut text {
+                Some(t) if t.bounds == window => t,
+                slot => slot.insert(WindowText::of(window)),
+            };
+            let result_key = self.result_key(text, &group);
             let state = GroupState { group, accs, tokens: Vec::new(), dirty: false, revision };
             let levels = self.levels(&key, window.1);
-            let payload = self.result(window, &state, levels.as_deref(), false);
+            let payload = self.result(text, &state, levels.as_deref(), false);
             out.emit(result_event(payload, window.1, result_key, revision));
         }
+    }
+}
+
+/// A window's bounds and their RFC 3339 text, made once per window rather
+/// than once per group's result.
+pub(super) struct WindowText {
+    pub(super) bounds: (i64, i64),
+    pub(super) start: String,
+    pub(super) end: String,
+}
+
+impl WindowText {
+    pub(super) fn of(bounds: (i64, i64)) -> Self {
+        WindowText { bounds, start: Timestamp(bounds.0).to_rfc3339(), end: Timestamp(bounds.1).to_rfc3339() }
     }
 }
 
