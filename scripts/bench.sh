@@ -358,7 +358,9 @@ inputs:
 outputs:
   out: { type: kafka, brokers: ["${KAFKA_BROKERS:-127.0.0.1:9092}"], topic: $topic, linger: 20ms, from: gen }
 YAML
-  "$BIN" run "$WORK/kafka-fill.yaml"
+  # FILL_BIN fills the topic with another binary: the drain rate depends on how
+  # the producer batched the records, so before/after comparisons fill alike.
+  "${FILL_BIN:-$BIN}" run "$WORK/kafka-fill.yaml"
   cat >"$WORK/kafka-drop.yaml" <<YAML
 inputs:
   in: { type: kafka, brokers: ["${KAFKA_BROKERS:-127.0.0.1:9092}"], topics: [$topic], group: bench-$topic, batch_size: 4096 }

@@ -1,7 +1,6 @@
 //! The event model: a payload parsed once, metadata, and two clocks.
 
 use std::borrow::Cow;
-use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use crate::ack::AckToken;
@@ -94,22 +93,35 @@ impl Event {
 /// Event metadata: a small ordered map of names to values. Names are
 /// mostly constants (`nats.subject`, `kafka.offset`): those are kept as
 /// `&'static str`, not copied into a new string for every event.
+///
+/// A sorted vector rather than a tree: an event carries a handful of
+/// entries, found faster by a short search than through tree nodes, and
+/// one allocation holds them all (a tree allocates a node of eleven).
 #[derive(Debug, Clone, Default, PartialEq)]
-pub struct Metadata(BTreeMap<Cow<'static, str>, Value>);
+pub struct Metadata(Vec<(Cow<'static, str>, Value)>);
 
 impl Metadata {
+    fn find(&self, key: &str) -> Result<usize, usize> {
+        self.0.binary_search_by(|(name, _)| name.as_ref().cmp(key))
+    }
+
     pub fn get(&self, key: &str) -> Option<&Value> {
-        self.0.get(key)
+        self.find(key).ok().map(|i| &self.0[i].1)
     }
 
     pub fn insert(&mut self, key: impl Into<Cow<'static, str>>, value: impl Into<Value>) {
-        self.0.insert(key.into(), value.into());
+        let key = key.into();
+        match self.find(&key) {
+            Ok(i) => self.0[i].1 = value.into(),
+            Err(i) => self.0.insert(i, (key, value.into())),
+        }
     }
 
     pub fn remove(&mut self, key: &str) -> Option<Value> {
-        self.0.remove(key)
+        self.find(key).ok().map(|i| self.0.remove(i).1)
     }
 
+    /// Entries in name order.
     pub fn iter(&self) -> impl Iterator<Item = (&str, &Value)> {
         self.0.iter().map(|(name, value)| (name.as_ref(), value))
     }
@@ -236,6 +248,21 @@ fn parse_utc_fast(b: &[u8]) -> Option<Timestamp> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn metadata_keeps_one_value_per_name_in_name_order() {
+        use sonic_rs::JsonValueTrait;
+        let mut meta = Metadata::default();
+        meta.insert("kafka.topic", "orders");
+        meta.insert("auth.subject", "u-1");
+        meta.insert(String::from("kafka.key"), "k");
+        meta.insert("kafka.topic", "payments");
+        let names: Vec<&str> = meta.iter().map(|(n, _)| n).collect();
+        assert_eq!(names, ["auth.subject", "kafka.key", "kafka.topic"]);
+        assert_eq!(meta.get("kafka.topic").and_then(|v| v.as_str()), Some("payments"));
+        assert_eq!(meta.remove("kafka.key").and_then(|v| v.as_str().map(str::to_string)), Some("k".into()));
+        assert_eq!((meta.len(), meta.get("kafka.key")), (2, None));
+    }
 
     #[test]
     fn parses_rfc3339_and_epochs() {
