@@ -2,9 +2,11 @@
 //!
 //! `sql` builds the statements once from the options, `encode` turns typed
 //! rows into binary COPY data or UNNEST arrays, `output` writes a batch per
-//! transaction and isolates refused rows by bisection.
+//! transaction and isolates refused rows by bisection under savepoints,
+//! `offsets` keeps `exactly_once` positions in the same transaction.
 
 mod encode;
+mod offsets;
 mod output;
 mod sql;
 

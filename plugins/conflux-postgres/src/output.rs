@@ -14,9 +14,10 @@ use conflux_api::{
 use schemars::JsonSchema;
 use serde::Deserialize;
 use sqlx::postgres::{PgPool, PgPoolOptions};
-use sqlx::Row;
+use sqlx::{Executor, PgConnection, Row};
 
 use crate::encode::{copy_header, copy_row, copy_trailer, ColumnArray, Wire};
+use crate::offsets::{advance, already_committed, Committed, Offsets};
 use crate::sql::{quote, Statements};
 
 /// How rows are written.
@@ -63,6 +64,22 @@ pub struct PostgresOutputConfig {
     /// With `create`, indexes to create: each a list of columns.
     #[serde(default)]
     pub indexes: Vec<Vec<String>>,
+    /// Write each batch's source positions to `offsets_table` in the same
+    /// transaction and skip events at positions already committed: after a
+    /// crash and a replay, no row is missing and none is written twice.
+    /// Needs a replayable source (Kafka, NATS JetStream, files, Redis
+    /// streams); events without a position are written as usual. Writes run
+    /// one at a time.
+    #[serde(default)]
+    pub exactly_once: bool,
+    /// With `exactly_once`: the table keeping the last committed position
+    /// per (target table, source stream); created if missing.
+    #[serde(default = "default_offsets_table")]
+    pub offsets_table: String,
+}
+
+fn default_offsets_table() -> String {
+    "conflux_offsets".to_string()
 }
 
 impl OutputConfig for PostgresOutputConfig {
@@ -116,6 +133,8 @@ impl OutputConfig for PostgresOutputConfig {
             key_positions,
             pool,
             shown,
+            offsets: self.exactly_once.then(|| Offsets::new(&self.offsets_table, &self.table)),
+            fence: self.exactly_once.then(|| tokio::sync::Mutex::new(None)),
             config: self,
         }))
     }
@@ -135,6 +154,11 @@ struct PostgresOutput {
     pool: PgPool,
     /// The URL with its password masked.
     shown: String,
+    /// `exactly_once`: the offsets table's statements.
+    offsets: Option<Offsets>,
+    /// `exactly_once`: committed positions (read at the first write and
+    /// after any failed one), the lock that runs one fenced write at a time.
+    fence: Option<tokio::sync::Mutex<Option<Committed>>>,
 }
 
 /// What a failed statement means for its rows.
@@ -142,7 +166,7 @@ enum Failure {
     /// The rows are bad (SQLSTATE classes 22 and 23): isolate them.
     Refused(String),
     /// The database or the connection is (for now): retry the batch.
-    Retry(String),
+    Retry,
 }
 
 /// A database error's message with its SQLSTATE, never the URL.
@@ -161,7 +185,7 @@ fn classify(e: &sqlx::Error) -> Failure {
     if code.starts_with("22") || code.starts_with("23") {
         Failure::Refused(describe(e))
     } else {
-        Failure::Retry(describe(e))
+        Failure::Retry
     }
 }
 
@@ -204,12 +228,131 @@ impl PostgresOutput {
                 format!("column `{name}` is `{actual}` in the table, which a `{kind:?}` value cannot be written to")
             })?;
         }
+        if let Some(offsets) = &self.offsets {
+            let mut conn = self.pool.acquire().await.map_err(|e| describe(&e))?;
+            offsets.create(&mut conn).await.map_err(|e| describe(&e))?;
+        }
+        if let Some(fence) = &mut self.fence {
+            *fence.get_mut() = None;
+        }
         Ok(())
     }
 
-    /// Writes one part of a batch in one transaction.
-    async fn write_part(&self, part: Part<'_>, encoded: &[u8]) -> Result<(), sqlx::Error> {
-        let mut tx = self.pool.begin().await?;
+    /// Reads the committed offsets (`exactly_once`).
+    async fn read_offsets(&self) -> Result<Committed, sqlx::Error> {
+        let Some(offsets) = &self.offsets else { return Ok(Committed::new()) };
+        let mut conn = self.pool.acquire().await?;
+        offsets.read(&mut conn).await
+    }
+
+    fn retry(&self, e: &sqlx::Error) -> PluginError {
+        PluginError::retryable(format!("PostgreSQL at {}: {}", self.shown, describe(e)))
+    }
+
+    /// Writes a batch in one transaction: the rows it can, its positions
+    /// with `exactly_once`. A part the database refuses is rolled back to
+    /// its savepoint and split until each refused row stands alone. Returns
+    /// the refused events.
+    async fn write_batch(
+        &self,
+        batch: &Batch,
+        committed: Option<&mut Committed>,
+    ) -> Result<Vec<FailedEvent>, PluginError> {
+        let mut rows = self.rows(batch, committed.as_deref());
+        let mut failed = std::mem::take(&mut rows.failed);
+        let mut tx = self.pool.begin().await.map_err(|e| self.retry(&e))?;
+        let whole = rows.whole();
+        // The whole batch first, without a savepoint: the common case costs one statement.
+        if let Err(e) = self.write_part(&mut tx, whole, &rows.encoded).await {
+            match classify(&e) {
+                Failure::Retry => return Err(self.retry(&e)),
+                Failure::Refused(reason) if whole.len() == 1 => {
+                    failed.push(FailedEvent::new(whole.first_index(), reason));
+                    tx.rollback().await.map_err(|e| self.retry(&e))?;
+                    tx = self.pool.begin().await.map_err(|e| self.retry(&e))?;
+                }
+                Failure::Refused(_) => {
+                    tx.rollback().await.map_err(|e| self.retry(&e))?;
+                    tx = self.pool.begin().await.map_err(|e| self.retry(&e))?;
+                    let (first, second) = whole.halves();
+                    let mut parts = vec![second, first];
+                    while let Some(part) = parts.pop() {
+                        if part.len() == 0 {
+                            continue;
+                        }
+                        tx.execute("SAVEPOINT conflux_part").await.map_err(|e| self.retry(&e))?;
+                        let Err(e) = self.write_part(&mut tx, part, &rows.encoded).await else {
+                            tx.execute("RELEASE SAVEPOINT conflux_part").await.map_err(|e| self.retry(&e))?;
+                            continue;
+                        };
+                        let Failure::Refused(reason) = classify(&e) else { return Err(self.retry(&e)) };
+                        tx.execute("ROLLBACK TO SAVEPOINT conflux_part").await.map_err(|e| self.retry(&e))?;
+                        if part.len() == 1 {
+                            failed.push(FailedEvent::new(part.first_index(), reason));
+                        } else {
+                            let (first, second) = part.halves();
+                            parts.push(second);
+                            parts.push(first);
+                        }
+                    }
+                }
+            }
+        }
+        if let Some(offsets) = &self.offsets {
+            offsets.write(&mut tx, &rows.advanced).await.map_err(|e| self.retry(&e))?;
+        }
+        tx.commit().await.map_err(|e| self.retry(&e))?;
+        if let Some(committed) = committed {
+            for (stream, offset) in rows.advanced {
+                committed.insert(stream, offset);
+            }
+        }
+        for refused in &failed {
+            tracing::warn!(index = refused.index, reason = %refused.reason, "PostgreSQL refused a row; it goes to `error`");
+        }
+        failed.sort_by_key(|f| f.index);
+        Ok(failed)
+    }
+
+    /// Turns a batch into rows: binary COPY data encoded once, or typed rows
+    /// for UNNEST (an upsert's last row per key). Events whose value does
+    /// not fit its column are refused here; events at committed positions
+    /// are left out.
+    fn rows(&self, batch: &Batch, committed: Option<&Committed>) -> Rows {
+        let mut out = Rows::default();
+        for (index, event) in batch.iter().enumerate() {
+            let row = match self.columns.values(event) {
+                Ok(row) => row,
+                Err(e) => {
+                    out.failed.push(FailedEvent::new(index, e.to_string()));
+                    continue;
+                }
+            };
+            if let (Some(committed), Some(position)) = (committed, &event.position) {
+                if already_committed(committed, position) {
+                    continue;
+                }
+                advance(&mut out.advanced, position);
+            }
+            if self.config.mode == Mode::Copy {
+                // A value out of an `integer` column's range is refused here.
+                let start = out.encoded.len();
+                match copy_row(&mut out.encoded, &row, &self.wires, &self.names) {
+                    Ok(()) => out.copied.push((index, start..out.encoded.len())),
+                    Err(reason) => out.failed.push(FailedEvent::new(index, reason)),
+                }
+            } else {
+                out.typed.push((index, row));
+            }
+        }
+        if self.config.mode == Mode::Upsert {
+            out.keep_last_per_key(&self.key_positions);
+        }
+        out
+    }
+
+    /// Writes one part of a batch inside the batch's transaction.
+    async fn write_part(&self, conn: &mut PgConnection, part: Part<'_>, encoded: &[u8]) -> Result<(), sqlx::Error> {
         match part {
             Part::Copy(rows) => {
                 let (Some(first), Some(last)) = (rows.first(), rows.last()) else { return Ok(()) };
@@ -219,7 +362,7 @@ impl PostgresOutput {
                 copy_header(&mut data);
                 data.extend_from_slice(body);
                 copy_trailer(&mut data);
-                let mut copy = tx.copy_in_raw(&self.statements.copy).await?;
+                let mut copy = conn.copy_in_raw(&self.statements.copy).await?;
                 if let Err(e) = copy.send(data).await {
                     let _ = copy.abort("write failed").await;
                     return Err(e);
@@ -243,11 +386,84 @@ impl PostgresOutput {
                         ColumnArray::Boolean(v) => query.bind(v),
                     };
                 }
-                query.execute(&mut *tx).await?;
+                query.execute(conn).await?;
             }
         }
-        tx.commit().await
+        Ok(())
     }
+}
+
+/// A batch turned into rows.
+#[derive(Default)]
+struct Rows {
+    /// Binary COPY rows: (event index, bytes in `encoded`).
+    copied: Vec<(usize, std::ops::Range<usize>)>,
+    encoded: Vec<u8>,
+    /// Typed rows for UNNEST: (event index, values).
+    typed: Vec<(usize, Vec<TypedValue>)>,
+    failed: Vec<FailedEvent>,
+    /// The highest position per stream among the rows (`exactly_once`).
+    advanced: Committed,
+}
+
+impl Rows {
+    fn whole(&self) -> Part<'_> {
+        if self.typed.is_empty() {
+            Part::Copy(&self.copied)
+        } else {
+            Part::Rows(&self.typed)
+        }
+    }
+
+    /// ON CONFLICT cannot touch one row twice in a statement: the last row per key wins.
+    fn keep_last_per_key(&mut self, key_positions: &[usize]) {
+        let mut last: HashMap<Vec<u8>, usize> = HashMap::with_capacity(self.typed.len());
+        let mut key = Vec::new();
+        for (position, (_, row)) in self.typed.iter().enumerate() {
+            key.clear();
+            for &k in key_positions {
+                key_bytes(&row[k], &mut key);
+            }
+            last.insert(key.clone(), position);
+        }
+        if last.len() < self.typed.len() {
+            let mut keep = vec![false; self.typed.len()];
+            for position in last.into_values() {
+                keep[position] = true;
+            }
+            let mut flags = keep.into_iter();
+            self.typed.retain(|_| flags.next().unwrap_or(false));
+        }
+    }
+}
+
+/// Appends a value's identity: a tag, then its bytes (text length-prefixed,
+/// so `("a", "bc")` and `("ab", "c")` differ).
+fn key_bytes(value: &TypedValue, out: &mut Vec<u8>) {
+    let (tag, bytes): (u8, &[u8]) = match value {
+        TypedValue::Null => (0, &[]),
+        TypedValue::Text(t) => (1, t.as_bytes()),
+        TypedValue::Json(t) => (2, t.as_bytes()),
+        TypedValue::Integer(i) => {
+            out.push(3);
+            out.extend_from_slice(&i.to_le_bytes());
+            return;
+        }
+        TypedValue::Double(d) => {
+            out.push(4);
+            out.extend_from_slice(&d.to_bits().to_le_bytes());
+            return;
+        }
+        TypedValue::Boolean(b) => (5, if *b { &[1] } else { &[0] }),
+        TypedValue::Timestamp(t) => {
+            out.push(6);
+            out.extend_from_slice(&t.0.to_le_bytes());
+            return;
+        }
+    };
+    out.push(tag);
+    out.extend_from_slice(&(bytes.len() as u64).to_le_bytes());
+    out.extend_from_slice(bytes);
 }
 
 /// Rows of a batch still to write: binary COPY rows (event index, bytes in
@@ -311,69 +527,28 @@ impl Output for PostgresOutput {
     }
 
     async fn write(&self, batch: &Batch) -> Result<(), PluginError> {
-        let mut failed = Vec::new();
-        let mut rows: Vec<(usize, Vec<TypedValue>)> = Vec::new();
-        let mut copied: Vec<(usize, std::ops::Range<usize>)> = Vec::new();
-        let mut encoded = Vec::new();
-        for (index, event) in batch.iter().enumerate() {
-            let row = match self.columns.values(event) {
-                Ok(row) => row,
-                Err(e) => {
-                    failed.push(FailedEvent::new(index, e.to_string()));
-                    continue;
+        let outcome = match &self.fence {
+            None => self.write_batch(batch, None).await,
+            Some(fence) => {
+                // One fenced write at a time: a later batch committing its
+                // positions before an earlier one failed would make the
+                // earlier one's retry skip rows never written.
+                let mut committed = fence.lock().await;
+                if committed.is_none() {
+                    *committed = Some(self.read_offsets().await.map_err(|e| self.retry(&e))?);
                 }
-            };
-            if self.config.mode == Mode::Copy {
-                // Encoded once; a value out of an `integer` column's range is refused here.
-                let start = encoded.len();
-                match copy_row(&mut encoded, &row, &self.wires, &self.names) {
-                    Ok(()) => copied.push((index, start..encoded.len())),
-                    Err(reason) => failed.push(FailedEvent::new(index, reason)),
+                let outcome = self.write_batch(batch, committed.as_mut()).await;
+                if outcome.is_err() {
+                    // The commit may have landed before the error: read the offsets again.
+                    *committed = None;
                 }
-            } else {
-                rows.push((index, row));
+                outcome
             }
-        }
-        if self.config.mode == Mode::Upsert {
-            // The last row per key wins: ON CONFLICT cannot touch one row twice in a statement.
-            let mut last: HashMap<String, usize> = HashMap::with_capacity(rows.len());
-            for (position, (_, row)) in rows.iter().enumerate() {
-                let key: Vec<String> = self.key_positions.iter().map(|&k| format!("{:?}", row[k])).collect();
-                last.insert(key.join("\u{1f}"), position);
-            }
-            if last.len() < rows.len() {
-                let keep: std::collections::HashSet<usize> = last.into_values().collect();
-                rows = rows.into_iter().enumerate().filter(|(p, _)| keep.contains(p)).map(|(_, r)| r).collect();
-            }
-        }
-        // Halves of a refused part are tried on their own, first half first,
-        // until each refused row stands alone.
-        let whole = if self.config.mode == Mode::Copy { Part::Copy(&copied) } else { Part::Rows(&rows) };
-        let mut parts = vec![whole];
-        while let Some(part) = parts.pop() {
-            if part.len() == 0 {
-                continue;
-            }
-            if let Err(e) = self.write_part(part, &encoded).await {
-                match classify(&e) {
-                    Failure::Refused(reason) if part.len() == 1 => {
-                        failed.push(FailedEvent::new(part.first_index(), reason))
-                    }
-                    Failure::Refused(_) => {
-                        let (first, second) = part.halves();
-                        parts.push(second);
-                        parts.push(first);
-                    }
-                    Failure::Retry(reason) => {
-                        return Err(PluginError::retryable(format!("PostgreSQL at {}: {reason}", self.shown)))
-                    }
-                }
-            }
-        }
+        };
+        let failed = outcome?;
         if failed.is_empty() {
             Ok(())
         } else {
-            failed.sort_by_key(|f| f.index);
             Err(PluginError::Partial(failed))
         }
     }

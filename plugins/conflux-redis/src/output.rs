@@ -1,7 +1,10 @@
 //! `redis` output: the configured commands for every event of a write
 //! batch, in one pipeline (one round trip), each reply checked.
 
-use std::sync::Mutex;
+mod fence;
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
 
 use conflux_api::{
     async_trait, inventory, Batch, BuildContext, BuildError, FailedEvent, Output, OutputConfig, PluginError,
@@ -34,6 +37,17 @@ pub struct RedisOutputConfig {
     /// Wrap each batch in `MULTI`/`EXEC`: other clients see all of it or none of it.
     #[serde(default)]
     pub atomic: bool,
+    /// Fence each event's commands by its source position (a Lua script keeps
+    /// the last applied position per source stream in `fence_key`): an event
+    /// redelivered after a crash is not applied twice, so increments stay
+    /// exact. Events without a source position (HTTP intake) run unfenced.
+    /// Writes then run one at a time.
+    #[serde(default)]
+    pub idempotent: bool,
+    /// With `idempotent`: the hash holding the last applied position per
+    /// stream (default `conflux:fence:<pipeline>:<output>`).
+    #[serde(default)]
+    pub fence_key: Option<String>,
 }
 
 fn default_url() -> String {
@@ -42,7 +56,10 @@ fn default_url() -> String {
 
 impl OutputConfig for RedisOutputConfig {
     const TYPE: &'static str = "redis";
-    fn build(self, _cx: &BuildContext) -> Result<Box<dyn Output>, BuildError> {
+    fn build(self, cx: &BuildContext) -> Result<Box<dyn Output>, BuildError> {
+        if self.fence_key.is_some() && !self.idempotent {
+            return Err(BuildError::at(["fence_key"], "`fence_key` applies with `idempotent: true` only"));
+        }
         if self.commands.is_empty() {
             return Err(BuildError::at(["commands"], "name at least one command"));
         }
@@ -50,7 +67,12 @@ impl OutputConfig for RedisOutputConfig {
             self.commands.iter().enumerate().map(|(i, c)| Command::build(c, i)).collect::<Result<Vec<_>, _>>()?;
         let conn = RedisConn::open(&self.url).map_err(|e| BuildError::at(["url"], format!("bad Redis URL: {e}")))?;
         let shown = conn.url().to_string();
-        Ok(Box::new(RedisOutput { commands, atomic: self.atomic, conn, shown, live: Mutex::default() }))
+        let fence = self.idempotent.then(|| Fence {
+            key: self.fence_key.unwrap_or_else(|| format!("conflux:fence:{}:{}", cx.pipeline, cx.component)),
+            digest: Mutex::default(),
+            serial: tokio::sync::Mutex::new(()),
+        });
+        Ok(Box::new(RedisOutput { commands, atomic: self.atomic, conn, shown, live: Mutex::default(), fence }))
     }
 }
 
@@ -64,6 +86,26 @@ struct RedisOutput {
     shown: String,
     /// The open connection, shared by concurrent writes (`max_in_flight`).
     live: Mutex<Option<MultiplexedConnection>>,
+    fence: Option<Fence>,
+}
+
+/// `idempotent`: where positions are kept and the script that checks them.
+struct Fence {
+    key: String,
+    /// The script's digest, loaded on each connection.
+    digest: Mutex<String>,
+    /// One fenced write at a time: a later batch fencing its positions
+    /// before an earlier one failed would make the earlier one's retry
+    /// skip events never applied.
+    serial: tokio::sync::Mutex<()>,
+}
+
+/// How the events of a batch went into the pipeline, in pipeline order.
+enum Sent {
+    /// An event's own commands: (batch index, how many).
+    Plain(usize, usize),
+    /// One stream's fenced events, one script call: their batch indexes.
+    Fenced(Vec<usize>),
 }
 
 impl RedisOutput {
@@ -87,33 +129,60 @@ impl Output for RedisOutput {
             .await
             .map_err(|e| PluginError::not_connected(format!("cannot connect to Redis at {}: {e}", self.shown)))?
             .clone();
+        if let Some(fence) = &self.fence {
+            // Loaded on every connection: a restarted Redis has forgotten it.
+            let digest: String =
+                self.conn.query(redis::cmd("SCRIPT").arg("LOAD").arg(fence::SCRIPT)).await.map_err(|e| {
+                    PluginError::not_connected(format!("Redis at {}: loading the fence script: {e}", self.shown))
+                })?;
+            *fence.digest.lock().unwrap_or_else(|p| p.into_inner()) = digest;
+        }
         *self.live.get_mut().unwrap_or_else(|p| p.into_inner()) = Some(opened);
         Ok(())
     }
 
     async fn write(&self, batch: &Batch) -> Result<(), PluginError> {
+        let _serial = match &self.fence {
+            Some(fence) => Some(fence.serial.lock().await),
+            None => None,
+        };
         let mut conn = self.live().ok_or_else(|| PluginError::not_connected("not connected to Redis"))?;
         let mut pipe = redis::pipe();
         pipe.ignore_errors();
         if self.atomic {
             pipe.atomic();
         }
-        // (event index, how many commands it sent), in pipeline order.
-        let mut sent: Vec<(usize, usize)> = Vec::with_capacity(batch.len());
+        let mut sent: Vec<Sent> = Vec::with_capacity(batch.len());
         let mut refused = Vec::new();
+        let mut fenced: HashMap<Arc<str>, fence::Fenced> = HashMap::new();
         let mut cmds = Vec::new();
         for (index, event) in batch.iter().enumerate() {
             cmds.clear();
             let mut payload = None;
-            match self.commands.iter().try_for_each(|c| c.render(event, &mut payload, &mut cmds)) {
-                Ok(()) => {
-                    sent.push((index, cmds.len()));
+            if let Err(reason) = self.commands.iter().try_for_each(|c| c.render(event, &mut payload, &mut cmds)) {
+                refused.push(FailedEvent::new(index, reason));
+                continue;
+            }
+            match (&self.fence, &event.position) {
+                (Some(fence), Some(position)) => {
+                    let digest = fence.digest.lock().unwrap_or_else(|p| p.into_inner()).clone();
+                    fenced
+                        .entry(position.stream.clone())
+                        .or_insert_with(|| fence::Fenced::new(&digest, &fence.key, &position.stream))
+                        .push(index, position.offset, &cmds);
+                }
+                _ => {
+                    sent.push(Sent::Plain(index, cmds.len()));
                     for cmd in cmds.drain(..) {
                         pipe.add_command(cmd);
                     }
                 }
-                Err(reason) => refused.push(FailedEvent::new(index, reason)),
             }
+        }
+        for (_, group) in fenced {
+            let (cmd, events) = group.into_cmd();
+            pipe.add_command(cmd);
+            sent.push(Sent::Fenced(events));
         }
         if !sent.is_empty() {
             let replies: Vec<redis::RedisResult<redis::Value>> = match pipe.query_async(&mut conn).await {
@@ -124,12 +193,40 @@ impl Output for RedisOutput {
                 }
             };
             let mut replies = replies.into_iter();
-            for (index, count) in sent {
-                // Every reply is read, so the next event's stay in step.
-                let errors: Vec<String> =
-                    replies.by_ref().take(count).filter_map(|r| r.err()).map(|e| e.to_string()).collect();
-                if let Some(first) = errors.into_iter().next() {
-                    refused.push(FailedEvent::new(index, format!("Redis refused a command: {first}")));
+            for sent in sent {
+                match sent {
+                    Sent::Plain(index, count) => {
+                        // Every reply is read, so the next event's stay in step.
+                        let errors: Vec<String> =
+                            replies.by_ref().take(count).filter_map(|r| r.err()).map(|e| e.to_string()).collect();
+                        if let Some(first) = errors.into_iter().next() {
+                            refused.push(FailedEvent::new(index, format!("Redis refused a command: {first}")));
+                        }
+                    }
+                    Sent::Fenced(events) => {
+                        let reply = replies.next().unwrap_or(Ok(redis::Value::Nil));
+                        let outcomes = match reply {
+                            Ok(value) => fence::outcomes(value, events.len()),
+                            Err(e) => Err(e.to_string()),
+                        };
+                        let outcomes = match outcomes {
+                            Ok(outcomes) => outcomes,
+                            Err(reason) => {
+                                // NOSCRIPT (Redis restarted or flushed its scripts) or worse:
+                                // reconnecting loads the script again; nothing was applied.
+                                self.drop_connection();
+                                return Err(PluginError::not_connected(format!(
+                                    "Redis at {}: fence script: {reason}",
+                                    self.shown
+                                )));
+                            }
+                        };
+                        for (index, outcome) in events.into_iter().zip(outcomes) {
+                            if let Some(reason) = outcome {
+                                refused.push(FailedEvent::new(index, format!("Redis refused a command: {reason}")));
+                            }
+                        }
+                    }
                 }
             }
         }

@@ -3,6 +3,7 @@
 mod checkpoint;
 mod cli;
 mod conformance;
+mod crash;
 mod engine;
 mod generated;
 mod hostile;

@@ -160,3 +160,36 @@ async fn a_poison_row_among_ten_thousand_goes_to_error_alone() {
         psql(&format!("DROP TABLE {t}"));
     }
 }
+
+/// `exactly_once`: the same file read twice (a replay) appends its rows
+/// once; a refused row still goes to `error` and the rest commit with the
+/// batch's positions in one transaction.
+#[tokio::test]
+async fn exactly_once_appends_skip_positions_already_committed() {
+    setup();
+    for mode in ["copy", "insert"] {
+        let t = table(&format!("pg_once_{mode}"));
+        let offsets = format!("{t}_offsets");
+        psql(&format!("CREATE TABLE {t} (n bigint NOT NULL CHECK (n <> 77))"));
+        let dir = tempfile::tempdir().unwrap();
+        let lines: String = (0..1_000).map(|n| format!("{{\"n\":{n}}}\n")).collect();
+        std::fs::write(dir.path().join("in.ndjson"), lines).unwrap();
+        let output = format!(
+            "{{ type: postgres, url: \"{}\", table: {t}, mode: {mode}, exactly_once: true, offsets_table: {offsets}, columns: {{ n: {{ from: n, type: integer }} }}, batch: {{ max_events: 300 }}, from: in }}",
+            database_url()
+        );
+        for run in 1..=2 {
+            let report = run_yaml(&pipeline(dir.path(), &output), RunContext::new()).await;
+            assert!(!report.lost_events(), "{mode} run {run}: {report:?}");
+            let sum: u64 = (0..1_000u64).filter(|n| *n != 77).sum();
+            let stored = psql(&format!("SELECT count(*), count(DISTINCT n), sum(n) FROM {t}"));
+            assert_eq!(stored.trim(), format!("999|999|{sum}"), "{mode} run {run}: every row once");
+            let committed = psql(&format!("SELECT target, \"offset\" FROM {offsets}"));
+            assert_eq!(committed.lines().count(), 1, "{mode}: one source stream: {committed}");
+            assert!(committed.starts_with(&format!("{t}|")), "{mode}: keyed by the target table: {committed}");
+        }
+        // Refused on the first run only: the second run skipped its position.
+        assert_eq!(dead(dir.path()).len(), 1, "{mode}: {:?}", dead(dir.path()));
+        psql(&format!("DROP TABLE {t}; DROP TABLE {offsets}"));
+    }
+}
