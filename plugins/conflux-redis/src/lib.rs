@@ -1,13 +1,16 @@
 //! Redis for Conflux: one connection holder ([`RedisConn`]) for every
-//! component that talks to Redis (aggregate checkpoints, dedupe), and the
-//! `redis` output.
+//! component that talks to Redis (aggregate checkpoints, dedupe), the
+//! `redis` output, and the `redis` input (streams in a consumer group, or
+//! pub/sub).
 
 mod command;
 mod conn;
+mod input;
 mod output;
 
 pub use command::CommandConfig;
 pub use conn::RedisConn;
+pub use input::RedisInputConfig;
 pub use output::RedisOutputConfig;
 
 /// Call from the binary so the linker keeps this crate's registrations.

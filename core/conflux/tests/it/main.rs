@@ -12,6 +12,7 @@ mod kafka;
 mod nats;
 mod outputs;
 mod postgres_output;
+mod redis_input;
 mod redis_output;
 mod validation;
 mod wasm;
