@@ -108,6 +108,40 @@ pub struct BuildContext {
     /// Up or down, for `/ready`: a stage that does I/O of its own reports
     /// here; the engine reports for inputs and outputs.
     pub health: crate::health::Health,
+    /// For an output: how the engine will run its writes.
+    pub writes: WriteOptions,
+}
+
+/// How the engine runs an output's writes (`max_in_flight`, `retry`), for
+/// an output whose guarantee depends on it: a position fence is exact only
+/// when writes run one at a time and a batch is never failed back while
+/// later ones go on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct WriteOptions {
+    /// Writes at once (`max_in_flight`).
+    pub max_in_flight: usize,
+    /// Whether a batch is failed back to its sources after some attempts
+    /// (`retry.max_attempts` above 0) rather than retried until shutdown.
+    pub fails_back: bool,
+}
+
+impl Default for WriteOptions {
+    fn default() -> Self {
+        WriteOptions { max_in_flight: 1, fails_back: false }
+    }
+}
+
+impl WriteOptions {
+    /// Why a position fence would not be exact under these options, if it would not.
+    pub fn unfit_for_a_fence(&self) -> Option<&'static str> {
+        if self.max_in_flight > 1 {
+            Some("needs `max_in_flight: 1`: a later batch written before an earlier one would fence it out")
+        } else if self.fails_back {
+            Some("needs `retry.max_attempts: 0`: a batch failed back while later ones are written would be fenced out when it comes again")
+        } else {
+            None
+        }
+    }
 }
 
 /// Maps (option path, line, column inside the option's text) to `file:line:col`.

@@ -24,7 +24,7 @@ pub use ack::{AckStatus, AckToken};
 pub use async_trait::async_trait;
 pub use backoff::Backoff;
 pub use bytes::{self, Bytes};
-pub use component::{BuildContext, BuiltInput, BuiltStage, Emitter, Input, Output, PortId, Stage};
+pub use component::{BuildContext, BuiltInput, BuiltStage, Emitter, Input, Output, PortId, Stage, WriteOptions};
 /// The JSON text engine: an event's payload is its type, so the contract names it.
 pub use conflux_json::{Field, FieldPath, JsonError, Payload};
 pub use error::{BuildError, FailedEvent, PluginError};

@@ -180,6 +180,10 @@ fn build_components(spec: &PipelineSpec) -> (Vec<GraphNode>, Found) {
             metrics: Default::default(),
             source_map: Some(source_map(spec, component)),
             health: Default::default(),
+            writes: conflux_api::WriteOptions {
+                max_in_flight: component.output.max_in_flight,
+                fails_back: component.output.retry.max_attempts > 0,
+            },
         };
         let mut options = component.options.clone();
         let built = loop {

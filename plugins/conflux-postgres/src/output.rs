@@ -84,7 +84,12 @@ fn default_offsets_table() -> String {
 
 impl OutputConfig for PostgresOutputConfig {
     const TYPE: &'static str = "postgres";
-    fn build(self, _cx: &BuildContext) -> Result<Box<dyn Output>, BuildError> {
+    fn build(self, cx: &BuildContext) -> Result<Box<dyn Output>, BuildError> {
+        if self.exactly_once {
+            if let Some(why) = cx.writes.unfit_for_a_fence() {
+                return Err(BuildError::at(["exactly_once"], format!("`exactly_once` {why}")));
+            }
+        }
         if self.columns.is_empty() {
             return Err(BuildError::at(["columns"], "map at least one column"));
         }
@@ -135,6 +140,10 @@ impl OutputConfig for PostgresOutputConfig {
             shown,
             offsets: self.exactly_once.then(|| Offsets::new(&self.offsets_table, &self.table)),
             fence: self.exactly_once.then(|| tokio::sync::Mutex::new(None)),
+            skipped: cx.counter(
+                "postgres_rows_skipped",
+                "Events left out by `exactly_once`: their source position was already committed",
+            ),
             config: self,
         }))
     }
@@ -159,6 +168,7 @@ struct PostgresOutput {
     /// `exactly_once`: committed positions (read at the first write and
     /// after any failed one), the lock that runs one fenced write at a time.
     fence: Option<tokio::sync::Mutex<Option<Committed>>>,
+    skipped: conflux_api::metrics::Counter,
 }
 
 /// What a failed statement means for its rows.
@@ -330,6 +340,7 @@ impl PostgresOutput {
             };
             if let (Some(committed), Some(position)) = (committed, &event.position) {
                 if already_committed(committed, position) {
+                    self.skipped.inc();
                     continue;
                 }
                 advance(&mut out.advanced, position);

@@ -57,6 +57,11 @@ fn default_url() -> String {
 impl OutputConfig for RedisOutputConfig {
     const TYPE: &'static str = "redis";
     fn build(self, cx: &BuildContext) -> Result<Box<dyn Output>, BuildError> {
+        if self.idempotent {
+            if let Some(why) = cx.writes.unfit_for_a_fence() {
+                return Err(BuildError::at(["idempotent"], format!("`idempotent` {why}")));
+            }
+        }
         if self.fence_key.is_some() && !self.idempotent {
             return Err(BuildError::at(["fence_key"], "`fence_key` applies with `idempotent: true` only"));
         }
@@ -71,6 +76,10 @@ impl OutputConfig for RedisOutputConfig {
             key: self.fence_key.unwrap_or_else(|| format!("conflux:fence:{}:{}", cx.pipeline, cx.component)),
             digest: Mutex::default(),
             serial: tokio::sync::Mutex::new(()),
+            skipped: cx.counter(
+                "redis_events_skipped",
+                "Events `idempotent` left out: their source position was already applied",
+            ),
         });
         Ok(Box::new(RedisOutput { commands, atomic: self.atomic, conn, shown, live: Mutex::default(), fence }))
     }
@@ -98,6 +107,7 @@ struct Fence {
     /// before an earlier one failed would make the earlier one's retry
     /// skip events never applied.
     serial: tokio::sync::Mutex<()>,
+    skipped: conflux_api::metrics::Counter,
 }
 
 /// How the events of a batch went into the pipeline, in pipeline order.
@@ -204,6 +214,7 @@ impl Output for RedisOutput {
                         }
                     }
                     Sent::Fenced(events) => {
+                        let fence_skipped = &self.fence.as_ref().expect("fenced events need a fence").skipped;
                         let reply = replies.next().unwrap_or(Ok(redis::Value::Nil));
                         let outcomes = match reply {
                             Ok(value) => fence::outcomes(value, events.len()),
@@ -222,8 +233,12 @@ impl Output for RedisOutput {
                             }
                         };
                         for (index, outcome) in events.into_iter().zip(outcomes) {
-                            if let Some(reason) = outcome {
-                                refused.push(FailedEvent::new(index, format!("Redis refused a command: {reason}")));
+                            match outcome {
+                                fence::Outcome::Applied => {}
+                                fence::Outcome::Skipped => fence_skipped.inc(),
+                                fence::Outcome::Refused(reason) => {
+                                    refused.push(FailedEvent::new(index, format!("Redis refused a command: {reason}")))
+                                }
                             }
                         }
                     }

@@ -1,5 +1,5 @@
 //! The output conformance suite (`conflux_testkit::conformance`) on the
-//! `file`, `nats` (JetStream) and `kafka` outputs, against the real services.
+//! `file`, `nats` (JetStream), `kafka`, `redis` and `postgres` outputs, against the real services.
 //! Kafka runs without the fault cases: its broker advertises its own address,
 //! so clients reach it around a proxy; kafka.rs takes the broker away with
 //! librdkafka's mock cluster instead.
@@ -148,6 +148,52 @@ async fn the_redis_output_passes_the_conformance_suite() {
                             .iter()
                             .map(|i| serde_json::from_str::<serde_json::Value>(i).unwrap()["n"].as_u64().unwrap())
                             .collect();
+                    }
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            })
+        }),
+        refuses_by_template: true,
+        at_least_once: true,
+    })
+    .await;
+}
+
+/// The `postgres` output in `copy` mode: every event a row of a table made
+/// by `create: true`; the 7th events lack the `route` column and go to
+/// `error`. A batch whose commit was not confirmed before a cut is written
+/// again, so the suite counts duplicates instead of failing on them
+/// (`exactly_once` is what removes them: postgres_output.rs and crash.rs).
+#[tokio::test]
+async fn the_postgres_output_passes_the_conformance_suite() {
+    setup();
+    run_all(&OutputUnderTest {
+        name: "postgres",
+        output: Box::new(|addr, tag| {
+            format!(
+                "{{ type: postgres, url: \"postgres://postgres@{addr}/postgres\", table: {tag}, create: true, columns: {{ n: {{ from: n, type: integer }}, route: {{ from: route, type: text }} }} }}"
+            )
+        }),
+        service: Some("127.0.0.1:5432".to_string()),
+        prepare: Box::new(|_| Box::pin(async {})),
+        read_back: Box::new(|tag, expected| {
+            Box::pin(async move {
+                let deadline = Instant::now() + Duration::from_secs(10);
+                loop {
+                    let query = format!("SELECT n FROM {tag}");
+                    let out = tokio::task::spawn_blocking(move || {
+                        std::process::Command::new("psql")
+                            .arg(crate::postgres_output::database_url())
+                            .args(["-Atq", "-c", &query])
+                            .output()
+                            .expect("psql (scripts/test.sh starts PostgreSQL)")
+                    })
+                    .await
+                    .unwrap();
+                    let ns: Vec<u64> = String::from_utf8_lossy(&out.stdout).lines().filter_map(|l| l.parse().ok()).collect();
+                    if (out.status.success() && ns.len() >= expected) || Instant::now() > deadline {
+                        crate::postgres_output::psql(&format!("DROP TABLE IF EXISTS {tag}"));
+                        return ns;
                     }
                     tokio::time::sleep(Duration::from_millis(50)).await;
                 }

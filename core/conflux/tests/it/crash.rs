@@ -139,3 +139,27 @@ outputs:
     let _: () =
         runtime.block_on(redis.del(&[orders_key, format!("{prefix}:guests"), format!("{prefix}:fence")])).unwrap();
 }
+
+/// A fence is exact only when writes run one at a time and are never
+/// failed back while later ones go on: other engine options are refused.
+#[test]
+fn fences_refuse_engine_options_that_would_break_them() {
+    crate::setup();
+    let lint = |output: &str| {
+        let yaml = format!("inputs:\n  in: {{ type: file, path: in.ndjson }}\noutputs:\n  out: {output}\n");
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("p.yaml");
+        std::fs::write(&path, yaml).unwrap();
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_conflux")).arg("lint").arg(&path).output().unwrap();
+        assert!(!out.status.success(), "lint accepts {output}");
+        format!("{}{}", String::from_utf8_lossy(&out.stderr), String::from_utf8_lossy(&out.stdout))
+    };
+    let pg = "type: postgres, from: in, url: \"postgres://h/db\", table: t, columns: { n: { from: n, type: integer } }, exactly_once: true";
+    let message = lint(&format!("{{ {pg}, max_in_flight: 4 }}"));
+    assert!(message.contains("exactly_once") && message.contains("max_in_flight: 1"), "{message}");
+    let message = lint(&format!("{{ {pg}, retry: {{ max_attempts: 3 }} }}"));
+    assert!(message.contains("retry.max_attempts: 0"), "{message}");
+    let redis = "type: redis, from: in, idempotent: true, commands: [{ incrby: { key: k } }]";
+    let message = lint(&format!("{{ {redis}, max_in_flight: 2 }}"));
+    assert!(message.contains("idempotent") && message.contains("max_in_flight: 1"), "{message}");
+}

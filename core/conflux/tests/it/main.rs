@@ -10,6 +10,7 @@ mod hostile;
 mod http;
 mod kafka;
 mod nats;
+mod outage;
 mod outputs;
 mod postgres_output;
 mod redis_input;

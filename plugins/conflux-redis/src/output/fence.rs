@@ -73,9 +73,18 @@ impl Fenced {
     }
 }
 
-/// Each event's outcome from the script's reply: `None` applied or
-/// skipped, `Some(reason)` refused.
-pub fn outcomes(reply: Value, events: usize) -> Result<Vec<Option<String>>, String> {
+/// What the script did with one event.
+#[derive(Debug, PartialEq)]
+pub enum Outcome {
+    Applied,
+    /// At or below the stream's last applied position: applied before.
+    Skipped,
+    /// Redis refused one of its commands: its message.
+    Refused(String),
+}
+
+/// Each event's outcome from the script's reply.
+pub fn outcomes(reply: Value, events: usize) -> Result<Vec<Outcome>, String> {
     let Value::Array(items) = reply else { return Err(format!("unexpected reply from the fence script: {reply:?}")) };
     if items.len() != events {
         return Err(format!("the fence script answered for {} events of {events}", items.len()));
@@ -83,10 +92,11 @@ pub fn outcomes(reply: Value, events: usize) -> Result<Vec<Option<String>>, Stri
     Ok(items
         .into_iter()
         .map(|item| match item {
-            Value::Int(_) => None,
-            Value::BulkString(text) => Some(String::from_utf8_lossy(&text).into_owned()),
-            Value::SimpleString(text) => Some(text),
-            other => Some(format!("{other:?}")),
+            Value::Int(0) => Outcome::Skipped,
+            Value::Int(_) => Outcome::Applied,
+            Value::BulkString(text) => Outcome::Refused(String::from_utf8_lossy(&text).into_owned()),
+            Value::SimpleString(text) => Outcome::Refused(text),
+            other => Outcome::Refused(format!("{other:?}")),
         })
         .collect())
 }
