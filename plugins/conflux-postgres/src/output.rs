@@ -19,6 +19,7 @@ use sqlx::{Executor, PgConnection, Row};
 use crate::encode::{copy_header, copy_row, copy_trailer, ColumnArray, Wire};
 use crate::offsets::{advance, already_committed, Committed, Offsets};
 use crate::sql::{quote, Statements};
+use crate::timescale::{HypertableConfig, Options, RollupConfig, Server, TimeSeries};
 
 /// How rows are written.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, JsonSchema)]
@@ -76,10 +77,34 @@ pub struct PostgresOutputConfig {
     /// per (target table, source stream); created if missing.
     #[serde(default = "default_offsets_table")]
     pub offsets_table: String,
+    /// Make the table a TimescaleDB hypertable partitioned by `time_column`
+    /// into chunks of `chunk_interval`, when the server has the extension;
+    /// on plain PostgreSQL the table stays plain (its time column indexed
+    /// when `create` makes it).
+    #[serde(default)]
+    pub hypertable: Option<HypertableConfig>,
+    /// With `hypertable`: keep this much history (`90d`). TimescaleDB drops
+    /// older chunks by a retention policy; on plain PostgreSQL the output
+    /// deletes older rows at connect and then once an hour.
+    #[serde(default)]
+    pub retention: Option<conflux_api::config::Duration>,
+    /// With `hypertable`: figures per time bucket, kept as TimescaleDB
+    /// continuous aggregates (refreshed once a bucket, real-time for the
+    /// rest), or as plain views of the same names on plain PostgreSQL.
+    #[serde(default)]
+    pub rollups: Vec<RollupConfig>,
+    /// Connections the output keeps to the database (default 4). `1` for a
+    /// server that serves one connection at a time.
+    #[serde(default = "default_pool_size")]
+    pub pool_size: u32,
 }
 
 fn default_offsets_table() -> String {
     "conflux_offsets".to_string()
+}
+
+fn default_pool_size() -> u32 {
+    4
 }
 
 impl OutputConfig for PostgresOutputConfig {
@@ -118,12 +143,23 @@ impl OutputConfig for PostgresOutputConfig {
                 ));
             }
         }
+        if self.pool_size == 0 {
+            return Err(BuildError::at(["pool_size"], "the pool needs at least one connection"));
+        }
+        let series = TimeSeries::build(Options {
+            table: &self.table,
+            columns: &self.columns,
+            key: &self.key,
+            hypertable: self.hypertable.as_ref(),
+            retention: self.retention,
+            rollups: &self.rollups,
+        })?;
         let described: Vec<(String, ColumnType, bool)> =
             self.columns.iter().map(|(n, c)| (n.clone(), c.kind, c.nullable)).collect();
         let statements = Statements::new(&self.table, &described, &self.key);
         let shown = conflux_api::secrets::mask_url_passwords(self.url.as_str().into()).into_owned();
         let pool = PgPoolOptions::new()
-            .max_connections(4)
+            .max_connections(self.pool_size)
             .acquire_timeout(Duration::from_secs(5))
             .connect_lazy(&self.url)
             .map_err(|e| BuildError::at(["url"], format!("bad PostgreSQL URL: {}", describe(&e))))?;
@@ -144,6 +180,8 @@ impl OutputConfig for PostgresOutputConfig {
                 "postgres_rows_skipped",
                 "Events left out by `exactly_once`: their source position was already committed",
             ),
+            series,
+            server: None,
             config: self,
         }))
     }
@@ -169,6 +207,10 @@ struct PostgresOutput {
     /// after any failed one), the lock that runs one fenced write at a time.
     fence: Option<tokio::sync::Mutex<Option<Committed>>>,
     skipped: conflux_api::metrics::Counter,
+    /// `hypertable`, `retention`, `rollups`, checked.
+    series: Option<TimeSeries>,
+    /// With `series`: what the server turned out to be at connect.
+    server: Option<Server>,
 }
 
 /// What a failed statement means for its rows.
@@ -180,7 +222,7 @@ enum Failure {
 }
 
 /// A database error's message with its SQLSTATE, never the URL.
-fn describe(e: &sqlx::Error) -> String {
+pub(crate) fn describe(e: &sqlx::Error) -> String {
     match e.as_database_error() {
         Some(db) => match db.code() {
             Some(code) => format!("{} (SQLSTATE {code})", db.message()),
@@ -204,6 +246,7 @@ impl PostgresOutput {
     /// must send each value in its column's own wire format.
     async fn prepare_table(&mut self) -> Result<(), String> {
         let table = quote(&self.config.table);
+        let mut created = false;
         let exists = |table: String| {
             sqlx::query_scalar::<_, Option<String>>("SELECT to_regclass($1)::text").bind(table).fetch_one(&self.pool)
         };
@@ -212,6 +255,7 @@ impl PostgresOutput {
                 return Err(format!("table `{}` does not exist (create it, or set `create: true`)", self.config.table));
             }
             sqlx::query(&self.statements.create).execute(&self.pool).await.map_err(|e| describe(&e))?;
+            created = true;
             for index in &self.config.indexes {
                 let name = format!("{}_{}_idx", self.config.table.replace('.', "_"), index.join("_"));
                 let columns: Vec<String> = index.iter().map(|c| quote(c)).collect();
@@ -237,6 +281,9 @@ impl PostgresOutput {
             self.wires[i] = wire(*kind, actual).ok_or_else(|| {
                 format!("column `{name}` is `{actual}` in the table, which a `{kind:?}` value cannot be written to")
             })?;
+        }
+        if let Some(series) = &self.series {
+            self.server = Some(series.prepare(&self.pool, created).await?);
         }
         if let Some(offsets) = &self.offsets {
             let mut conn = self.pool.acquire().await.map_err(|e| describe(&e))?;
@@ -557,6 +604,9 @@ impl Output for PostgresOutput {
             }
         };
         let failed = outcome?;
+        if let (Some(series), Some(Server::Plain)) = (&self.series, self.server) {
+            series.trim_if_due(&self.pool).await;
+        }
         if failed.is_empty() {
             Ok(())
         } else {
