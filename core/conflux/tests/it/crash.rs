@@ -163,3 +163,108 @@ fn fences_refuse_engine_options_that_would_break_them() {
     let message = lint(&format!("{{ {redis}, max_in_flight: 2 }}"));
     assert!(message.contains("idempotent") && message.contains("max_in_flight: 1"), "{message}");
 }
+
+/// Window results (absolute figures per key) upserted into PostgreSQL and
+/// written to Redis hashes by key, through ten SIGKILLs: the aggregate's
+/// checkpoint skips what it had counted, a result written again overwrites.
+#[test]
+fn upserted_window_results_survive_ten_sigkills_exactly() {
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    let mut redis = runtime.block_on(crate::redis_output::redis());
+    let dir = tempfile::tempdir().unwrap();
+    write_input(dir.path());
+    let table = crate::key("pg_windows").replace('-', "_");
+    let prefix = crate::key("windows");
+    let pipeline = dir.path().join("windows.yaml");
+    std::fs::write(
+        &pipeline,
+        format!(
+            "name: windows
+inputs:
+  in: {{ type: file, path: in.ndjson, batch_size: 200 }}
+stages:
+  per_minute:
+    type: aggregate
+    from: in
+    group_by: [r]
+    time: {{ field: t }}
+    window: {{ tumbling: 1m }}
+    idle_timeout: 1h
+    metrics: {{ n: {{ count: {{}} }}, guests: {{ sum: g }} }}
+    checkpoint: {{ interval: 20ms }}
+outputs:
+  history:
+    type: postgres
+    from: per_minute
+    url: \"{}\"
+    table: {table}
+    create: true
+    mode: upsert
+    key: [result_key]
+    columns:
+      result_key: {{ from: meta.result_key, type: text }}
+      r: {{ from: r, type: text }}
+      start: {{ from: window.start, type: timestamp }}
+      n: {{ from: n, type: integer }}
+      guests: {{ from: guests, type: integer }}
+    batch: {{ max_events: 200 }}
+  hot:
+    type: redis
+    from: per_minute
+    url: redis://{REDIS}
+    commands:
+      - hset: {{ key: \"{prefix}:{{{{ r }}}}:{{{{ window.start }}}}\", fields: {{ n: \"{{{{ n }}}}\", guests: \"{{{{ guests }}}}\" }} }}
+",
+            database_url()
+        ),
+    )
+    .unwrap();
+    let rows = || {
+        if psql(&format!("SELECT to_regclass('{table}') IS NOT NULL")).trim() != "t" {
+            return 0;
+        }
+        psql(&format!("SELECT count(*) FROM {table}")).trim().parse::<u64>().unwrap_or(0)
+    };
+    kill_and_restart(&pipeline, rows);
+
+    // Computed from the input alone: (restaurant, minute start) → (lines, guests).
+    let mut expected: BTreeMap<(String, i64), (u64, u64)> = BTreeMap::new();
+    for i in 0..LINES {
+        let t = 1_795_860_000 + i as i64 * 3;
+        let figures = expected.entry((format!("r{}", i % 7), t - t.rem_euclid(60))).or_default();
+        figures.0 += 1;
+        figures.1 += i % 9 + 1;
+    }
+    let stored: BTreeMap<(String, i64), (u64, u64)> =
+        psql(&format!("SELECT r, extract(epoch FROM start)::bigint, n, guests FROM {table}"))
+            .lines()
+            .map(|l| {
+                let f: Vec<&str> = l.split('|').collect();
+                ((f[0].to_string(), f[1].parse().unwrap()), (f[2].parse().unwrap(), f[3].parse().unwrap()))
+            })
+            .collect();
+    assert_eq!(stored.len(), expected.len(), "one row per window");
+    let wrong: Vec<_> = stored.iter().filter(|(k, v)| expected.get(*k) != Some(*v)).take(5).collect();
+    assert!(wrong.is_empty(), "windows whose upserted figures differ from the input's: {wrong:?}");
+
+    let keys: Vec<String> = runtime.block_on(async {
+        let mut keys = Vec::new();
+        let mut iter: redis::AsyncIter<String> = redis.scan_match(format!("{prefix}:*")).await.unwrap();
+        while let Some(Ok(key)) = futures_util::StreamExt::next(&mut iter).await {
+            keys.push(key);
+        }
+        keys
+    });
+    assert_eq!(keys.len(), expected.len(), "one Redis hash per window");
+    for key in keys.iter().step_by(37) {
+        // `<prefix>:<restaurant>:<window start, RFC 3339>`
+        let rest = key.strip_prefix(&format!("{prefix}:")).unwrap();
+        let (r, at) = rest.split_once(':').unwrap();
+        let start = chrono::DateTime::parse_from_rfc3339(at).unwrap_or_else(|e| panic!("{key}: {e}")).timestamp();
+        let hash: BTreeMap<String, u64> = runtime.block_on(redis.hgetall(key)).unwrap();
+        let want = expected.get(&(r.to_string(), start)).unwrap_or_else(|| panic!("{key}: no such window"));
+        assert_eq!((hash.get("n"), hash.get("guests")), (Some(&want.0), Some(&want.1)), "{key}");
+    }
+    let _: () = runtime.block_on(redis::cmd("UNLINK").arg(&keys).query_async(&mut redis)).unwrap();
+    psql(&format!("DROP TABLE {table}"));
+}
