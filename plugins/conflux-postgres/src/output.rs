@@ -161,6 +161,10 @@ impl OutputConfig for PostgresOutputConfig {
         let pool = PgPoolOptions::new()
             .max_connections(self.pool_size)
             .acquire_timeout(Duration::from_secs(5))
+            // A server whose connections share one session (PGlite) keeps
+            // the statements an earlier connection prepared, under the names
+            // this one would give its own; on any other it frees nothing.
+            .after_connect(|conn, _| Box::pin(async move { conn.execute("DEALLOCATE ALL").await.map(|_| ()) }))
             .connect_lazy(&self.url)
             .map_err(|e| BuildError::at(["url"], format!("bad PostgreSQL URL: {}", describe(&e))))?;
         let key_positions: Vec<usize> =

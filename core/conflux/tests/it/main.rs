@@ -15,6 +15,7 @@ mod outputs;
 mod postgres_output;
 mod redis_input;
 mod redis_output;
+mod timescale;
 mod validation;
 mod wasm;
 
