@@ -433,6 +433,11 @@ YAML
 
 redis_hset() {
   redis_reference
+  # redis-benchmark's own shape: one field of few keys written again and again
+  # (HSET myhash element:… value), so the server does the same work per command.
+  redis_scenario "file → redis hset (same shape)" redis-hset-shape \
+    '[{ hset: { key: "status:{{ data.restaurantId }}", fields: { last: "{{ data.status }}" } } }]'
+  # One hash per booking: a million new keys, the server's allocations on top.
   redis_scenario "file → redis hset" redis-hset \
     '[{ hset: { key: "b:{{ data.bookingId }}", fields: { status: "{{ data.status }}" } } }]'
   redis_scenario "file → redis 3 commands" redis-three \
@@ -508,6 +513,23 @@ pg_copy() {
   BEFORE_RUN="pg_table bench_copy" throughput "file → postgres copy" "$EVENTS" "$WORK/pg-copy.yaml"
   pg_pipeline "$WORK/pg-upsert.yaml" upsert bench_upsert id
   BEFORE_RUN="pg_table bench_upsert id" throughput "file → postgres upsert" "$EVENTS" "$WORK/pg-upsert.yaml"
+  psql -q "$PG_URL" -c "DROP TABLE IF EXISTS bench_copy" -c "DROP TABLE IF EXISTS bench_upsert" >/dev/null
+}
+
+# How the store figures change with the write batch size (docs/benchmarks.md).
+batch_sizes() {
+  local size
+  for size in 100 1000 10000; do
+    echo "batch.max_events: $size"
+    REDIS_BATCH=$size redis_scenario "  file → redis hset (same shape)" redis-hset-shape \
+      '[{ hset: { key: "status:{{ data.restaurantId }}", fields: { last: "{{ data.status }}" } } }]'
+    REDIS_BATCH=$size redis_scenario "  file → redis 3 commands" redis-three \
+      '[{ hincrby: { key: "r:{{ data.restaurantId }}", field: guests, by: "{{ data.guests }}" } }, { zincrby: { key: "zones", member: "{{ data.zone }}" } }, { pfadd: { key: "users", element: "{{ data.userId }}" } }]'
+    PG_BATCH=$size pg_pipeline "$WORK/pg-copy.yaml" copy bench_copy
+    BEFORE_RUN="pg_table bench_copy" throughput "  file → postgres copy" "$EVENTS" "$WORK/pg-copy.yaml"
+    PG_BATCH=$size pg_pipeline "$WORK/pg-upsert.yaml" upsert bench_upsert id
+    BEFORE_RUN="pg_table bench_upsert id" throughput "  file → postgres upsert" "$EVENTS" "$WORK/pg-upsert.yaml"
+  done
   psql -q "$PG_URL" -c "DROP TABLE IF EXISTS bench_copy" -c "DROP TABLE IF EXISTS bench_upsert" >/dev/null
 }
 

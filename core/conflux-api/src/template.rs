@@ -10,7 +10,8 @@ use std::borrow::Cow;
 use sonic_rs::{JsonValueTrait, Value};
 
 use crate::event::{Event, Metadata};
-use crate::FieldPath;
+use crate::{Field, FieldPath};
+use conflux_json::path::FieldSet;
 
 /// Why a template does not parse or cannot be rendered for an event.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -76,12 +77,26 @@ impl Template {
 
     /// Renders for one event; strings go in as they are, other values as JSON.
     pub fn render(&self, event: &Event) -> Result<String, TemplateError> {
+        self.render_read(event, None)
+    }
+
+    /// Renders with the payload fields `read` already found (one scan for
+    /// every template of a component, see [`TemplateFields`]).
+    pub fn render_with(&self, event: &Event, read: &ReadFields<'_, '_>) -> Result<String, TemplateError> {
+        self.render_read(event, Some(read))
+    }
+
+    fn render_read(&self, event: &Event, read: Option<&ReadFields<'_, '_>>) -> Result<String, TemplateError> {
         let mut out = String::new();
         for part in &self.parts {
             match part {
                 Part::Text(t) => out.push_str(t),
                 Part::Field(path) => {
-                    let field = path.lookup(&event.data).ok_or_else(|| TemplateError::Missing(path.to_string()))?;
+                    let found = match read.and_then(|r| r.get(path)) {
+                        Some(found) => found,
+                        None => path.lookup(&event.data),
+                    };
+                    let field = found.ok_or_else(|| TemplateError::Missing(path.to_string()))?;
                     if field.is_null() {
                         return Err(TemplateError::Null(path.to_string()));
                     }
@@ -103,6 +118,50 @@ impl Template {
             }
         }
         Ok(out)
+    }
+}
+
+/// The payload fields of several templates, read from an event's text in
+/// one pass rather than one scan per field: an output rendering a key, a
+/// field and an amount per event walks the payload once.
+#[derive(Debug, Clone, Default)]
+pub struct TemplateFields {
+    set: FieldSet,
+    paths: Vec<FieldPath>,
+}
+
+impl TemplateFields {
+    pub fn new<'t>(templates: impl IntoIterator<Item = &'t Template>) -> Self {
+        let mut paths: Vec<FieldPath> = Vec::new();
+        for template in templates {
+            for part in &template.parts {
+                if let Part::Field(path) = part {
+                    if !paths.contains(path) {
+                        paths.push(path.clone());
+                    }
+                }
+            }
+        }
+        TemplateFields { set: FieldSet::new(paths.iter().cloned()), paths }
+    }
+
+    /// Every field of the templates, found in one scan of the event's payload.
+    pub fn read<'s, 'p>(&'s self, event: &'p Event) -> ReadFields<'s, 'p> {
+        let found = if self.paths.is_empty() { Vec::new() } else { self.set.lookup(&event.data) };
+        ReadFields { paths: &self.paths, found }
+    }
+}
+
+/// The fields [`TemplateFields::read`] found in one event.
+pub struct ReadFields<'s, 'p> {
+    paths: &'s [FieldPath],
+    found: Vec<Option<Field<'p>>>,
+}
+
+impl<'p> ReadFields<'_, 'p> {
+    /// `None` when `path` was not among the fields read.
+    fn get(&self, path: &FieldPath) -> Option<Option<Field<'p>>> {
+        self.paths.iter().position(|p| p == path).map(|i| self.found[i])
     }
 }
 
@@ -131,6 +190,24 @@ mod tests {
 
     fn event(json: &str) -> Event {
         Event::with_time(Payload::from_json(json.as_bytes()).unwrap(), crate::Timestamp::now())
+    }
+
+    #[test]
+    fn fields_read_in_one_scan_render_as_a_lookup_each_would() {
+        let key = Template::parse("r:{{ data.r }}:{{ type }}").unwrap();
+        let field = Template::parse("{{ data.zone }}/{{ data.tags.1 }}").unwrap();
+        let missing = Template::parse("{{ data.nope }}").unwrap();
+        let fields = TemplateFields::new([&key, &field, &missing]);
+        for json in [r#"{"type":"t","data":{"r":"a","zone":3,"tags":["x",{"y":1}]}}"#, r#"{"data":{"r":null}}"#] {
+            let e = event(json);
+            let read = fields.read(&e);
+            for t in [&key, &field, &missing] {
+                assert_eq!(t.render_with(&e, &read), t.render(&e), "{json}");
+            }
+        }
+        let other = Template::parse("{{ type }}-{{ data.r }}").unwrap();
+        let e = event(r#"{"type":"t","data":{"r":"a"}}"#);
+        assert_eq!(other.render_with(&e, &TemplateFields::default().read(&e)).unwrap(), "t-a");
     }
 
     #[test]

@@ -11,7 +11,7 @@ use std::collections::BTreeMap;
 use conflux_api::config::Duration;
 use conflux_api::registry::describe_str;
 use conflux_api::sonic_rs::{JsonContainerTrait, JsonValueTrait};
-use conflux_api::template::Template;
+use conflux_api::template::{ReadFields, Template};
 use conflux_api::{BuildError, Event, FieldPath};
 use schemars::JsonSchema;
 use serde::Deserialize;
@@ -231,6 +231,24 @@ enum Number {
     Read(Template),
 }
 
+impl Arg {
+    fn template(&self) -> Option<&Template> {
+        match self {
+            Arg::Text(t) => Some(t),
+            Arg::Payload => None,
+        }
+    }
+}
+
+impl Number {
+    fn template(&self) -> Option<&Template> {
+        match self {
+            Number::Read(t) => Some(t),
+            Number::Const(_) => None,
+        }
+    }
+}
+
 /// Where `HSET` takes its fields from.
 #[derive(Debug)]
 enum HashFields {
@@ -395,19 +413,48 @@ impl Command {
         Ok(Command { key: template(key, &at(command_name, key_name))?, op, ttl_ms })
     }
 
+    /// Every template the command renders, so an output reads all their
+    /// fields in one scan of each event.
+    pub fn templates(&self) -> Vec<&Template> {
+        let mut all = vec![&self.key];
+        match &self.op {
+            Op::Set(value) | Op::Publish(value) | Op::Push { value, .. } => all.extend(value.template()),
+            Op::Hset(HashFields::Named(fields)) => all.extend(fields.iter().map(|(_, t)| t)),
+            Op::Hset(HashFields::Object(_)) | Op::Del => {}
+            Op::Hincrby(field, by) | Op::Hincrbyfloat(field, by) => {
+                all.push(field);
+                all.extend(by.template());
+            }
+            Op::Incrby(by) => all.extend(by.template()),
+            Op::Zadd { member, score, .. } => {
+                all.push(member);
+                all.extend(score.template());
+            }
+            Op::Zincrby(member, by) => {
+                all.push(member);
+                all.extend(by.template());
+            }
+            Op::Pfadd(element) => all.push(element),
+            Op::Xadd { fields, .. } => all.extend(fields.iter().flatten().map(|(_, t)| t)),
+        }
+        all
+    }
+
     /// Appends this command's Redis commands for `event` to `out`; the
     /// reason when the event cannot be rendered (nothing is appended then).
+    /// `read`: the event's fields, found in one scan for every command (see [`Command::templates`]).
     pub fn render(
         &self,
         event: &Event,
+        read: &ReadFields,
         payload: &mut Option<Vec<u8>>,
         out: &mut Vec<redis::Cmd>,
     ) -> Result<(), String> {
-        let key = self.key.render(event).map_err(|e| format!("key: {e}"))?;
+        let key = self.key.render_with(event, read).map_err(|e| format!("key: {e}"))?;
         let mut text_of = |a: &Arg| -> Result<Vec<u8>, String> {
             match a {
                 Arg::Payload => Ok(json(event, payload)),
-                Arg::Text(t) => t.render(event).map(String::into_bytes).map_err(|e| e.to_string()),
+                Arg::Text(t) => t.render_with(event, read).map(String::into_bytes).map_err(|e| e.to_string()),
             }
         };
         let mut cmd;
@@ -427,7 +474,7 @@ impl Command {
                 match fields {
                     HashFields::Named(fields) => {
                         for (name, t) in fields {
-                            cmd.arg(name).arg(t.render(event).map_err(|e| format!("fields.{name}: {e}"))?);
+                            cmd.arg(name).arg(t.render_with(event, read).map_err(|e| format!("fields.{name}: {e}"))?);
                         }
                     }
                     HashFields::Object(path) => {
@@ -453,15 +500,19 @@ impl Command {
             }
             Op::Hincrby(field, by) => {
                 cmd = redis::cmd("HINCRBY");
-                cmd.arg(&key).arg(field.render(event).map_err(|e| format!("field: {e}"))?).arg(integer(by, event)?);
+                cmd.arg(&key)
+                    .arg(field.render_with(event, read).map_err(|e| format!("field: {e}"))?)
+                    .arg(integer(by, event, read)?);
             }
             Op::Hincrbyfloat(field, by) => {
                 cmd = redis::cmd("HINCRBYFLOAT");
-                cmd.arg(&key).arg(field.render(event).map_err(|e| format!("field: {e}"))?).arg(float(by, event)?);
+                cmd.arg(&key)
+                    .arg(field.render_with(event, read).map_err(|e| format!("field: {e}"))?)
+                    .arg(float(by, event, read)?);
             }
             Op::Incrby(by) => {
                 cmd = redis::cmd("INCRBY");
-                cmd.arg(&key).arg(integer(by, event)?);
+                cmd.arg(&key).arg(integer(by, event, read)?);
             }
             Op::Zadd { member, score, incr, gt, lt } => {
                 cmd = redis::cmd("ZADD");
@@ -475,15 +526,18 @@ impl Command {
                 if *incr {
                     cmd.arg("INCR");
                 }
-                cmd.arg(float(score, event)?).arg(member.render(event).map_err(|e| format!("member: {e}"))?);
+                cmd.arg(float(score, event, read)?)
+                    .arg(member.render_with(event, read).map_err(|e| format!("member: {e}"))?);
             }
             Op::Zincrby(member, by) => {
                 cmd = redis::cmd("ZINCRBY");
-                cmd.arg(&key).arg(float(by, event)?).arg(member.render(event).map_err(|e| format!("member: {e}"))?);
+                cmd.arg(&key)
+                    .arg(float(by, event, read)?)
+                    .arg(member.render_with(event, read).map_err(|e| format!("member: {e}"))?);
             }
             Op::Pfadd(element) => {
                 cmd = redis::cmd("PFADD");
-                cmd.arg(&key).arg(element.render(event).map_err(|e| format!("element: {e}"))?);
+                cmd.arg(&key).arg(element.render_with(event, read).map_err(|e| format!("element: {e}"))?);
             }
             Op::Xadd { fields, maxlen } => {
                 cmd = redis::cmd("XADD");
@@ -495,7 +549,7 @@ impl Command {
                 match fields {
                     Some(fields) => {
                         for (name, t) in fields {
-                            cmd.arg(name).arg(t.render(event).map_err(|e| format!("fields.{name}: {e}"))?);
+                            cmd.arg(name).arg(t.render_with(event, read).map_err(|e| format!("fields.{name}: {e}"))?);
                         }
                     }
                     None => {
@@ -574,11 +628,11 @@ fn json(event: &Event, payload: &mut Option<Vec<u8>>) -> Vec<u8> {
         .clone()
 }
 
-fn float(n: &Number, event: &Event) -> Result<f64, String> {
+fn float(n: &Number, event: &Event, read: &ReadFields) -> Result<f64, String> {
     match n {
         Number::Const(n) => Ok(*n),
         Number::Read(t) => {
-            let text = t.render(event).map_err(|e| e.to_string())?;
+            let text = t.render_with(event, read).map_err(|e| e.to_string())?;
             text.trim()
                 .parse::<f64>()
                 .ok()
@@ -588,11 +642,11 @@ fn float(n: &Number, event: &Event) -> Result<f64, String> {
     }
 }
 
-fn integer(n: &Number, event: &Event) -> Result<i64, String> {
+fn integer(n: &Number, event: &Event, read: &ReadFields) -> Result<i64, String> {
     match n {
         Number::Const(n) => Ok(*n as i64),
         Number::Read(t) => {
-            let text = t.render(event).map_err(|e| e.to_string())?;
+            let text = t.render_with(event, read).map_err(|e| e.to_string())?;
             text.trim().parse::<i64>().map_err(|_| format!("the amount is not an integer ({})", describe_str(&text)))
         }
     }

@@ -14,6 +14,8 @@ use redis::aio::MultiplexedConnection;
 use schemars::JsonSchema;
 use serde::Deserialize;
 
+use conflux_api::template::TemplateFields;
+
 use crate::command::{Command, CommandConfig};
 use crate::RedisConn;
 
@@ -81,7 +83,8 @@ impl OutputConfig for RedisOutputConfig {
                 "Events `idempotent` left out: their source position was already applied",
             ),
         });
-        Ok(Box::new(RedisOutput { commands, atomic: self.atomic, conn, shown, live: Mutex::default(), fence }))
+        let fields = TemplateFields::new(commands.iter().flat_map(Command::templates));
+        Ok(Box::new(RedisOutput { commands, fields, atomic: self.atomic, conn, shown, live: Mutex::default(), fence }))
     }
 }
 
@@ -89,6 +92,8 @@ inventory::submit!(Registration::output::<RedisOutputConfig>());
 
 struct RedisOutput {
     commands: Vec<Command>,
+    /// Every field the commands' templates read: one scan per event.
+    fields: TemplateFields,
     atomic: bool,
     conn: RedisConn,
     /// The URL with its password masked.
@@ -169,7 +174,9 @@ impl Output for RedisOutput {
         for (index, event) in batch.iter().enumerate() {
             cmds.clear();
             let mut payload = None;
-            if let Err(reason) = self.commands.iter().try_for_each(|c| c.render(event, &mut payload, &mut cmds)) {
+            let read = self.fields.read(event);
+            if let Err(reason) = self.commands.iter().try_for_each(|c| c.render(event, &read, &mut payload, &mut cmds))
+            {
                 refused.push(FailedEvent::new(index, reason));
                 continue;
             }
