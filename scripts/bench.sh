@@ -424,6 +424,7 @@ outputs:
     url: $REDIS_URL/15
     from: in
     batch: { max_events: ${REDIS_BATCH:-10000} }
+    ${REDIS_EXTRA:-}
     commands: $3
 YAML
   redis_db flushdb >/dev/null
@@ -436,6 +437,9 @@ redis_hset() {
   # redis-benchmark's own shape: one field of few keys written again and again
   # (HSET myhash element:… value), so the server does the same work per command.
   redis_scenario "file → redis hset (same shape)" redis-hset-shape \
+    '[{ hset: { key: "status:{{ data.restaurantId }}", fields: { last: "{{ data.status }}" } } }]'
+  # Two writes in flight: rendering the next batch overlaps Redis answering this one.
+  REDIS_EXTRA="max_in_flight: 2" redis_scenario "file → redis hset (same shape, 2 in flight)" redis-hset-shape2 \
     '[{ hset: { key: "status:{{ data.restaurantId }}", fields: { last: "{{ data.status }}" } } }]'
   # One hash per booking: a million new keys, the server's allocations on top.
   redis_scenario "file → redis hset" redis-hset \

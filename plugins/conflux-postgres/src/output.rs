@@ -397,18 +397,17 @@ impl PostgresOutput {
                 advance(&mut out.advanced, position);
             }
             if self.config.mode == Mode::Copy {
-                // A value out of an `integer` column's range is refused here.
-                let start = out.encoded.len();
-                match copy_row(&mut out.encoded, &row, &self.wires, &self.names) {
-                    Ok(()) => out.copied.push((index, start..out.encoded.len())),
-                    Err(reason) => out.failed.push(FailedEvent::new(index, reason)),
-                }
+                out.encode(index, &row, &self.wires, &self.names);
             } else {
                 out.typed.push((index, row));
             }
         }
         if self.config.mode == Mode::Upsert {
+            // Upserts are copied too (into the stage), once the last row per key is known.
             out.keep_last_per_key(&self.key_positions);
+            for (index, row) in std::mem::take(&mut out.typed) {
+                out.encode(index, &row, &self.wires, &self.names);
+            }
         }
         out
     }
@@ -424,12 +423,22 @@ impl PostgresOutput {
                 copy_header(&mut data);
                 data.extend_from_slice(body);
                 copy_trailer(&mut data);
-                let mut copy = conn.copy_in_raw(&self.statements.copy).await?;
+                let stage = &self.statements.stage;
+                let upsert = self.config.mode == Mode::Upsert;
+                if upsert {
+                    conn.execute(stage.create.as_str()).await?;
+                }
+                let mut copy = conn.copy_in_raw(if upsert { &stage.copy } else { &self.statements.copy }).await?;
                 if let Err(e) = copy.send(data).await {
                     let _ = copy.abort("write failed").await;
                     return Err(e);
                 }
                 copy.finish().await?;
+                if upsert {
+                    conn.execute(stage.merge.as_str()).await?;
+                    // Emptied for the next part of a bisected batch (and at commit).
+                    conn.execute(stage.clear.as_str()).await?;
+                }
             }
             Part::Rows(rows) => {
                 let mut arrays: Vec<ColumnArray> =
@@ -469,6 +478,16 @@ struct Rows {
 }
 
 impl Rows {
+    /// Encodes a row as binary COPY data; a value out of an `integer`
+    /// column's range is refused here.
+    fn encode(&mut self, index: usize, row: &[TypedValue], wires: &[Wire], names: &[String]) {
+        let start = self.encoded.len();
+        match copy_row(&mut self.encoded, row, wires, names) {
+            Ok(()) => self.copied.push((index, start..self.encoded.len())),
+            Err(reason) => self.failed.push(FailedEvent::new(index, reason)),
+        }
+    }
+
     fn whole(&self) -> Part<'_> {
         if self.typed.is_empty() {
             Part::Copy(&self.copied)

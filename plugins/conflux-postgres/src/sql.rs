@@ -42,6 +42,20 @@ pub struct Statements {
     pub create: String,
     pub copy: String,
     pub insert: String,
+    /// An upsert's rows go by binary COPY into a session's temporary table
+    /// of the target's own column types, then into the target in one
+    /// `INSERT … SELECT … ON CONFLICT`: faster than binding arrays the
+    /// server must parse (timestamps and JSON as text).
+    pub stage: Stage,
+}
+
+/// The statements of an upsert through a temporary table.
+#[derive(Debug, Clone, Default)]
+pub struct Stage {
+    pub create: String,
+    pub copy: String,
+    pub merge: String,
+    pub clear: String,
 }
 
 impl Statements {
@@ -65,6 +79,7 @@ impl Statements {
         let params: Vec<String> =
             columns.iter().enumerate().map(|(i, (_, kind, _))| format!("${}::{}", i + 1, array_cast(*kind))).collect();
         let mut insert = format!("INSERT INTO {table_q} ({list}) SELECT * FROM UNNEST({})", params.join(", "));
+        let mut stage = Stage::default();
         if !key.is_empty() {
             let keys: Vec<String> = key.iter().map(|k| quote(k)).collect();
             let updates: Vec<String> = columns
@@ -72,14 +87,24 @@ impl Statements {
                 .filter(|(n, _, _)| !key.contains(n))
                 .map(|(n, _, _)| format!("{q} = EXCLUDED.{q}", q = quote(n)))
                 .collect();
-            insert.push_str(&format!(" ON CONFLICT ({})", keys.join(", ")));
+            let mut conflict = format!(" ON CONFLICT ({})", keys.join(", "));
             if updates.is_empty() {
-                insert.push_str(" DO NOTHING");
+                conflict.push_str(" DO NOTHING");
             } else {
-                insert.push_str(&format!(" DO UPDATE SET {}", updates.join(", ")));
+                conflict.push_str(&format!(" DO UPDATE SET {}", updates.join(", ")));
             }
+            insert.push_str(&conflict);
+            let stage_q = quote("conflux_upsert_stage");
+            stage = Stage {
+                create: format!(
+                    "CREATE TEMP TABLE IF NOT EXISTS {stage_q} ON COMMIT DELETE ROWS AS SELECT {list} FROM {table_q} WITH NO DATA"
+                ),
+                copy: format!("COPY {stage_q} ({list}) FROM STDIN (FORMAT binary)"),
+                merge: format!("INSERT INTO {table_q} ({list}) SELECT {list} FROM {stage_q}{conflict}"),
+                clear: format!("TRUNCATE {stage_q}"),
+            };
         }
-        Statements { create, copy, insert }
+        Statements { create, copy, insert, stage }
     }
 }
 

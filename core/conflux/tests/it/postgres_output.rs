@@ -130,21 +130,22 @@ async fn upserts_overwrite_and_duplicate_keys_in_a_batch_keep_the_last() {
 }
 
 /// One row the database refuses among 10,000: 9,999 commit, the one goes to
-/// `error` (bisection), in COPY and INSERT alike; values that do not fit the
+/// `error` (bisection), in COPY, INSERT and UPSERT alike; values that do not fit the
 /// table's own column types are refused before they are sent.
 #[tokio::test]
 async fn a_poison_row_among_ten_thousand_goes_to_error_alone() {
     setup();
-    for mode in ["copy", "insert"] {
+    for mode in ["copy", "insert", "upsert"] {
         let t = table(&format!("pg_poison_{mode}"));
-        psql(&format!("CREATE TABLE {t} (n integer NOT NULL CHECK (n <> 4242), small smallint)"));
+        let (primary, key) = if mode == "upsert" { (" PRIMARY KEY", ", key: [n]") } else { ("", "") };
+        psql(&format!("CREATE TABLE {t} (n integer NOT NULL{primary} CHECK (n <> 4242), small smallint)"));
         let dir = tempfile::tempdir().unwrap();
         let mut lines: String = (0..10_000).map(|n| format!("{{\"n\":{n},\"small\":1}}\n")).collect();
         // Past `smallint`: refused by the output itself, in copy mode; by the database in insert mode.
         lines.push_str("{\"n\":10000,\"small\":70000}\n");
         std::fs::write(dir.path().join("in.ndjson"), lines).unwrap();
         let output = format!(
-            "{{ type: postgres, url: \"{}\", table: {t}, mode: {mode}, columns: {{ n: {{ from: n, type: integer }}, small: {{ from: small, type: integer }} }}, batch: {{ max_events: 10001 }}, from: in }}",
+            "{{ type: postgres, url: \"{}\", table: {t}, mode: {mode}{key}, columns: {{ n: {{ from: n, type: integer }}, small: {{ from: small, type: integer }} }}, batch: {{ max_events: 10001 }}, from: in }}",
             database_url()
         );
         let report = run_yaml(&pipeline(dir.path(), &output), RunContext::new()).await;
