@@ -215,3 +215,43 @@ outputs:
         dead.lines().map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()["n"].as_u64().unwrap()).collect();
     assert_eq!(ns, vec![3, 7]);
 }
+
+/// A batch larger than one pipeline goes as several, sent while the rest is
+/// rendered: every command lands in the batch's order, and an event Redis
+/// refuses in a later pipeline is the one that goes to `error`.
+#[tokio::test]
+async fn a_large_batch_keeps_its_order_across_pipelines() {
+    setup();
+    let p = key("redis_chunks");
+    let mut r = redis().await;
+    let _: () = r.set(format!("{p}:str"), "not a list").await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let lines: String = (0..6000)
+        .map(|i| format!("{{\"target\":\"{}\",\"n\":{i}}}\n", if i == 4500 { "str" } else { "list" }))
+        .collect();
+    std::fs::write(dir.path().join("in.ndjson"), lines).unwrap();
+    let yaml = format!(
+        r#"inputs:
+  in: {{ type: file, path: "{dir}/in.ndjson", batch_size: 6000 }}
+outputs:
+  r:
+    type: redis
+    url: redis://{REDIS}
+    from: in
+    batch: {{ max_events: 6000, linger: 1s }}
+    commands:
+      - rpush: {{ key: "{p}:{{{{ target }}}}", value: "{{{{ n }}}}" }}
+  dead: {{ type: file, path: "{dir}/dead.ndjson", from: r.error }}
+"#,
+        dir = dir.path().display()
+    );
+    let report = run_yaml(&yaml, RunContext::new()).await;
+    assert!(!report.lost_events(), "{report:?}");
+    let items: Vec<u64> = r.lrange(format!("{p}:list"), 0, -1).await.unwrap();
+    let expected: Vec<u64> = (0..6000).filter(|i| *i != 4500).collect();
+    assert_eq!(items, expected, "in the batch's order");
+    let dead = std::fs::read_to_string(dir.path().join("dead.ndjson")).unwrap();
+    assert_eq!(dead.lines().count(), 1, "{dead}");
+    assert!(dead.contains("\"n\":4500"), "{dead}");
+    let _: () = r.del(&[format!("{p}:list"), format!("{p}:str")]).await.unwrap();
+}
