@@ -133,79 +133,6 @@ impl RedisOutput {
     }
 }
 
-/// Commands per pipeline sent while the rest of the batch is rendered.
-const CHUNK_COMMANDS: usize = 2048;
-
-/// Replies of one pipeline, or why it failed.
-type Replies = redis::RedisResult<Vec<redis::RedisResult<redis::Value>>>;
-
-/// A pipeline handed to the connection, its replies still to come.
-type Pending = std::pin::Pin<Box<dyn std::future::Future<Output = Replies> + Send>>;
-
-/// A write batch's pipelines. Each is handed to the connection as soon as
-/// it is full, so Redis works on it while the next one is rendered (the
-/// multiplexed connection keeps them in order); the batch is settled when
-/// every reply is in. `atomic` keeps one pipeline: one `MULTI`/`EXEC`.
-struct Chunks {
-    conn: MultiplexedConnection,
-    atomic: bool,
-    pipe: redis::Pipeline,
-    commands: usize,
-    sent: Vec<Sent>,
-    started: Vec<(Pending, Vec<Sent>)>,
-}
-
-impl Chunks {
-    fn new(conn: MultiplexedConnection, atomic: bool) -> Chunks {
-        Chunks { conn, atomic, pipe: Chunks::pipe(atomic), commands: 0, sent: Vec::new(), started: Vec::new() }
-    }
-
-    fn pipe(atomic: bool) -> redis::Pipeline {
-        let mut pipe = redis::pipe();
-        pipe.ignore_errors();
-        if atomic {
-            pipe.atomic();
-        }
-        pipe
-    }
-
-    async fn add(&mut self, sent: Sent, cmds: impl IntoIterator<Item = redis::Cmd>) {
-        for cmd in cmds {
-            self.pipe.add_command(cmd);
-            self.commands += 1;
-        }
-        self.sent.push(sent);
-        if !self.atomic && self.commands >= CHUNK_COMMANDS {
-            self.start().await;
-        }
-    }
-
-    /// Hands the pipeline so far to the connection: one poll queues it.
-    async fn start(&mut self) {
-        if self.sent.is_empty() {
-            return;
-        }
-        let pipe = std::mem::replace(&mut self.pipe, Chunks::pipe(self.atomic));
-        let mut conn = self.conn.clone();
-        let mut replies: Pending = Box::pin(async move { pipe.query_async(&mut conn).await });
-        if let std::task::Poll::Ready(done) = futures_util::poll!(replies.as_mut()) {
-            replies = Box::pin(std::future::ready(done));
-        }
-        self.started.push((replies, std::mem::take(&mut self.sent)));
-        self.commands = 0;
-    }
-
-    /// Every pipeline's replies with what it carried, in order.
-    async fn finish(mut self) -> Vec<(Replies, Vec<Sent>)> {
-        self.start().await;
-        let mut settled = Vec::with_capacity(self.started.len());
-        for (replies, sent) in self.started {
-            settled.push((replies.await, sent));
-        }
-        settled
-    }
-}
-
 #[async_trait]
 impl Output for RedisOutput {
     async fn connect(&mut self) -> Result<(), PluginError> {
@@ -234,8 +161,13 @@ impl Output for RedisOutput {
             Some(fence) => Some(fence.serial.lock().await),
             None => None,
         };
-        let conn = self.live().ok_or_else(|| PluginError::not_connected("not connected to Redis"))?;
-        let mut chunks = Chunks::new(conn, self.atomic);
+        let mut conn = self.live().ok_or_else(|| PluginError::not_connected("not connected to Redis"))?;
+        let mut pipe = redis::pipe();
+        pipe.ignore_errors();
+        if self.atomic {
+            pipe.atomic();
+        }
+        let mut sent: Vec<Sent> = Vec::with_capacity(batch.len());
         let mut refused = Vec::new();
         let mut fenced: HashMap<Arc<str>, fence::Fenced> = HashMap::new();
         let mut cmds = Vec::new();
@@ -256,15 +188,21 @@ impl Output for RedisOutput {
                         .or_insert_with(|| fence::Fenced::new(&digest, &fence.key, &position.stream))
                         .push(index, position.offset, &cmds);
                 }
-                _ => chunks.add(Sent::Plain(index, cmds.len()), cmds.drain(..)).await,
+                _ => {
+                    sent.push(Sent::Plain(index, cmds.len()));
+                    for cmd in cmds.drain(..) {
+                        pipe.add_command(cmd);
+                    }
+                }
             }
         }
         for (_, group) in fenced {
             let (cmd, events) = group.into_cmd();
-            chunks.add(Sent::Fenced(events), [cmd]).await;
+            pipe.add_command(cmd);
+            sent.push(Sent::Fenced(events));
         }
-        for (replies, sent) in chunks.finish().await {
-            let replies = match replies {
+        if !sent.is_empty() {
+            let replies: Vec<redis::RedisResult<redis::Value>> = match pipe.query_async(&mut conn).await {
                 Ok(replies) => replies,
                 Err(e) => {
                     self.drop_connection();

@@ -216,11 +216,11 @@ outputs:
     assert_eq!(ns, vec![3, 7]);
 }
 
-/// A batch larger than one pipeline goes as several, sent while the rest is
-/// rendered: every command lands in the batch's order, and an event Redis
-/// refuses in a later pipeline is the one that goes to `error`.
+/// A large batch (one pipeline of 6,000 commands): every command lands in
+/// the batch's order, and the one event Redis refuses, far into it, is the
+/// one that goes to `error` (replies stay in step with their events).
 #[tokio::test]
-async fn a_large_batch_keeps_its_order_across_pipelines() {
+async fn a_large_batch_keeps_its_order_and_its_replies_in_step() {
     setup();
     let p = key("redis_chunks");
     let mut r = redis().await;
