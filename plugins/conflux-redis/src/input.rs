@@ -53,7 +53,7 @@ pub enum StartAt {
 #[serde(deny_unknown_fields)]
 pub struct RedisInputConfig {
     /// `redis://[user:password@]host:port/db`, or `rediss://` for TLS.
-    #[serde(default = "default_url")]
+    #[serde(default = "crate::default_url")]
     pub url: String,
     /// One stream to read (a key; created empty with the group when missing).
     #[serde(default)]
@@ -93,10 +93,6 @@ pub struct RedisInputConfig {
     /// Most events per batch (streams: `XREADGROUP`'s `COUNT`).
     #[serde(default = "default_batch_size")]
     pub batch_size: usize,
-}
-
-fn default_url() -> String {
-    "redis://127.0.0.1:6379".into()
 }
 
 fn default_batch_size() -> usize {

@@ -13,5 +13,10 @@ pub use conn::RedisConn;
 pub use input::RedisInputConfig;
 pub use output::RedisOutputConfig;
 
+/// The `url` of the Redis input and output when none is given.
+fn default_url() -> String {
+    "redis://127.0.0.1:6379".into()
+}
+
 /// Call from the binary so the linker keeps this crate's registrations.
 pub fn link() {}

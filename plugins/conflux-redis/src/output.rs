@@ -32,7 +32,7 @@ use crate::RedisConn;
 #[serde(deny_unknown_fields)]
 pub struct RedisOutputConfig {
     /// `redis://[user:password@]host:port/db`, or `rediss://` for TLS.
-    #[serde(default = "default_url")]
+    #[serde(default = "crate::default_url")]
     pub url: String,
     /// Commands run for each event, in order.
     pub commands: Vec<CommandConfig>,
@@ -50,10 +50,6 @@ pub struct RedisOutputConfig {
     /// stream (default `conflux:fence:<pipeline>:<output>`).
     #[serde(default)]
     pub fence_key: Option<String>,
-}
-
-fn default_url() -> String {
-    "redis://127.0.0.1:6379".into()
 }
 
 impl OutputConfig for RedisOutputConfig {
@@ -171,6 +167,8 @@ impl Output for RedisOutput {
         let mut refused = Vec::new();
         let mut fenced: HashMap<Arc<str>, fence::Fenced> = HashMap::new();
         let mut cmds = Vec::new();
+        // The script's digest, read once per batch rather than per event.
+        let digest = self.fence.as_ref().map(|f| f.digest.lock().unwrap_or_else(|p| p.into_inner()).clone());
         for (index, event) in batch.iter().enumerate() {
             cmds.clear();
             let mut payload = None;
@@ -182,10 +180,10 @@ impl Output for RedisOutput {
             }
             match (&self.fence, &event.position) {
                 (Some(fence), Some(position)) => {
-                    let digest = fence.digest.lock().unwrap_or_else(|p| p.into_inner()).clone();
+                    let digest = digest.as_deref().unwrap_or_default();
                     fenced
                         .entry(position.stream.clone())
-                        .or_insert_with(|| fence::Fenced::new(&digest, &fence.key, &position.stream))
+                        .or_insert_with(|| fence::Fenced::new(digest, &fence.key, &position.stream))
                         .push(index, position.offset, &cmds);
                 }
                 _ => {
