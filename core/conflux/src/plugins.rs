@@ -12,4 +12,5 @@ pub fn link_all() {
     conflux_kafka::link();
     conflux_redis::link();
     conflux_postgres::link();
+    conflux_broadcast::link();
 }

@@ -1,4 +1,6 @@
-//! One channel: every published event gets the next sequence number, the
+//! One channel: every published event carries a sequence number that grows
+//! (one sequence for the whole channel space, so one cursor covers every
+//! channel of a connection; channels see gaps between theirs), the
 //! last events are kept (bounded by count and age) so a client that
 //! reconnects with the last sequence it saw gets what it missed, and the
 //! latest event per key is kept so a new subscriber starts from the whole
@@ -59,6 +61,10 @@ pub struct Channel {
     limits: ChannelLimits,
     /// Sequence of the last published event (0: none yet).
     seq: u64,
+    /// Every event of this channel after this sequence is in `history`: it
+    /// grows as history is trimmed, and starts where the channel space
+    /// began to be watched (a late instance knows nothing before it).
+    complete_after: u64,
     history: VecDeque<Kept>,
     /// Latest entry per key.
     state: HashMap<String, Entry>,
@@ -66,7 +72,12 @@ pub struct Channel {
 
 impl Channel {
     pub fn new(limits: ChannelLimits) -> Channel {
-        Channel { limits, seq: 0, history: VecDeque::new(), state: HashMap::new() }
+        Channel::watched_after(limits, 0)
+    }
+
+    /// A channel whose events up to `seq` were never seen here.
+    pub fn watched_after(limits: ChannelLimits, seq: u64) -> Channel {
+        Channel { limits, seq, complete_after: seq, history: VecDeque::new(), state: HashMap::new() }
     }
 
     /// Sequence of the last event published.
@@ -101,11 +112,12 @@ impl Channel {
 
     /// Drops history past its count and age.
     pub fn trim(&mut self, now: Instant) {
-        while self.history.len() > self.limits.history {
-            self.history.pop_front();
-        }
-        while self.history.front().is_some_and(|k| now.duration_since(k.at) > self.limits.history_age) {
-            self.history.pop_front();
+        while self.history.len() > self.limits.history
+            || self.history.front().is_some_and(|k| now.duration_since(k.at) > self.limits.history_age)
+        {
+            if let Some(dropped) = self.history.pop_front() {
+                self.complete_after = dropped.entry.seq;
+            }
         }
     }
 
@@ -124,21 +136,13 @@ impl Channel {
 
     /// What a client that last saw `cursor` gets: the events after it if
     /// the history still holds them all, else the whole state again.
-    pub fn resume(&self, cursor: u64) -> Resume {
-        if cursor > self.seq {
-            // A cursor from the future: the channel restarted; start over.
+    /// `latest` is the newest sequence of the channel space: a cursor past
+    /// it comes from before a restart.
+    pub fn resume(&self, cursor: u64, latest: u64) -> Resume {
+        if cursor > latest.max(self.seq) || cursor < self.complete_after {
             return Resume::Reset { seq: self.seq, state: self.state() };
         }
-        if cursor == self.seq {
-            return Resume::Missed(Vec::new());
-        }
-        match self.history.front() {
-            // Every sequence after the cursor is still held when the oldest kept one is at most cursor + 1.
-            Some(oldest) if oldest.entry.seq <= cursor + 1 => {
-                Resume::Missed(self.history.iter().filter(|k| k.entry.seq > cursor).map(|k| k.entry.clone()).collect())
-            }
-            _ => Resume::Reset { seq: self.seq, state: self.state() },
-        }
+        Resume::Missed(self.history.iter().filter(|k| k.entry.seq > cursor).map(|k| k.entry.clone()).collect())
     }
 }
 
@@ -167,10 +171,10 @@ mod tests {
         assert_eq!(frames, [&b"b1"[..], b"a2", b"c3"], "latest per key, in sequence order");
         channel.publish(Some("b".into()), frame("b4"), now);
         assert_eq!(
-            channel.resume(seq),
+            channel.resume(seq, 5),
             Resume::Missed(vec![Entry { seq: 5, key: Some("b".into()), frame: frame("b4") }])
         );
-        assert_eq!(channel.resume(5), Resume::Missed(Vec::new()));
+        assert_eq!(channel.resume(5, 5), Resume::Missed(Vec::new()));
     }
 
     #[test]
@@ -181,15 +185,15 @@ mod tests {
             channel.publish(Some(format!("k{}", i % 2)), frame(&i.to_string()), now);
         }
         // History holds 4 and 5: a client at 3 misses nothing it cannot get.
-        assert!(matches!(channel.resume(3), Resume::Missed(m) if m.iter().map(|e| e.seq).eq([4, 5])));
-        match channel.resume(2) {
+        assert!(matches!(channel.resume(3, 5), Resume::Missed(m) if m.iter().map(|e| e.seq).eq([4, 5])));
+        match channel.resume(2, 5) {
             Resume::Reset { seq, state } => {
                 assert_eq!(seq, 5);
                 assert_eq!(state.iter().map(|e| e.seq).collect::<Vec<_>>(), [4, 5]);
             }
             other => panic!("{other:?}"),
         }
-        assert!(matches!(channel.resume(9), Resume::Reset { seq: 5, .. }), "a cursor from the future");
+        assert!(matches!(channel.resume(9, 5), Resume::Reset { seq: 5, .. }), "a cursor from the future");
     }
 
     #[test]
@@ -198,7 +202,7 @@ mod tests {
         let mut channel = Channel::new(limits(100));
         channel.publish(None, frame("old"), start);
         channel.publish(None, frame("new"), start + Duration::from_secs(61));
-        assert!(matches!(channel.resume(0), Resume::Reset { .. }), "the first event aged out");
+        assert!(matches!(channel.resume(0, 2), Resume::Reset { .. }), "the first event aged out");
         for key in ["a", "b", "c", "d"] {
             channel.publish(Some(key.into()), frame(key), start + Duration::from_secs(62));
         }
@@ -214,5 +218,16 @@ mod tests {
         assert!(channel.publish_at(7, None, frame("x"), now).is_none(), "seen already");
         assert!(channel.publish_at(5, None, frame("y"), now).is_none());
         assert_eq!(channel.publish(None, frame("z"), now).seq, 8);
+    }
+
+    #[test]
+    fn gaps_between_a_channels_sequences_are_other_channels_events() {
+        let now = Instant::now();
+        let mut channel = Channel::watched_after(limits(10), 100);
+        assert!(matches!(channel.resume(40, 120), Resume::Reset { .. }), "before this instance watched");
+        channel.publish_at(104, None, frame("a"), now);
+        channel.publish_at(117, None, frame("b"), now);
+        assert!(matches!(channel.resume(110, 120), Resume::Missed(m) if m.iter().map(|e| e.seq).eq([117])));
+        assert!(matches!(channel.resume(100, 120), Resume::Missed(m) if m.len() == 2));
     }
 }

@@ -105,6 +105,14 @@ impl ClientQueue {
         }
     }
 
+    /// Queues a frame past the bound: what a subscription starts with
+    /// (`initial_state`, what it missed) and replies to the client. They
+    /// are bounded by the channel's history and state, not by the client.
+    pub fn push_always(&mut self, item: Queued) {
+        self.bytes += item.frame.len();
+        self.items.push_back(item);
+    }
+
     fn make_room_and_push(&mut self, item: Queued) -> usize {
         let size = item.frame.len();
         let mut dropped = 0;

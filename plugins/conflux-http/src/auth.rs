@@ -96,6 +96,10 @@ pub struct Identity {
     pub client: Option<String>,
     /// Metadata entries to attach to each event.
     pub meta: Vec<(String, Value)>,
+    /// Every claim of a JWT, for servers that decide by them (channel permissions).
+    pub claims: Option<std::sync::Arc<serde_json::Value>>,
+    /// A JWT's `exp` (seconds since the epoch): a long-lived connection is closed then.
+    pub expires: Option<u64>,
 }
 
 /// The credentials a request carries.
@@ -193,7 +197,7 @@ impl Auth {
                 }
             }
             return match found {
-                Some(i) => Ok(Identity { client: Some(format!("key#{i}")), meta: Vec::new() }),
+                Some(i) => Ok(Identity { client: Some(format!("key#{i}")), ..Identity::default() }),
                 None => Err(AuthError::Forbidden("unknown API key".into())),
             };
         }
@@ -229,6 +233,8 @@ impl Auth {
                 identity.meta.push((format!("auth.claim.{name}"), value));
             }
         }
+        identity.expires = claims.get("exp").and_then(serde_json::Value::as_u64);
+        identity.claims = Some(std::sync::Arc::new(claims));
         Ok(identity)
     }
 }

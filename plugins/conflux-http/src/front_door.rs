@@ -59,9 +59,10 @@ impl Paths {
 /// `queue`, `queue_timeout`, `ack_timeout`, `max_queue_bytes`, `schema`,
 /// `partial`) and `fn intake_options(&self) -> IntakeOptions`: for servers
 /// that receive events rather than send them.
+#[macro_export]
 macro_rules! server_config {
     (intake; $(#[$meta:meta])* pub struct $name:ident { $($body:tt)* }) => {
-        server_config! {
+        $crate::server_config! {
             $(#[$meta])*
             pub struct $name {
                 /// When to answer (default `async`): on queueing (`async`) or once every output
@@ -156,7 +157,6 @@ macro_rules! server_config {
         }
     };
 }
-pub(crate) use server_config;
 
 /// The front door's options, as [`server_config!`] declares them.
 #[derive(Debug, Clone)]
@@ -230,6 +230,26 @@ impl Gate {
         Ok(identity)
     }
 
+    /// Whether callers must bring credentials.
+    pub fn requires_auth(&self) -> bool {
+        self.auth.is_some()
+    }
+
+    /// Checks a token that came in a message rather than with the request
+    /// (a WebSocket's first message): a JWT, or else an API key. A failure
+    /// is charged to the caller's address like any other.
+    pub fn check_token(&self, token: &str, peer: SocketAddr) -> Result<Identity, AuthError> {
+        let Some(auth) = &self.auth else { return Ok(Identity::default()) };
+        let credentials = if token.matches('.').count() == 2 {
+            crate::auth::Credentials { bearer: Some(token), api_key: None }
+        } else {
+            crate::auth::Credentials { bearer: None, api_key: Some(token) }
+        };
+        auth.check(&credentials).inspect_err(|_| {
+            let _ = self.charge(&format!("ip:{}", peer.ip()));
+        })
+    }
+
     /// A fresh bucket for one connection's messages (per-connection scope).
     pub fn connection_limiter(&self) -> Option<DefaultDirectRateLimiter> {
         (self.scope == LimitScope::PerConnection).then_some(self.quota).flatten().map(RateLimiter::direct)
@@ -291,6 +311,24 @@ impl ServerOptions {
 }
 
 impl FrontDoor {
+    /// The app `routes` builds on every path (behind CORS when configured),
+    /// and where to serve it: for servers that send rather than receive.
+    pub fn into_server<S: Clone + Send + Sync + 'static>(
+        self,
+        routes: impl Fn(Router<S>, &str) -> Router<S>,
+        state: S,
+    ) -> (Router, Listen) {
+        let mut app = Router::new();
+        for path in &self.paths {
+            app = routes(app, path);
+        }
+        let mut app = app.with_state(state);
+        if let Some(cors) = self.cors {
+            app = app.layer(cors);
+        }
+        (app, self.listen)
+    }
+
     /// The connection limits, for handlers that read bodies.
     pub fn limits(&self) -> &ConnectionLimits {
         &self.listen.limits
@@ -306,16 +344,9 @@ impl FrontDoor {
         max_batch: usize,
         kind: &'static str,
     ) -> QueueInput {
-        let mut app = Router::new();
-        for path in &self.paths {
-            app = app.route(path, route.clone());
-        }
-        let mut app = app.with_state(state);
-        if let Some(cors) = self.cors {
-            app = app.layer(cors);
-        }
+        let (app, listen) = self.into_server(|app, path| app.route(path, route.clone()), state);
         QueueInput {
-            listen: self.listen,
+            listen,
             app: Some(app),
             rx,
             max_batch: max_batch.max(1),

@@ -15,9 +15,10 @@ use serde::Deserialize;
 
 use crate::body::{parse, Format};
 use crate::connections::{read_body, BodyError, ConnectionLimits};
-use crate::front_door::{server_config, Gate, LimitScope};
+use crate::front_door::{Gate, LimitScope};
 use crate::intake::Intake;
 use crate::server::error;
+use crate::server_config;
 
 server_config! {
     intake;

@@ -162,7 +162,7 @@ impl Drop for Held {
 }
 
 /// The intake's options (queue, acknowledgement, schema), as
-/// [`server_config!`](crate::front_door::server_config)`{ intake; … }` declares them.
+/// [`server_config!`](crate::server_config)`{ intake; … }` declares them.
 #[derive(Debug, Clone)]
 pub struct IntakeOptions {
     pub ack: AckMode,
@@ -359,6 +359,7 @@ mod tests {
         let identity = Identity {
             client: Some("sub:u1".into()),
             meta: vec![("auth.subject".into(), Value::from("u1")), ("auth.claim.tenant".into(), Value::from("t1"))],
+            ..Identity::default()
         };
         let payloads = vec![Value::new_object(), Value::new_object()];
         let reply = intake.submit(payloads, 2, &identity, "/events").await;

@@ -13,11 +13,17 @@
 pub mod auth;
 #[doc(hidden)]
 pub mod body;
-mod connections;
-mod front_door;
+// The front door is public for servers in other crates (the `broadcast`
+// output): its options macro, gate and accept loop are shared, not an API.
+#[doc(hidden)]
+pub mod connections;
+#[doc(hidden)]
+pub mod front_door;
 mod http_server;
-mod intake;
-mod server;
+#[doc(hidden)]
+pub mod intake;
+#[doc(hidden)]
+pub mod server;
 mod websocket;
 
 pub use auth::{ApiKeysConfig, AuthConfig, JwtConfig, Secret};

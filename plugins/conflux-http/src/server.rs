@@ -140,6 +140,36 @@ pub struct Listen {
     pub limits: crate::connections::ConnectionLimits,
 }
 
+impl Listen {
+    /// Binds the address and serves `app` until `stop` (a retryable error
+    /// when the address cannot be bound yet, so the engine tries again).
+    pub async fn start(
+        &self,
+        app: Router,
+        stop: CancellationToken,
+        kind: &'static str,
+    ) -> Result<JoinHandle<()>, PluginError> {
+        let listener = tokio::net::TcpListener::bind(&self.address)
+            .await
+            .map_err(|e| PluginError::retryable_from(format!("cannot listen on {}", self.address), e))?;
+        tracing::info!(kind, address = %self.address, tls = self.tls.is_some(), "listening");
+        let tls = self.tls.clone().map(tokio_rustls::TlsAcceptor::from);
+        let task = tokio::spawn(crate::connections::serve(listener, tls, app, self.limits.clone(), stop.clone(), kind));
+        if let Some(limiter) = self.limiter.clone() {
+            tokio::spawn(async move {
+                let mut every = tokio::time::interval(StdDuration::from_secs(60));
+                loop {
+                    tokio::select! {
+                        _ = stop.cancelled() => break,
+                        _ = every.tick() => limiter.sweep(),
+                    }
+                }
+            });
+        }
+        Ok(task)
+    }
+}
+
 /// The pipeline side of a server: reads queued batches, starts and stops the server.
 pub struct QueueInput {
     pub listen: Listen,
@@ -158,28 +188,8 @@ impl Input for QueueInput {
         if self.task.is_some() {
             return Ok(());
         }
-        let listener = tokio::net::TcpListener::bind(&self.listen.address)
-            .await
-            .map_err(|e| PluginError::retryable_from(format!("cannot listen on {}", self.listen.address), e))?;
         let app = self.app.clone().ok_or_else(|| PluginError::fatal("server already consumed"))?;
-        let stop = self.stop.clone();
-        let kind = self.kind;
-        tracing::info!(kind, address = %self.listen.address, tls = self.listen.tls.is_some(), "listening");
-        let tls = self.listen.tls.clone().map(tokio_rustls::TlsAcceptor::from);
-        let limits = self.listen.limits.clone();
-        let task = tokio::spawn(crate::connections::serve(listener, tls, app, limits, stop, kind));
-        if let Some(limiter) = self.listen.limiter.clone() {
-            let stop = self.stop.clone();
-            tokio::spawn(async move {
-                let mut every = tokio::time::interval(StdDuration::from_secs(60));
-                loop {
-                    tokio::select! {
-                        _ = stop.cancelled() => break,
-                        _ = every.tick() => limiter.sweep(),
-                    }
-                }
-            });
-        }
+        let task = self.listen.start(app, self.stop.clone(), self.kind).await?;
         self.task = Some(task);
         Ok(())
     }

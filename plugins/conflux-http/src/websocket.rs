@@ -18,8 +18,9 @@ use serde_json::json;
 
 use crate::auth::Identity;
 use crate::body::{parse, Format};
-use crate::front_door::{server_config, Gate, LimitScope};
+use crate::front_door::{Gate, LimitScope};
 use crate::intake::{Intake, Reply};
+use crate::server_config;
 
 server_config! {
     intake;

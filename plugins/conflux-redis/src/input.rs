@@ -4,7 +4,7 @@
 //! belong.
 
 mod acks;
-mod entries;
+pub(crate) mod entries;
 mod pubsub;
 mod stream;
 

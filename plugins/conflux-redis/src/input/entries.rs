@@ -12,17 +12,17 @@ use redis::Value;
 /// One stream entry. `fields` is `None` for an entry still pending in the
 /// group whose data was trimmed from the stream (`XTRIM`, `MAXLEN`).
 #[derive(Debug, PartialEq)]
-pub(super) struct Entry {
+pub struct Entry {
     pub id: String,
     pub fields: Option<Vec<(Vec<u8>, Vec<u8>)>>,
 }
 
 /// A stream's name and the entries read from it.
-pub(super) type StreamEntries = (Vec<u8>, Vec<Entry>);
+pub type StreamEntries = (Vec<u8>, Vec<Entry>);
 
 /// An `XREADGROUP` reply: the entries of each stream that had any, by stream
 /// name. Nil (the `BLOCK` ran out) is no entries.
-pub(super) fn read_reply(reply: Value) -> Result<Vec<StreamEntries>, String> {
+pub fn read_reply(reply: Value) -> Result<Vec<StreamEntries>, String> {
     let pairs: Vec<(Value, Value)> = match reply {
         Value::Nil => return Ok(Vec::new()),
         Value::Map(pairs) => pairs,
@@ -130,7 +130,7 @@ const SEQUENCE_BITS: u32 = 20;
 /// grows with the id as long as `seq < 2^20` (a million entries in one
 /// millisecond) and `ms < 2^44` (the year 2527). Ids beyond that (written
 /// by hand) have no offset: their events carry no position.
-pub(super) fn offset(id: &str) -> Option<u64> {
+pub fn offset(id: &str) -> Option<u64> {
     let (ms, seq) = id.split_once('-')?;
     let (ms, seq): (u64, u64) = (ms.parse().ok()?, seq.parse().ok()?);
     (ms < 1 << (64 - SEQUENCE_BITS) && seq < 1 << SEQUENCE_BITS).then_some(ms << SEQUENCE_BITS | seq)
