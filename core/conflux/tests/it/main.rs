@@ -1,5 +1,6 @@
 //! End-to-end tests across crates: one binary keeps link times down.
 
+mod broadcast;
 mod checkpoint;
 mod cli;
 mod conformance;
@@ -32,6 +33,7 @@ pub fn setup() {
     conflux_aggregate::link();
     conflux_redis::link();
     conflux_postgres::link();
+    conflux_broadcast::link();
 }
 
 /// A unique key per test and run, so parallel tests keep their testkit state
@@ -53,6 +55,12 @@ pub async fn http_get(addr: std::net::SocketAddr, path: &str) -> (u16, String) {
     let status = response.split(' ').nth(1).and_then(|s| s.parse().ok()).unwrap_or(0);
     let body = response.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default();
     (status, body)
+}
+
+/// [`http_get`]'s status, or `None` while nothing listens at `addr`.
+pub async fn http_get_maybe(addr: std::net::SocketAddr, path: &str) -> Option<u16> {
+    tokio::net::TcpStream::connect(addr).await.ok()?;
+    Some(http_get(addr, path).await.0)
 }
 
 /// The admin server (`/health`, `/ready`, `/metrics`) of a run context, on a free port.
