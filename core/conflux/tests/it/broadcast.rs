@@ -550,3 +550,107 @@ async fn drop_oldest_and_conflate_bound_a_client_that_never_reads() {
     assert_eq!(last, expected, "the reader converged to every key's last value");
     assert!(live.metric("conflux_broadcast_updates_conflated_total").await > 0.0);
 }
+
+/// A Redis server of the test's own (the machine's is shared), so that it
+/// can be killed and restarted: it keeps nothing on disk, as a bus may not.
+struct OwnRedis {
+    port: u16,
+    child: std::process::Child,
+}
+
+impl OwnRedis {
+    fn start(port: u16) -> OwnRedis {
+        let child = std::process::Command::new("redis-server")
+            .args(["--port", &port.to_string(), "--save", "", "--appendonly", "no", "--bind", "127.0.0.1"])
+            .stdout(std::process::Stdio::null())
+            .spawn()
+            .expect("redis-server must be installed (Debian package redis-server) for the fan-out test");
+        let started = Instant::now();
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(started.elapsed() < Duration::from_secs(10), "redis-server did not start on {port}");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        OwnRedis { port, child }
+    }
+
+    fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for OwnRedis {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// Every `data.n` a client receives until `count` arrived (or 30 s passed), with the frames' ids.
+async fn collect(ws: &mut Ws, count: usize) -> Vec<(u64, String)> {
+    let mut got = Vec::new();
+    while got.len() < count {
+        let Some(frame) = next_json(ws, Duration::from_secs(30)).await else { break };
+        if let Some(n) = frame["data"]["n"].as_u64() {
+            got.push((n, frame["id"].as_str().unwrap().to_string()));
+        }
+    }
+    got
+}
+
+#[tokio::test]
+async fn two_instances_share_one_channel_space_through_redis_and_survive_a_bus_restart() {
+    let port = free_port().port();
+    let mut redis = OwnRedis::start(port);
+    let stream = crate::key("fanout");
+    let options = format!("    fanout: {{ redis: {{ url: \"redis://127.0.0.1:{port}\", stream: \"{stream}\" }} }}\n");
+    let a = start(&options).await;
+    let b = start(&options).await;
+    let mut on_a = a.ws("?channels=restaurant:r-1").await;
+    let mut on_b = b.ws("?channels=restaurant:r-1").await;
+    until(&mut on_a, "initial_state").await;
+    until(&mut on_b, "initial_state").await;
+    let mut moving = a.ws("?channels=restaurant:r-1").await;
+    until(&mut moving, "initial_state").await;
+    let event = |n: u64| json!({"type": "u", "restaurantId": "r-1", "n": n});
+
+    // Half the events come in at A, half at B.
+    for n in (0..300).step_by(2) {
+        a.post(&[event(n)]).await;
+        b.post(&[event(n + 1)]).await;
+    }
+    // The moving client leaves A after 100 and resumes on B by its cursor.
+    let first = collect(&mut moving, 100).await;
+    drop(moving);
+    let cursor = first.last().unwrap().1.clone();
+    // The bus restarts (empty) mid-stream; events posted meanwhile wait in the pipelines.
+    redis.kill();
+    for n in 300..400 {
+        if n % 2 == 0 {
+            a.post(&[event(n)]).await
+        } else {
+            b.post(&[event(n)]).await
+        }
+    }
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let _redis = OwnRedis::start(port);
+    for n in 400..500 {
+        a.post(&[event(n)]).await;
+    }
+    let mut moved = b.ws(&format!("?channels=restaurant:r-1&since={cursor}")).await;
+    let seen_a = collect(&mut on_a, 500).await;
+    let seen_b = collect(&mut on_b, 500).await;
+    let rest = collect(&mut moved, 400).await;
+
+    let all: Vec<u64> = (0..500).collect();
+    let sorted = |seen: &[(u64, String)]| {
+        let mut ns: Vec<u64> = seen.iter().map(|(n, _)| *n).collect();
+        ns.sort_unstable();
+        ns
+    };
+    assert_eq!(sorted(&seen_a), all, "the client on A got every event once");
+    assert_eq!(sorted(&seen_b), all, "the client on B got every event once");
+    assert_eq!(seen_a, seen_b, "both instances number and order the events alike");
+    let mut moving_client = first.clone();
+    moving_client.extend(rest);
+    assert_eq!(sorted(&moving_client), all, "a client that moved from A to B missed nothing and got nothing twice");
+}
