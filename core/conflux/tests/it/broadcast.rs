@@ -554,7 +554,6 @@ async fn drop_oldest_and_conflate_bound_a_client_that_never_reads() {
 /// A Redis server of the test's own (the machine's is shared), so that it
 /// can be killed and restarted: it keeps nothing on disk, as a bus may not.
 struct OwnRedis {
-    port: u16,
     child: std::process::Child,
 }
 
@@ -570,7 +569,7 @@ impl OwnRedis {
             assert!(started.elapsed() < Duration::from_secs(10), "redis-server did not start on {port}");
             std::thread::sleep(Duration::from_millis(20));
         }
-        OwnRedis { port, child }
+        OwnRedis { child }
     }
 
     fn kill(&mut self) {

@@ -66,6 +66,7 @@ fn quickstart_runs_on_embedded_defaults_and_ends() {
         .env("QUICKSTART_EVENTS", "300")
         .env("QUICKSTART_RATE", "2000/s")
         .env("CONFLUX_ADMIN", "127.0.0.1:0")
+        .env("CONFLUX_LIVE", "127.0.0.1:0")
         .output()
         .unwrap();
     assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
