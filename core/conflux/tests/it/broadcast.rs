@@ -5,6 +5,8 @@
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
+
+use crate::{free_addr, rss_kib};
 use std::time::{Duration, Instant};
 
 use futures_util::{SinkExt, StreamExt};
@@ -14,10 +16,6 @@ use tokio_tungstenite::tungstenite::Message;
 type Ws = tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
 
 const SECRET: &str = "broadcast-test-secret";
-
-fn free_port() -> SocketAddr {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap()
-}
 
 /// A pipeline `http_server` → `broadcast` running in the real binary.
 struct Live {
@@ -31,11 +29,11 @@ struct Live {
 /// Starts the binary with the broadcast output's options `options` (YAML
 /// lines indented by 4) after the common ones.
 async fn start(options: &str) -> Live {
-    start_with(options, free_port()).await
+    start_with(options, free_addr()).await
 }
 
 async fn start_with(options: &str, out: SocketAddr) -> Live {
-    let (admin, intake) = (free_port(), free_port());
+    let (admin, intake) = (free_addr(), free_addr());
     let dir = tempfile::tempdir().unwrap();
     let pipeline = dir.path().join("live.yaml");
     std::fs::write(
@@ -482,15 +480,6 @@ Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n
     stream
 }
 
-fn rss_kib(pid: u32) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.split_whitespace().next()?.parse().ok())
-        .unwrap_or(0)
-}
-
 /// Publishes 40 MB through one channel with a client that never reads and
 /// one that does: the reader gets what its policy promises, memory stays
 /// flat, and the policy's counter moves.
@@ -598,7 +587,7 @@ async fn collect(ws: &mut Ws, count: usize) -> Vec<(u64, String)> {
 
 #[tokio::test]
 async fn two_instances_share_one_channel_space_through_redis_and_survive_a_bus_restart() {
-    let port = free_port().port();
+    let port = free_addr().port();
     let mut redis = OwnRedis::start(port);
     let stream = crate::key("fanout");
     let options = format!("    fanout: {{ redis: {{ url: \"redis://127.0.0.1:{port}\", stream: \"{stream}\" }} }}\n");

@@ -57,6 +57,16 @@ pub async fn http_get(addr: std::net::SocketAddr, path: &str) -> (u16, String) {
     (status, body)
 }
 
+/// Resident memory of a process, KiB.
+pub fn rss_kib(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .unwrap_or(0)
+}
+
 /// [`http_get`]'s status, or `None` while nothing listens at `addr`.
 pub async fn http_get_maybe(addr: std::net::SocketAddr, path: &str) -> Option<u16> {
     tokio::net::TcpStream::connect(addr).await.ok()?;

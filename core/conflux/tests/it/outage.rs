@@ -3,7 +3,7 @@
 //! holds its memory (backpressure up to the file input, not buffering) and
 //! every line of the input ends up stored.
 
-use std::net::SocketAddr;
+use crate::{free_addr, rss_kib};
 use std::path::Path;
 use std::time::{Duration, Instant};
 
@@ -25,20 +25,6 @@ fn write_input(dir: &Path) {
     std::fs::write(dir.join("in.ndjson"), text).unwrap();
 }
 
-fn free_port() -> SocketAddr {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap()
-}
-
-/// Resident memory of a process, KiB.
-fn rss_kib(pid: u32) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.split_whitespace().next()?.parse().ok())
-        .unwrap_or(0)
-}
-
 /// Runs `output` (a YAML mapping naming the store at `{addr}`) behind a
 /// fault proxy to `service`, cuts the proxy for 10 s once writes are going,
 /// and returns once the run has written the whole input and exited.
@@ -48,7 +34,7 @@ fn cut_for_ten_seconds(service: &str, output: impl Fn(&str) -> String, mut store
     let proxy = runtime.block_on(FaultProxy::start(service)).expect("fault proxy");
     let dir = tempfile::tempdir().unwrap();
     write_input(dir.path());
-    let admin = free_port();
+    let admin = free_addr();
     let pipeline = dir.path().join("outage.yaml");
     std::fs::write(
         &pipeline,
