@@ -304,7 +304,7 @@ impl Collector for ComponentUp {
     fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
         let components = self.0.lock();
         let mut family = encoder.encode_descriptor(
-            "conflux_component_up",
+            "component_up",
             "Whether a component is up (connected, its last write or read succeeded): 1, or 0",
             None,
             MetricType::Gauge,

@@ -540,34 +540,71 @@ async fn drop_oldest_and_conflate_bound_a_client_that_never_reads() {
     assert!(live.metric("conflux_broadcast_updates_conflated_total").await > 0.0);
 }
 
-/// A Redis server of the test's own (the machine's is shared), so that it
-/// can be killed and restarted: it keeps nothing on disk, as a bus may not.
-struct OwnRedis {
-    child: std::process::Child,
+/// A bus server of the test's own (the machine's are shared), so that it
+/// can be killed and restarted mid-stream: Redis keeping nothing on disk,
+/// NATS with JetStream keeping its store in a folder across the restart.
+#[derive(Clone, Copy)]
+enum Bus {
+    Redis,
+    Nats,
 }
 
-impl OwnRedis {
-    fn start(port: u16) -> OwnRedis {
-        let child = std::process::Command::new("redis-server")
-            .args(["--port", &port.to_string(), "--save", "", "--appendonly", "no", "--bind", "127.0.0.1"])
-            .stdout(std::process::Stdio::null())
-            .spawn()
-            .expect("redis-server must be installed (Debian package redis-server) for the fan-out test");
+struct OwnBus {
+    bus: Bus,
+    port: u16,
+    store: tempfile::TempDir,
+    child: Option<std::process::Child>,
+}
+
+impl OwnBus {
+    fn start(bus: Bus) -> OwnBus {
+        let mut own = OwnBus { bus, port: free_addr().port(), store: tempfile::tempdir().unwrap(), child: None };
+        own.restart();
+        own
+    }
+
+    fn restart(&mut self) {
+        let port = self.port.to_string();
+        let mut command = match self.bus {
+            Bus::Redis => {
+                let mut c = std::process::Command::new("redis-server");
+                c.args(["--port", &port, "--save", "", "--appendonly", "no", "--bind", "127.0.0.1"]);
+                c
+            }
+            Bus::Nats => {
+                let mut c = std::process::Command::new("nats-server");
+                c.args(["-a", "127.0.0.1", "-p", &port, "-js", "-sd"]).arg(self.store.path());
+                c
+            }
+        };
+        let child = command.stdout(std::process::Stdio::null()).stderr(std::process::Stdio::null()).spawn();
+        self.child = Some(child.expect("redis-server and nats-server must be installed for the fan-out tests"));
         let started = Instant::now();
-        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-            assert!(started.elapsed() < Duration::from_secs(10), "redis-server did not start on {port}");
+        while std::net::TcpStream::connect(("127.0.0.1", self.port)).is_err() {
+            assert!(started.elapsed() < Duration::from_secs(10), "the bus did not start on {port}");
             std::thread::sleep(Duration::from_millis(20));
         }
-        OwnRedis { child }
     }
 
     fn kill(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    fn fanout(&self, name: &str) -> String {
+        match self.bus {
+            Bus::Redis => format!("{{ redis: {{ url: \"redis://127.0.0.1:{}\", stream: \"{name}\" }} }}", self.port),
+            Bus::Nats => format!(
+                "{{ nats: {{ url: \"nats://127.0.0.1:{}\", stream: \"{name}\", subject: \"live.{name}\" }} }}",
+                self.port
+            ),
+        }
     }
 }
 
-impl Drop for OwnRedis {
+impl Drop for OwnBus {
     fn drop(&mut self) {
         self.kill();
     }
@@ -587,10 +624,18 @@ async fn collect(ws: &mut Ws, count: usize) -> Vec<(u64, String)> {
 
 #[tokio::test]
 async fn two_instances_share_one_channel_space_through_redis_and_survive_a_bus_restart() {
-    let port = free_addr().port();
-    let mut redis = OwnRedis::start(port);
-    let stream = crate::key("fanout");
-    let options = format!("    fanout: {{ redis: {{ url: \"redis://127.0.0.1:{port}\", stream: \"{stream}\" }} }}\n");
+    two_instances_share_one_channel_space(Bus::Redis).await;
+}
+
+#[tokio::test]
+async fn two_instances_share_one_channel_space_through_nats_and_survive_a_bus_restart() {
+    two_instances_share_one_channel_space(Bus::Nats).await;
+}
+
+async fn two_instances_share_one_channel_space(bus: Bus) {
+    let mut server = OwnBus::start(bus);
+    let name = crate::key("fanout");
+    let options = format!("    fanout: {}\n", server.fanout(&name));
     let a = start(&options).await;
     let b = start(&options).await;
     let mut on_a = a.ws("?channels=restaurant:r-1").await;
@@ -610,8 +655,8 @@ async fn two_instances_share_one_channel_space_through_redis_and_survive_a_bus_r
     let first = collect(&mut moving, 100).await;
     drop(moving);
     let cursor = first.last().unwrap().1.clone();
-    // The bus restarts (empty) mid-stream; events posted meanwhile wait in the pipelines.
-    redis.kill();
+    // The bus restarts mid-stream; events posted meanwhile wait in the pipelines.
+    server.kill();
     for n in 300..400 {
         if n % 2 == 0 {
             a.post(&[event(n)]).await
@@ -620,7 +665,7 @@ async fn two_instances_share_one_channel_space_through_redis_and_survive_a_bus_r
         }
     }
     tokio::time::sleep(Duration::from_secs(1)).await;
-    let _redis = OwnRedis::start(port);
+    server.restart();
     for n in 400..500 {
         a.post(&[event(n)]).await;
     }

@@ -385,7 +385,7 @@ async fn an_ended_pipeline_leaves_metrics_and_readiness() {
     }
     assert!(!ended.contains(r#"pipeline="finite""#), "an ended pipeline's series stay:\n{ended}");
     assert!(
-        ended.contains(r#"conflux_component_up{pipeline="serving",component="api"} 1"#),
+        ended.contains(concat!("\n", r#"conflux_component_up{pipeline="serving",component="api"} 1"#)),
         "the running pipeline is still exported:\n{ended}"
     );
     let (status, ready) = http_get(admin, "/ready").await;

@@ -271,12 +271,18 @@ outputs:
         "{answer}"
     );
     let metrics = cx.metrics.encode();
-    assert!(metrics.contains(r#"conflux_component_up{pipeline="health",component="out"} 0"#), "{metrics}");
+    assert!(
+        metrics.contains(concat!("\n", r#"conflux_component_up{pipeline="health",component="out"} 0"#)),
+        "{metrics}"
+    );
 
     proxy.restore();
     wait_ready(admin, 200, Duration::from_secs(60)).await;
     let metrics = cx.metrics.encode();
-    assert!(metrics.contains(r#"conflux_component_up{pipeline="health",component="out"} 1"#), "{metrics}");
+    assert!(
+        metrics.contains(concat!("\n", r#"conflux_component_up{pipeline="health",component="out"} 1"#)),
+        "{metrics}"
+    );
 
     cx.stop.cancel();
     run.await.unwrap();
