@@ -39,7 +39,7 @@ pub enum FanoutConfig {
 impl FanoutConfig {
     pub fn build(self, cx: &BuildContext) -> Result<Fanout, BuildError> {
         Ok(match self {
-            FanoutConfig::Redis(config) => Fanout::Redis(redis::RedisBus::build(config, cx)?),
+            FanoutConfig::Redis(config) => Fanout::Redis(Box::new(redis::RedisBus::build(config, cx)?)),
             FanoutConfig::Nats(config) => Fanout::Nats(nats::NatsBus::build(config, cx)?),
         })
     }
@@ -47,7 +47,7 @@ impl FanoutConfig {
 
 /// The bus of one broadcast output.
 pub enum Fanout {
-    Redis(redis::RedisBus),
+    Redis(Box<redis::RedisBus>),
     Nats(nats::NatsBus),
 }
 
