@@ -40,7 +40,7 @@ impl FanoutConfig {
     pub fn build(self, cx: &BuildContext) -> Result<Fanout, BuildError> {
         Ok(match self {
             FanoutConfig::Redis(config) => Fanout::Redis(Box::new(redis::RedisBus::build(config, cx)?)),
-            FanoutConfig::Nats(config) => Fanout::Nats(nats::NatsBus::build(config, cx)?),
+            FanoutConfig::Nats(config) => Fanout::Nats(Box::new(nats::NatsBus::build(config, cx)?)),
         })
     }
 }
@@ -48,7 +48,7 @@ impl FanoutConfig {
 /// The bus of one broadcast output.
 pub enum Fanout {
     Redis(Box<redis::RedisBus>),
-    Nats(nats::NatsBus),
+    Nats(Box<nats::NatsBus>),
 }
 
 impl Fanout {
