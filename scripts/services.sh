@@ -85,10 +85,27 @@ EOF_JS
   echo $! >"$SVC_DIR/timescale.pid"
 }
 
+# The dashboard's browser test: Debian's Chromium, driven by playwright-core from npm
+# (installed once into $SVC_DIR/browser). Not a service: nothing listens.
+ensure_browser() {
+  command -v chromium >/dev/null || apt_install chromium || return 1
+  command -v npm >/dev/null || apt_install nodejs npm || return 1
+  local dir=$SVC_DIR/browser
+  mkdir -p "$dir"
+  if [ ! -d "$dir/node_modules/playwright-core" ]; then
+    echo '{"name":"conflux-browser","private":true,"type":"module"}' >"$dir/package.json"
+    (cd "$dir" && npm install -s --no-audit --no-fund playwright-core@1.64.1 >"$SVC_DIR/browser-npm.log" 2>&1) ||
+      { echo "services: npm install of playwright-core failed (log: $SVC_DIR/browser-npm.log)" >&2; return 1; }
+  fi
+  export CONFLUX_BROWSER_DIR=$dir
+  echo "services: chromium and playwright-core ready ($dir)"
+}
+
 ensure_services() {
   mkdir -p "$SVC_DIR"
   local name port
   for name in "$@"; do
+    if [ "$name" = browser ]; then ensure_browser || return 1; continue; fi
     case $name in
       redis) port=6379 ;; nats) port=4222 ;; postgres) port=5432 ;; kafka) port=9092 ;; timescale) port=5433 ;;
       *) echo "services: unknown service $name" >&2; return 1 ;;

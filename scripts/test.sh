@@ -7,7 +7,7 @@ source scripts/services.sh
 
 # Services the integration tests talk to; each test that needs one fails
 # with a message naming it when it is unreachable.
-NEEDED_SERVICES=${CONFLUX_TEST_SERVICES:-redis postgres nats kafka timescale}
+NEEDED_SERVICES=${CONFLUX_TEST_SERVICES:-redis postgres nats kafka timescale browser}
 if [ -n "$NEEDED_SERVICES" ]; then
   # shellcheck disable=SC2086
   ensure_services $NEEDED_SERVICES

@@ -1,4 +1,5 @@
-//! The admin HTTP server: `/health`, `/ready`, `/metrics`.
+//! The admin HTTP server: `/health`, `/ready`, `/metrics`, and the
+//! dashboard page at `/` with what it is told at `/api/overview`.
 
 use std::sync::Arc;
 
@@ -10,21 +11,39 @@ use axum::{Json, Router};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
+use crate::dashboard::{Overview, PAGE};
 use crate::metrics::{Metrics, Readiness};
 
 #[derive(Clone)]
 struct Admin {
     metrics: Arc<Metrics>,
     readiness: Arc<Readiness>,
+    overview: Arc<Overview>,
 }
 
 /// The admin routes.
-pub fn router(metrics: Arc<Metrics>, readiness: Arc<Readiness>) -> Router {
+pub fn router(metrics: Arc<Metrics>, readiness: Arc<Readiness>, overview: Arc<Overview>) -> Router {
     Router::new()
+        .route("/", get(page))
+        .route("/api/overview", get(|State(admin): State<Admin>| async move { Json(admin.overview.as_ref().clone()) }))
         .route("/health", get(|| async { Json(serde_json::json!({ "status": "ok" })) }))
         .route("/ready", get(ready))
         .route("/metrics", get(metrics_text))
-        .with_state(Admin { metrics, readiness })
+        .with_state(Admin { metrics, readiness, overview })
+}
+
+async fn page() -> impl IntoResponse {
+    (
+        [
+            (header::CONTENT_TYPE, "text/html; charset=utf-8"),
+            // Everything the page loads is its own: no script or style from elsewhere.
+            (
+                header::CONTENT_SECURITY_POLICY,
+                "default-src 'self'; connect-src *; img-src data:; style-src 'unsafe-inline'; script-src 'unsafe-inline'",
+            ),
+        ],
+        PAGE,
+    )
 }
 
 async fn ready(State(admin): State<Admin>) -> impl IntoResponse {
@@ -53,9 +72,10 @@ pub async fn serve(
     listener: TcpListener,
     metrics: Arc<Metrics>,
     readiness: Arc<Readiness>,
+    overview: Arc<Overview>,
     shutdown: CancellationToken,
 ) -> std::io::Result<()> {
-    axum::serve(listener, router(metrics, readiness))
+    axum::serve(listener, router(metrics, readiness, overview))
         .with_graceful_shutdown(async move { shutdown.cancelled().await })
         .await
 }

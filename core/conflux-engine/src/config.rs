@@ -268,6 +268,8 @@ pub struct PipelineSpec {
     pub file: PathBuf,
     pub source: String,
     pub admin: Option<AdminConfig>,
+    /// Widgets on the admin page.
+    pub dashboard: Option<crate::dashboard::DashboardConfig>,
     pub runtime: RuntimeConfig,
     pub components: Vec<ComponentSpec>,
     pub tests: Vec<TestSpec>,
@@ -648,7 +650,7 @@ impl Loader<'_> {
     }
 }
 
-const TOP_LEVEL: &[&str] = &["name", "admin", "runtime", "inputs", "stages", "outputs", "tests"];
+const TOP_LEVEL: &[&str] = &["name", "admin", "dashboard", "runtime", "inputs", "stages", "outputs", "tests"];
 
 /// Loads a pipeline file from disk.
 pub fn load_file(path: &Path, env: Env) -> Result<PipelineSpec, Vec<Diagnostic>> {
@@ -697,6 +699,7 @@ pub fn load_str(path: &Path, text: &str, env: Env) -> Result<PipelineSpec, Vec<D
         file: path.to_path_buf(),
         source: text.to_string(),
         admin: None,
+        dashboard: None,
         runtime: RuntimeConfig::default(),
         components: Vec::new(),
         tests: Vec::new(),
@@ -704,6 +707,7 @@ pub fn load_str(path: &Path, text: &str, env: Env) -> Result<PipelineSpec, Vec<D
         problems: Vec::new(),
     };
     let mut seen: HashMap<String, Pos> = HashMap::new();
+    let mut dashboard_at = None;
     for (k, v) in entries {
         let key = k.as_key().unwrap_or_default();
         match key.as_str() {
@@ -712,6 +716,10 @@ pub fn load_str(path: &Path, text: &str, env: Env) -> Result<PipelineSpec, Vec<D
                 None => loader.error(v.pos, format!("`name` must be a string, found {}", v.type_name())),
             },
             "admin" => spec.admin = loader.typed::<AdminConfig>(v, k.pos).map(|(a, _)| a),
+            "dashboard" => {
+                spec.dashboard = loader.typed::<crate::dashboard::DashboardConfig>(v, k.pos).map(|(d, _)| d);
+                dashboard_at = Some(v.pos);
+            }
             "runtime" => {
                 if let Some((r, _)) = loader.typed::<RuntimeConfig>(v, k.pos) {
                     let limit = conflux_json::guard::LIMIT_MAX_DEPTH;
@@ -764,6 +772,11 @@ pub fn load_str(path: &Path, text: &str, env: Env) -> Result<PipelineSpec, Vec<D
                     format!("unknown top-level key `{other}`{hint}; expected one of: {}", TOP_LEVEL.join(", ")),
                 );
             }
+        }
+    }
+    if let (Some(dashboard), Some(at)) = (&spec.dashboard, dashboard_at) {
+        if let Err(message) = crate::dashboard::source(&spec, dashboard) {
+            loader.error(at, message);
         }
     }
     if !spec.components.iter().any(|c| c.kind == Kind::Input) && loader.diags.is_empty() {

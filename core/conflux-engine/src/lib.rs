@@ -1,5 +1,6 @@
 pub mod admin;
 pub mod config;
+pub mod dashboard;
 pub mod graph;
 pub mod metrics;
 pub mod options;

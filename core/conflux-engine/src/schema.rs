@@ -48,6 +48,7 @@ pub fn pipeline_schema() -> Value {
         variants[registration.kind as usize].push(Value::Object(schema));
     }
     let admin = generator.subschema_for::<AdminConfig>().to_value();
+    let dashboard = generator.subschema_for::<crate::dashboard::DashboardConfig>().to_value();
     let runtime = generator.subschema_for::<RuntimeConfig>().to_value();
     let tests = generator.subschema_for::<Vec<TestSpec>>().to_value();
     let mut defs = generator.take_definitions(true);
@@ -68,6 +69,7 @@ pub fn pipeline_schema() -> Value {
         "properties": {
             "name": { "type": "string", "description": "Pipeline name (defaults to the file name)." },
             "admin": admin,
+            "dashboard": dashboard,
             "runtime": runtime,
             "inputs": section("input"),
             "stages": section("stage"),

@@ -311,8 +311,19 @@ async fn run_files(files: Vec<PathBuf>, admin_flag: Option<String>) -> anyhow::R
             let listener = tokio::net::TcpListener::bind(&address)
                 .await
                 .with_context(|| format!("cannot listen on admin address {address}"))?;
-            info!(address = %listener.local_addr()?, "admin server listening (/health /ready /metrics)");
-            Some(tokio::spawn(admin::serve(listener, cx.metrics.clone(), cx.readiness.clone(), admin_stop.clone())))
+            let local = listener.local_addr()?;
+            info!(address = %local, "admin server listening (/health /ready /metrics)");
+            // stderr: stdout may be the pipeline's own output.
+            eprintln!("dashboard: http://{local}/");
+            let specs: Vec<_> = pipelines.iter().map(|p| p.spec.clone()).collect();
+            let overview = std::sync::Arc::new(conflux_engine::dashboard::Overview::of(&specs));
+            Some(tokio::spawn(admin::serve(
+                listener,
+                cx.metrics.clone(),
+                cx.readiness.clone(),
+                overview,
+                admin_stop.clone(),
+            )))
         }
         None => None,
     };

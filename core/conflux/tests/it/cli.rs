@@ -70,6 +70,8 @@ fn quickstart_runs_on_embedded_defaults_and_ends() {
         .output()
         .unwrap();
     assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("dashboard: http://127.0.0.1:"), "the page's URL is printed: {stderr}");
     let stdout = String::from_utf8_lossy(&output.stdout);
     let finals: Vec<serde_json::Value> = stdout
         .lines()

@@ -5,6 +5,7 @@ mod checkpoint;
 mod cli;
 mod conformance;
 mod crash;
+mod dashboard;
 mod engine;
 mod generated;
 mod hostile;
@@ -89,6 +90,7 @@ impl AdminServer {
             listener,
             cx.metrics.clone(),
             cx.readiness.clone(),
+            Default::default(),
             stop.clone(),
         ));
         AdminServer { addr, stop, task }
