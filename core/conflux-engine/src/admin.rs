@@ -26,6 +26,7 @@ pub fn router(metrics: Arc<Metrics>, readiness: Arc<Readiness>, overview: Arc<Ov
     Router::new()
         .route("/", get(page))
         .route("/api/overview", get(|State(admin): State<Admin>| async move { Json(admin.overview.as_ref().clone()) }))
+        .route("/api/tap", get(|State(admin): State<Admin>| async move { Json(admin.metrics.taps.watch()) }))
         .route("/health", get(|| async { Json(serde_json::json!({ "status": "ok" })) }))
         .route("/ready", get(ready))
         .route("/metrics", get(metrics_text))

@@ -6,5 +6,6 @@ pub mod metrics;
 pub mod options;
 pub mod runtime;
 pub mod schema;
+pub mod tap;
 pub mod testing;
 pub mod yaml;

@@ -42,6 +42,8 @@ pub struct Metrics {
     queued: Family<Labels, Gauge>,
     batch_seconds: Family<Labels, Histogram, fn() -> Histogram>,
     plugin: PluginCounters,
+    /// The dashboard's live tap of every component.
+    pub taps: Arc<crate::tap::Taps>,
     /// Every label set handed out, by pipeline, so that [`Metrics::forget`] finds them.
     issued: Mutex<BTreeMap<String, Vec<Labels>>>,
 }
@@ -93,6 +95,8 @@ pub struct ComponentMetrics {
     pub unacked: Gauge,
     pub queued: Gauge,
     pub batch_seconds: Histogram,
+    /// The dashboard's view of what this component emits.
+    pub tap: crate::tap::Tap,
 }
 
 impl Default for Metrics {
@@ -159,6 +163,7 @@ impl Metrics {
             queued,
             batch_seconds,
             plugin,
+            taps: Arc::default(),
             issued: Mutex::default(),
         }
     }
@@ -205,12 +210,14 @@ impl Metrics {
             unacked: self.unacked.get_or_create(&base).clone(),
             queued: self.queued.get_or_create(&base).clone(),
             batch_seconds: self.batch_seconds.get_or_create(&base).clone(),
+            tap: crate::tap::Tap::new(self.taps.clone(), pipeline, component),
         }
     }
 
     /// Drops every series of a pipeline that ended, so that a process
     /// running on (or a replacement of the same name) shows only what runs.
     pub fn forget(&self, pipeline: &str) {
+        self.taps.forget(pipeline);
         let labels = self.issued.lock().unwrap_or_else(|p| p.into_inner()).remove(pipeline).unwrap_or_default();
         for l in &labels {
             self.received.remove(l);

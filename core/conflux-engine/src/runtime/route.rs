@@ -29,6 +29,7 @@ impl Router {
         if let Some(c) = self.metrics.sent.get(port) {
             c.inc_by(n);
         }
+        self.metrics.tap.record(self.ports.get(port).map_or("", String::as_str), &batch);
         if port == self.error_port {
             self.metrics.errors.inc_by(n);
         }

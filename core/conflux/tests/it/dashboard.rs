@@ -79,6 +79,9 @@ async fn the_quickstart_dashboard_shows_live_figures_in_a_browser() {
         assert!(bars.iter().any(|b| b.starts_with(restaurant)), "{restaurant} has a bar: {bars:?}");
     }
     assert_eq!(seen["after"]["components"].as_array().unwrap().len(), 5, "every component has a row");
+    // The tap of `private` shows events after its script: user ids hashed, never the raw `u-…` ones.
+    let tap = seen["after"]["tap"].as_str().unwrap();
+    assert!(tap.contains("\"userId\"") && !tap.contains("\"u-"), "{tap}");
     assert!(std::fs::metadata(&screenshot).unwrap().len() > 10_000, "a screenshot at {}", screenshot.display());
     eprintln!("dashboard screenshot: {}", screenshot.display());
 }

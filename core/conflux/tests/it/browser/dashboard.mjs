@@ -24,6 +24,9 @@ try {
     await page.waitForSelector(`[data-widget="${kind}"] [data-role="value"], [data-widget="${kind}"] table`, { timeout: 20000 });
   }
   await page.waitForFunction(() => /in \d/.test(document.querySelector('[data-component="bookings"] [data-role="rate"]')?.textContent || ""), null, { timeout: 20000 });
+  // The live tap shows what a component emitted.
+  await page.selectOption('[data-role="tap-component"]', "private");
+  await page.waitForFunction(() => (document.querySelector('[data-role="tap"]')?.textContent || "").includes("restaurantId"), null, { timeout: 20000 });
   const read = () => page.evaluate(() => ({
     series: [...document.querySelectorAll('[data-widget="series"] .legend span')].map((e) => e.textContent),
     bars: [...document.querySelectorAll('[data-widget="bars"] .bar')].map((e) => e.textContent),
@@ -31,6 +34,7 @@ try {
     table: [...document.querySelectorAll('[data-widget="table"] tbody tr')].map((e) => e.textContent),
     components: [...document.querySelectorAll("tr[data-component]")].map((r) => [...r.children].map((c) => c.textContent)),
     admin: document.querySelector("#admin-state").textContent,
+    tap: document.querySelector('[data-role="tap"]').textContent,
   }));
   const before = await read();
   let after = before;
