@@ -3,7 +3,8 @@
 # of RUNS runs) and peak RSS per scenario. Usage: scripts/bench.sh [scenario…]
 # Scenarios: generate_drop file_drop file_drop_batched rhai wasm_identity wasm_mask wasm_filter aggregate idle slow_output
 # http_single http_ndjson kafka_drop jetstream_drop redis_hset pg_copy (default: all but the last six,
-# which need wrk, tansu / NATS via scripts/services.sh, Redis with redis-benchmark, PostgreSQL with psql).
+# which need wrk, tansu / NATS via scripts/services.sh, Redis with redis-benchmark, PostgreSQL with psql),
+# broadcast_hold broadcast_fanout broadcast_latency (the broadcast output with its Rust load client).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 RUNS=${RUNS:-3}
@@ -535,6 +536,90 @@ batch_sizes() {
     BEFORE_RUN="pg_table bench_upsert id" throughput "  file → postgres upsert" "$EVENTS" "$WORK/pg-upsert.yaml"
   done
   psql -q "$PG_URL" -c "DROP TABLE IF EXISTS bench_copy" -c "DROP TABLE IF EXISTS bench_upsert" >/dev/null
+}
+
+# The broadcast output, driven by its own load client (core/conflux/examples/broadcast_load.rs),
+# built in release like the binary. Connections, fan-out and end-to-end latency (issue 18).
+LOAD=${CARGO_TARGET_DIR:-$PWD/target}/release/examples/broadcast_load
+load_client() { [ -x "$LOAD" ] && [ -z "${REBUILD_LOAD:-}" ] || cargo build --release -q -p conflux --example broadcast_load; }
+rss_kib() { awk '/VmRSS/ {print $2}' "/proc/$1/status"; }
+
+broadcast_pipeline() { # file extra-stage-yaml from channel-template
+  cat >"$1" <<YAML
+name: bench-live
+inputs:
+  in: { type: http_server, address: 127.0.0.1:18090, path: /events, queue: 4096 }
+$2
+outputs:
+  live:
+    type: broadcast
+    from: $3
+    address: 127.0.0.1:18091
+    path: /live
+    channel: "$4"
+    history: 100
+    max_queue_bytes: 4MiB
+    connections: { max_connections: 30000 }
+YAML
+}
+
+# 20,000 idle WebSocket connections on one instance: RSS growth per connection.
+broadcast_hold() {
+  local n=${HOLD_CONNECTIONS:-20000} pid client before after fifo=$WORK/hold.out
+  load_client
+  broadcast_pipeline "$WORK/hold.yaml" "" in "c0"
+  "$BIN" run "$WORK/hold.yaml" & pid=$!
+  until curl -s -o /dev/null "127.0.0.1:18091/live"; do sleep 0.05; done
+  sleep 0.5
+  before=$(rss_kib "$pid")
+  "$LOAD" hold "ws://127.0.0.1:18091/live?channels=c0" "$n" 3600 >"$fifo" & client=$!
+  until grep -q held "$fifo" 2>/dev/null; do sleep 0.2; kill -0 "$client" || break; done
+  sleep 2
+  after=$(rss_kib "$pid")
+  kill "$client" 2>/dev/null; wait "$client" 2>/dev/null || true
+  kill -TERM "$pid"; wait "$pid" || true
+  printf '%-28s %s connections: RSS %.1f MiB → %.1f MiB, %.1f KiB per connection\n' "broadcast: idle WebSockets" \
+    "$(awk '{print $2}' "$fifo")" "$(awk -v k="$before" 'BEGIN {print k / 1024}')" "$(awk -v k="$after" 'BEGIN {print k / 1024}')" \
+    "$(awk -v a="$after" -v b="$before" -v n="$n" 'BEGIN {print (a - b) / n}')"
+}
+
+# Fan-out: 1,000 subscribers of one channel, and 100 on each of 100 channels, as fast as
+# events can be posted; deliveries/s, publish → receive latency, both processes' CPU.
+broadcast_fanout() {
+  local pid shape channels per events out c0 c1 start end
+  load_client
+  broadcast_pipeline "$WORK/fanout.yaml" "" in "{{ ch }}"
+  for shape in "1 1000 1000" "100 100 10000"; do
+    read -r channels per events <<<"$shape"
+    "$BIN" run "$WORK/fanout.yaml" & pid=$!
+    until curl -s -o /dev/null "127.0.0.1:18091/live"; do sleep 0.05; done
+    c0=$(cpu_ticks "$pid") start=$(date +%s.%N)
+    out=$("$LOAD" fanout "ws://127.0.0.1:18091/live" "http://127.0.0.1:18090/events" "$channels" "$per" "$events")
+    c1=$(cpu_ticks "$pid") end=$(date +%s.%N)
+    kill -TERM "$pid"; wait "$pid" || true
+    printf '%-28s %s (conflux CPU over the run incl. connecting: %.0f%%)\n' "broadcast: fan-out" "$out" "$(cpu_share "$c0" "$c1" "$start" "$end")"
+  done
+}
+
+# HTTP POST → aggregate (every batch) → broadcast → client, at 10,000 events/s.
+broadcast_latency() {
+  local pid out rate=${LATENCY_RATE:-10000}
+  load_client
+  broadcast_pipeline "$WORK/latency.yaml" "stages:
+  agg:
+    type: aggregate
+    from: in
+    group_by: [k]
+    window: { tumbling: 1s }
+    emit: every_batch
+    metrics:
+      events: { count: {} }
+      newest: { max: t }" agg "all"
+  "$BIN" run "$WORK/latency.yaml" & pid=$!
+  until curl -s -o /dev/null "127.0.0.1:18091/live"; do sleep 0.05; done
+  out=$("$LOAD" latency "ws://127.0.0.1:18091/live?channels=all" "http://127.0.0.1:18090/events" "$rate" "${LATENCY_SECONDS:-10}")
+  kill -TERM "$pid"; wait "$pid" || true
+  printf '%-28s %s\n' "broadcast: end to end" "$out"
 }
 
 # Deletes a stream through the JetStream API over the NATS protocol (no CLI needed): runs

@@ -687,3 +687,38 @@ async fn two_instances_share_one_channel_space(bus: Bus) {
     moving_client.extend(rest);
     assert_eq!(sorted(&moving_client), all, "a client that moved from A to B missed nothing and got nothing twice");
 }
+
+#[tokio::test]
+async fn heartbeats_keep_live_clients_and_close_silent_ones() {
+    use tokio::io::AsyncReadExt;
+    let live = start("    heartbeat: 200ms\n    client_timeout: 700ms\n").await;
+    // A WebSocket client that answers pings (tungstenite does, while it reads) stays.
+    let mut answering = live.ws("?channels=restaurant:r-1").await;
+    until(&mut answering, "initial_state").await;
+    // It keeps reading (so answering pings) while the silent one is timed out.
+    let answering = tokio::spawn(async move { until(&mut answering, "booking_created").await });
+    // One that never reads, so never answers, is closed with 4009 once the timeout passed.
+    let mut silent = stalled_client(live.out).await;
+    let started = Instant::now();
+    let mut bytes = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(5), silent.read_to_end(&mut bytes)).await;
+    assert!(started.elapsed() < Duration::from_secs(4), "the silent client was closed");
+    // Server frames are unmasked: a close is 0x88, its length, then the code (4009 = 0x0fa9).
+    assert!(
+        bytes.windows(4).any(|w| w[0] == 0x88 && w[2] == 0x0f && w[3] == 0xa9),
+        "a close frame with code 4009: {bytes:?}"
+    );
+    assert!(bytes.windows(2).filter(|w| w == &[0x89, 0x00]).count() >= 2, "empty pings were sent first");
+    // The answering client is still served.
+    live.post(&[booking("r-1", 1)]).await;
+    assert_eq!(answering.await.unwrap()["data"]["id"], 1);
+    // SSE gets comments as heartbeats.
+    let response = reqwest::Client::new().get(format!("http://{}/live/restaurant:r-1", live.out)).send().await.unwrap();
+    let mut body = response.bytes_stream();
+    let mut text = String::new();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(3);
+    while !text.contains(": heartbeat") {
+        let chunk = tokio::time::timeout_at(deadline, body.next()).await.expect("a heartbeat within 3 s").unwrap().unwrap();
+        text.push_str(std::str::from_utf8(&chunk).unwrap());
+    }
+}
