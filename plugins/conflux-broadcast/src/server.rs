@@ -306,9 +306,10 @@ async fn connect(State(shared): State<Arc<Shared>>, request: Request) -> Respons
             None => None,
         };
         let pending = Pending { channels: ask.channels, cursor: ask.cursor, peer };
-        return upgrade
-            .max_message_size(64 * 1024)
-            .on_upgrade(move |socket| websocket(socket, shared, session, pending));
+        // tungstenite's defaults give every connection 128 KiB buffers; a client sends
+        // little (subscribe messages), and what we send is flushed at once.
+        let upgrade = upgrade.max_message_size(64 * 1024).read_buffer_size(4 * 1024).write_buffer_size(8 * 1024);
+        return upgrade.on_upgrade(move |socket| websocket(socket, shared, session, pending));
     }
     let Some(identity) = identity else { unreachable!("only a WebSocket defers its authentication") };
     match open(&shared, &identity, ask.channels, ask.cursor.as_ref()) {
