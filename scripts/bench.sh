@@ -601,12 +601,13 @@ broadcast_fanout() {
   local pid shape channels per events out c0 c1 start end
   load_client
   broadcast_pipeline "$WORK/fanout.yaml" "" in "{{ ch }}"
-  for shape in "1 1000 1000" "100 100 10000"; do
-    read -r channels per events <<<"$shape"
+  # channels, subscribers per channel, events, pace (events/s; 0: as fast as requests go)
+  for shape in "1 1000 1000 0" "1 1000 3000 300" "100 100 10000 0" "100 100 30000 3000"; do
+    read -r channels per events rate <<<"$shape"
     "$BIN" run "$WORK/fanout.yaml" & pid=$!
     wait_port 18091
     c0=$(cpu_ticks "$pid") start=$(date +%s.%N)
-    out=$("$LOAD" fanout "ws://127.0.0.1:18091/live" "http://127.0.0.1:18090/events" "$channels" "$per" "$events")
+    out=$("$LOAD" fanout "ws://127.0.0.1:18091/live" "http://127.0.0.1:18090/events" "$channels" "$per" "$events" "${rate#0}")
     c1=$(cpu_ticks "$pid") end=$(date +%s.%N)
     kill -TERM "$pid"; wait "$pid" || true
     printf '%-28s %s (conflux CPU over the run incl. connecting: %.0f%%)\n' "broadcast: fan-out" "$out" "$(cpu_share "$c0" "$c1" "$start" "$end")"

@@ -4,10 +4,11 @@
 //! - `hold <ws-url> <connections> <seconds>`: opens the connections (each
 //!   subscribed by the URL's query), prints `held N` once every one got its
 //!   `initial_state`, keeps them open (answering pings) for `seconds`.
-//! - `fanout <ws-base> <intake> <channels> <per-channel> <events>`: opens
-//!   `per-channel` subscribers on each channel `c0…`, posts `events` events
-//!   spread over the channels, each stamped with the time it was sent, and
-//!   prints deliveries per second and the publish → receive latency.
+//! - `fanout <ws-base> <intake> <channels> <per-channel> <events> [rate]`:
+//!   opens `per-channel` subscribers on each channel `c0…`, posts `events`
+//!   events spread over the channels (as fast as requests of 1,000 go, or
+//!   paced at `rate` per second), each stamped with the time it was sent,
+//!   and prints deliveries per second and the publish → receive latency.
 //! - `latency <ws-url> <intake> <rate> <seconds>`: posts events at `rate`
 //!   per second (stamped) through a pipeline whose frames carry the newest
 //!   stamp they reflect (`max` of it), and prints the latency of each frame.
@@ -20,6 +21,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use futures_util::StreamExt;
 use tokio::sync::Semaphore;
+use tokio_util::sync::CancellationToken;
 use tokio_tungstenite::tungstenite::Message;
 
 type Ws = tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
@@ -96,13 +98,25 @@ async fn hold(url: String, n: usize, seconds: u64) {
     }
 }
 
-/// Reads frames until `expected` carried a stamp (or `idle` passed without one); records each latency.
-fn spawn_reader(mut ws: Ws, stamp: &'static str, latencies: Arc<Mutex<Vec<u64>>>, received: Arc<AtomicU64>) -> tokio::task::JoinHandle<()> {
+/// Reads frames until `done`, recording the latency of each that carries a stamp (no timer
+/// per frame: the client must cost less than the server it measures).
+fn spawn_reader(
+    mut ws: Ws,
+    stamp: &'static str,
+    latencies: Arc<Mutex<Vec<u64>>>,
+    received: Arc<AtomicU64>,
+    done: CancellationToken,
+) -> tokio::task::JoinHandle<()> {
     tokio::spawn(async move {
         let mut mine = Vec::new();
         let needle = format!("\"{stamp}\":");
         loop {
-            let Ok(Some(Ok(message))) = tokio::time::timeout(Duration::from_secs(5), ws.next()).await else { break };
+            let message = tokio::select! {
+                biased;
+                message = ws.next() => message,
+                _ = done.cancelled() => break,
+            };
+            let Some(Ok(message)) = message else { break };
             let Message::Text(text) = message else { continue };
             let at = now_us();
             let Some(start) = text.find(&needle) else { continue };
@@ -149,15 +163,22 @@ fn report(name: &str, latencies: &Mutex<Vec<u64>>, elapsed: Duration, cpu: f64) 
     );
 }
 
-async fn fanout(base: String, intake: String, channels: usize, per_channel: usize, events: usize) {
+async fn fanout(base: String, intake: String, channels: usize, per_channel: usize, events: usize, rate: Option<usize>) {
     let all = connect_all(channels * per_channel, |i| format!("{base}?channels=c{}", i % channels)).await;
     let latencies = Arc::new(Mutex::new(Vec::with_capacity(events * per_channel)));
     let received = Arc::new(AtomicU64::new(0));
+    let done = CancellationToken::new();
     let cpu_before = cpu_seconds();
-    let readers: Vec<_> = all.into_iter().map(|ws| spawn_reader(ws, "t", latencies.clone(), received.clone())).collect();
+    let readers: Vec<_> =
+        all.into_iter().map(|ws| spawn_reader(ws, "t", latencies.clone(), received.clone(), done.clone())).collect();
     let payloads: Vec<String> = (0..events).map(|i| format!("{{\"ch\":\"c{}\",\"t\":STAMP}}", i % channels)).collect();
     let started = Instant::now();
-    post_all(&intake, payloads, 100, None).await;
+    // As fast as requests of 1,000 go, or paced: `rate` events per second in requests every 10 ms.
+    let (per_request, pace) = match rate {
+        Some(rate) => ((rate / 100).max(1), Some(Duration::from_secs_f64((rate / 100).max(1) as f64 / rate as f64))),
+        None => (1000, None),
+    };
+    post_all(&intake, payloads, per_request, pace).await;
     let expected = (events * per_channel) as u64;
     let deadline = Instant::now() + Duration::from_secs(60);
     while received.load(Ordering::Relaxed) < expected && Instant::now() < deadline {
@@ -165,19 +186,24 @@ async fn fanout(base: String, intake: String, channels: usize, per_channel: usiz
     }
     let elapsed = started.elapsed();
     let cpu = cpu_seconds() - cpu_before;
-    drop(readers);
+    done.cancel();
+    for reader in readers {
+        let _ = reader.await;
+    }
     let got = received.load(Ordering::Relaxed);
     if got < expected {
         eprintln!("only {got} of {expected} deliveries arrived");
     }
-    report(&format!("fanout channels={channels} per_channel={per_channel}"), &latencies, elapsed, cpu);
+    let paced = rate.map_or("as fast as posted".to_string(), |r| format!("paced at {r} events/s"));
+    report(&format!("fanout channels={channels} per_channel={per_channel} ({paced})"), &latencies, elapsed, cpu);
 }
 
 async fn latency(url: String, intake: String, rate: usize, seconds: usize) {
     let mut all = connect_all(1, |_| url.clone()).await;
     let latencies = Arc::new(Mutex::new(Vec::new()));
     let received = Arc::new(AtomicU64::new(0));
-    let reader = spawn_reader(all.remove(0), "newest", latencies.clone(), received);
+    let done = CancellationToken::new();
+    let reader = spawn_reader(all.remove(0), "newest", latencies.clone(), received, done.clone());
     let per_request = (rate / 200).max(1);
     let payloads: Vec<String> = (0..rate * seconds).map(|i| format!("{{\"k\":\"g{}\",\"t\":STAMP}}", i % 10)).collect();
     let pace = Duration::from_secs_f64(per_request as f64 / rate as f64);
@@ -185,6 +211,9 @@ async fn latency(url: String, intake: String, rate: usize, seconds: usize) {
     let started = Instant::now();
     post_all(&intake, payloads, per_request, Some(pace)).await;
     let elapsed = started.elapsed();
+    // The last updates are out within a second of the last post.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    done.cancel();
     let _ = reader.await;
     report(&format!("latency rate={rate}"), &latencies, elapsed, cpu_seconds() - cpu_before);
 }
@@ -200,7 +229,7 @@ async fn main() {
     let num = |i: usize| arg(i).parse::<usize>().expect("a number");
     match args.first().map(String::as_str) {
         Some("hold") => hold(arg(1), num(2), num(3) as u64).await,
-        Some("fanout") => fanout(arg(1), arg(2), num(3), num(4), num(5)).await,
+        Some("fanout") => fanout(arg(1), arg(2), num(3), num(4), num(5), args.get(6).and_then(|r| r.parse().ok())).await,
         Some("latency") => latency(arg(1), arg(2), num(3), num(4)).await,
         _ => eprintln!("usage: broadcast_load hold|fanout|latency …"),
     }

@@ -174,6 +174,20 @@ impl Hub {
         seq
     }
 
+    /// Publishes several events under one lock, in order (a write batch):
+    /// a client's writer wakes to all of its frames of the batch at once, so
+    /// it writes them in one go. Each item is (channel, key, encode).
+    pub fn publish_all<'a, E>(&self, items: impl IntoIterator<Item = (&'a str, Option<String>, E)>)
+    where
+        E: FnOnce(u64) -> Bytes,
+    {
+        let mut space = self.lock();
+        for (channel, key, encode) in items {
+            let seq = space.seq + 1;
+            self.append(&mut space, seq, channel, key, encode);
+        }
+    }
+
     /// Publishes an event whose sequence was given where it was published
     /// (a fan-out bus). A sequence at or below the newest is one already
     /// seen: `false`, nothing changes.

@@ -303,12 +303,12 @@ impl Output for BroadcastOutput {
         match &self.fanout {
             Some(bus) => bus.publish(&routed).await?,
             None => {
-                let epoch = self.hub.epoch().to_string();
-                for (event, r) in &routed {
-                    self.hub.publish(&r.channel, r.key.clone(), |seq| {
-                        crate::frame::update(&epoch, seq, &r.kind, &r.channel, r.key.as_deref(), &event.data)
-                    });
-                }
+                let epoch = self.hub.epoch();
+                self.hub.publish_all(routed.iter().map(|(event, r)| {
+                    (r.channel.as_str(), r.key.clone(), move |seq| {
+                        crate::frame::update(epoch, seq, &r.kind, &r.channel, r.key.as_deref(), &event.data)
+                    })
+                }));
             }
         }
         self.published.inc_by(routed.len() as u64);

@@ -415,6 +415,8 @@ async fn websocket(mut socket: WebSocket, shared: Arc<Shared>, session: Option<S
         tokio::select! {
             next = subscriber.next() => {
                 let Some(first) = next else { break close(CLOSE_TOO_SLOW, "too slow: queue full, resume with since") };
+                // Let the publisher finish the round it is in: its other frames for us join this write.
+                tokio::task::yield_now().await;
                 // What is queued goes out in one flush.
                 let mut sent = 0u64;
                 let mut failed = false;
