@@ -21,8 +21,8 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use futures_util::StreamExt;
 use tokio::sync::Semaphore;
-use tokio_util::sync::CancellationToken;
 use tokio_tungstenite::tungstenite::Message;
+use tokio_util::sync::CancellationToken;
 
 type Ws = tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
 
@@ -225,11 +225,14 @@ async fn main() {
         let _ = rlimit::Resource::NOFILE.set(hard, hard);
     }
     let args: Vec<String> = std::env::args().skip(1).collect();
-    let arg = |i: usize| args.get(i).cloned().unwrap_or_else(|| panic!("missing argument {i}: see the file's doc comment"));
+    let arg =
+        |i: usize| args.get(i).cloned().unwrap_or_else(|| panic!("missing argument {i}: see the file's doc comment"));
     let num = |i: usize| arg(i).parse::<usize>().expect("a number");
     match args.first().map(String::as_str) {
         Some("hold") => hold(arg(1), num(2), num(3) as u64).await,
-        Some("fanout") => fanout(arg(1), arg(2), num(3), num(4), num(5), args.get(6).and_then(|r| r.parse().ok())).await,
+        Some("fanout") => {
+            fanout(arg(1), arg(2), num(3), num(4), num(5), args.get(6).and_then(|r| r.parse().ok())).await
+        }
         Some("latency") => latency(arg(1), arg(2), num(3), num(4)).await,
         _ => eprintln!("usage: broadcast_load hold|fanout|latency …"),
     }

@@ -718,7 +718,8 @@ async fn heartbeats_keep_live_clients_and_close_silent_ones() {
     let mut text = String::new();
     let deadline = tokio::time::Instant::now() + Duration::from_secs(3);
     while !text.contains(": heartbeat") {
-        let chunk = tokio::time::timeout_at(deadline, body.next()).await.expect("a heartbeat within 3 s").unwrap().unwrap();
+        let chunk =
+            tokio::time::timeout_at(deadline, body.next()).await.expect("a heartbeat within 3 s").unwrap().unwrap();
         text.push_str(std::str::from_utf8(&chunk).unwrap());
     }
 }
