@@ -84,7 +84,10 @@ impl Live {
 
     async fn metric(&self, name: &str) -> f64 {
         let (_, text) = crate::http_get(self.admin, "/metrics").await;
-        text.lines().filter(|l| l.starts_with(name)).filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok()).sum()
+        text.lines()
+            .filter(|l| l.strip_prefix(name).is_some_and(|rest| rest.starts_with(['{', ' '])))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum()
     }
 }
 
@@ -722,4 +725,27 @@ async fn heartbeats_keep_live_clients_and_close_silent_ones() {
             tokio::time::timeout_at(deadline, body.next()).await.expect("a heartbeat within 3 s").unwrap().unwrap();
         text.push_str(std::str::from_utf8(&chunk).unwrap());
     }
+}
+
+#[tokio::test]
+async fn subscriptions_per_connection_and_channel_names_are_bounded() {
+    let live = start("    max_subscriptions: 2\n").await;
+    match tokio_tungstenite::connect_async(live.ws_url("?channels=a,b,c")).await {
+        Err(tokio_tungstenite::tungstenite::Error::Http(response)) => assert_eq!(response.status(), 429),
+        other => panic!("three channels over a limit of two: {:?}", other.map(|_| "a connection")),
+    }
+    let mut ws = live.ws("?channels=a,b").await;
+    until(&mut ws, "initial_state").await;
+    until(&mut ws, "initial_state").await;
+    ws.send(Message::Text(json!({"type": "subscribe", "channels": ["c"]}).to_string().into())).await.unwrap();
+    assert_eq!(until(&mut ws, "error").await["status"], 429);
+    ws.send(Message::Text(json!({"type": "unsubscribe", "channels": ["b"]}).to_string().into())).await.unwrap();
+    until(&mut ws, "unsubscribed").await;
+    let long = "x".repeat(300);
+    ws.send(Message::Text(json!({"type": "subscribe", "channels": [long]}).to_string().into())).await.unwrap();
+    assert_eq!(until(&mut ws, "error").await["status"], 400, "a channel name of 300 bytes");
+    ws.send(Message::Text(json!({"type": "subscribe", "channels": ["c"]}).to_string().into())).await.unwrap();
+    assert_eq!(until(&mut ws, "initial_state").await["channel"], "c", "room again after the unsubscribe");
+    assert_eq!(live.metric("conflux_broadcast_subscriptions").await, 2.0);
+    assert!(live.metric("conflux_broadcast_subscriptions_denied_total").await >= 3.0);
 }
