@@ -544,8 +544,8 @@ async fn drop_oldest_and_conflate_bound_a_client_that_never_reads() {
 }
 
 /// A bus server of the test's own (the machine's are shared), so that it
-/// can be killed and restarted mid-stream: Redis keeping nothing on disk,
-/// NATS with JetStream keeping its store in a folder across the restart.
+/// can be killed and restarted mid-stream, each keeping what it acknowledged
+/// in a folder across the restart (Redis's append-only file, JetStream's store).
 #[derive(Clone, Copy)]
 enum Bus {
     Redis,
@@ -571,7 +571,9 @@ impl OwnBus {
         let mut command = match self.bus {
             Bus::Redis => {
                 let mut c = std::process::Command::new("redis-server");
-                c.args(["--port", &port, "--save", "", "--appendonly", "no", "--bind", "127.0.0.1"]);
+                // A bus must keep what it acknowledged: an append-only file, synced per write.
+                c.args(["--port", &port, "--save", "", "--appendonly", "yes", "--appendfsync", "always"]);
+                c.args(["--bind", "127.0.0.1", "--dir"]).arg(self.store.path());
                 c
             }
             Bus::Nats => {

@@ -14,7 +14,7 @@ use redis::AsyncCommands;
 use crate::postgres_output::{database_url, psql};
 use crate::redis_output::REDIS;
 
-const LINES: u64 = 40_000;
+const LINES: u64 = 120_000;
 const KILLS: u64 = 10;
 
 /// Line `i`: an order of restaurant r{i%7}, `g` guests, three seconds of event time apart.
