@@ -21,6 +21,9 @@ pub enum Fault {
     Stall,
     /// Forward each chunk after this delay.
     Delay(Duration),
+    /// Pass requests to the service but drop its replies: the write landed,
+    /// the client never hears so (and retries it).
+    LoseReplies,
 }
 
 /// A running proxy; stops when dropped.
@@ -76,6 +79,11 @@ impl FaultProxy {
         self.set(Fault::Delay(delay));
     }
 
+    /// Lets requests through and drops the replies until [`FaultProxy::restore`].
+    pub fn lose_replies(&self) {
+        self.set(Fault::LoseReplies);
+    }
+
     /// Forwards again.
     pub fn restore(&self) {
         self.set(Fault::None);
@@ -98,15 +106,22 @@ async fn forward(client: TcpStream, upstream: String, fault: watch::Receiver<Fau
     let (server_read, server_write) = server.into_split();
     // Either direction ending (or a cut) ends both.
     tokio::select! {
-        _ = pump(client_read, server_write, fault.clone()) => {}
-        _ = pump(server_read, client_write, fault) => {}
+        _ = pump(client_read, server_write, fault.clone(), Direction::Request) => {}
+        _ = pump(server_read, client_write, fault, Direction::Reply) => {}
     }
+}
+
+#[derive(PartialEq)]
+enum Direction {
+    Request,
+    Reply,
 }
 
 async fn pump(
     mut from: tokio::net::tcp::OwnedReadHalf,
     mut to: tokio::net::tcp::OwnedWriteHalf,
     mut fault: watch::Receiver<Fault>,
+    direction: Direction,
 ) {
     let mut buf = vec![0u8; 16 * 1024];
     loop {
@@ -123,9 +138,14 @@ async fn pump(
             }
         };
         // Hold the chunk while stalled; drop the connection on a cut.
+        let mut pass = true;
         loop {
             let current = *fault.borrow_and_update();
             match current {
+                Fault::LoseReplies => {
+                    pass = direction == Direction::Request;
+                    break;
+                }
                 Fault::Cut => return,
                 Fault::Stall => {
                     if fault.changed().await.is_err() {
@@ -139,7 +159,7 @@ async fn pump(
                 Fault::None => break,
             }
         }
-        if to.write_all(&buf[..n]).await.is_err() {
+        if pass && to.write_all(&buf[..n]).await.is_err() {
             return;
         }
     }
@@ -208,5 +228,36 @@ mod tests {
         proxy.restore();
         tokio::time::timeout(Duration::from_secs(5), stream.read_exact(&mut got)).await.unwrap().unwrap();
         assert_eq!(&got, b"held");
+    }
+
+    #[tokio::test]
+    async fn lose_replies_passes_requests_and_drops_answers() {
+        // A service that answers each chunk and tells the test what it got.
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let upstream = listener.local_addr().unwrap();
+        let (got_tx, mut got_rx) = tokio::sync::mpsc::unbounded_channel();
+        tokio::spawn(async move {
+            let (mut s, _) = listener.accept().await.unwrap();
+            let mut buf = [0u8; 64];
+            while let Ok(n @ 1..) = s.read(&mut buf).await {
+                got_tx.send(buf[..n].to_vec()).unwrap();
+                if s.write_all(b"ok").await.is_err() {
+                    return;
+                }
+            }
+        });
+        let proxy = FaultProxy::start(&upstream.to_string()).await.unwrap();
+        let mut stream = TcpStream::connect(proxy.addr()).await.unwrap();
+        proxy.lose_replies();
+        stream.write_all(b"write").await.unwrap();
+        let landed = tokio::time::timeout(Duration::from_secs(5), got_rx.recv()).await.unwrap().unwrap();
+        assert_eq!(landed, b"write", "the request reached the service");
+        let mut answer = [0u8; 2];
+        let heard = tokio::time::timeout(Duration::from_millis(300), stream.read_exact(&mut answer)).await;
+        assert!(heard.is_err(), "the answer was dropped");
+        proxy.restore();
+        stream.write_all(b"again").await.unwrap();
+        tokio::time::timeout(Duration::from_secs(5), stream.read_exact(&mut answer)).await.unwrap().unwrap();
+        assert_eq!(&answer, b"ok");
     }
 }

@@ -546,7 +546,7 @@ async fn drop_oldest_and_conflate_bound_a_client_that_never_reads() {
 /// A bus server of the test's own (the machine's are shared), so that it
 /// can be killed and restarted mid-stream, each keeping what it acknowledged
 /// in a folder across the restart (Redis's append-only file, JetStream's store).
-#[derive(Clone, Copy)]
+#[derive(Clone, Copy, PartialEq)]
 enum Bus {
     Redis,
     Nats,
@@ -599,11 +599,15 @@ impl OwnBus {
     }
 
     fn fanout(&self, name: &str) -> String {
+        self.fanout_at(name, self.port)
+    }
+
+    /// The `fanout` option for a bus reached at `port` (the bus's own, or a proxy's).
+    fn fanout_at(&self, name: &str, port: u16) -> String {
         match self.bus {
-            Bus::Redis => format!("{{ redis: {{ url: \"redis://127.0.0.1:{}\", stream: \"{name}\" }} }}", self.port),
+            Bus::Redis => format!("{{ redis: {{ url: \"redis://127.0.0.1:{port}\", stream: \"{name}\" }} }}"),
             Bus::Nats => format!(
-                "{{ nats: {{ url: \"nats://127.0.0.1:{}\", stream: \"{name}\", subject: \"live.{name}\" }} }}",
-                self.port
+                "{{ nats: {{ url: \"nats://127.0.0.1:{port}\", stream: \"{name}\", subject: \"live.{name}\" }} }}"
             ),
         }
     }
@@ -691,6 +695,69 @@ async fn two_instances_share_one_channel_space(bus: Bus) {
     let mut moving_client = first.clone();
     moving_client.extend(rest);
     assert_eq!(sorted(&moving_client), all, "a client that moved from A to B missed nothing and got nothing twice");
+}
+
+#[tokio::test]
+async fn a_fanout_write_whose_reply_was_lost_lands_once_on_redis() {
+    a_fanout_write_whose_reply_was_lost_lands_once(Bus::Redis).await;
+}
+
+#[tokio::test]
+async fn a_fanout_write_whose_reply_was_lost_lands_once_on_nats() {
+    a_fanout_write_whose_reply_was_lost_lands_once(Bus::Nats).await;
+}
+
+/// The bus takes a write but its answer never comes back (a cut at the
+/// wrong moment, or a reply later than the client waits): the engine
+/// retries the write, and the bus must not hold the events twice.
+async fn a_fanout_write_whose_reply_was_lost_lands_once(bus: Bus) {
+    let server = OwnBus::start(bus);
+    let proxy = conflux_testkit::FaultProxy::start(&format!("127.0.0.1:{}", server.port)).await.unwrap();
+    let name = crate::key("lost");
+    let live = start(&format!("    fanout: {}\n", server.fanout_at(&name, proxy.addr().port()))).await;
+    let mut ws = live.ws("?channels=restaurant:r-1").await;
+    until(&mut ws, "initial_state").await;
+    let event = |n: u64| json!({"type": "u", "restaurantId": "r-1", "n": n});
+    for n in 0..20 {
+        live.post(&[event(n)]).await;
+    }
+    let mut seen = collect(&mut ws, 20).await;
+    // These writes reach the bus; their answers are dropped, then the connection is cut.
+    proxy.lose_replies();
+    for n in 20..40 {
+        live.post(&[event(n)]).await;
+    }
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    proxy.cut();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    proxy.restore();
+    for n in 40..60 {
+        live.post(&[event(n)]).await;
+    }
+    seen.extend(collect(&mut ws, 40).await);
+    // Anything delivered twice would come after the sixtieth.
+    while let Some(frame) = next_json(&mut ws, Duration::from_secs(2)).await {
+        if let Some(n) = frame["data"]["n"].as_u64() {
+            seen.push((n, frame["id"].as_str().unwrap().to_string()));
+        }
+    }
+    let mut ns: Vec<u64> = seen.iter().map(|(n, _)| *n).collect();
+    ns.sort_unstable();
+    assert_eq!(ns, (0..60).collect::<Vec<u64>>(), "every event once");
+    // The bus's own count.
+    let held = match bus {
+        Bus::Redis => {
+            let port = server.port.to_string();
+            let xlen = std::process::Command::new("redis-cli").args(["-p", &port, "XLEN", &name]).output().unwrap();
+            String::from_utf8_lossy(&xlen.stdout).trim().parse::<u64>().unwrap()
+        }
+        Bus::Nats => {
+            let client = async_nats::connect(format!("127.0.0.1:{}", server.port)).await.unwrap();
+            let mut stream = async_nats::jetstream::new(client).get_stream(&name).await.unwrap();
+            stream.info().await.unwrap().state.messages
+        }
+    };
+    assert_eq!(held, 60, "the bus holds each event once");
 }
 
 #[tokio::test]

@@ -6,7 +6,8 @@
 //! event was published, so every instance numbers an event alike and a
 //! client that moves from one instance to another resumes by its cursor.
 //!
-//! An event is acknowledged once the bus holds it. A follower that loses
+//! An event is acknowledged once the bus holds it, and the bus holds it
+//! once however often its write was retried (see [`Outgoing`]). A follower that loses
 //! the bus reconnects with backoff and reads on after the last sequence it
 //! saw, so nothing is missed while the bus still holds what came meanwhile.
 //! A starting instance replays what the bus holds to rebuild its channels.
@@ -38,15 +39,22 @@ pub enum FanoutConfig {
 
 impl FanoutConfig {
     pub fn build(self, cx: &BuildContext) -> Result<Fanout, BuildError> {
-        Ok(match self {
-            FanoutConfig::Redis(config) => Fanout::Redis(Box::new(redis::RedisBus::build(config, cx)?)),
-            FanoutConfig::Nats(config) => Fanout::Nats(Box::new(nats::NatsBus::build(config, cx)?)),
-        })
+        let bus = match self {
+            FanoutConfig::Redis(config) => Bus::Redis(Box::new(redis::RedisBus::build(config, cx)?)),
+            FanoutConfig::Nats(config) => Bus::Nats(Box::new(nats::NatsBus::build(config, cx)?)),
+        };
+        Ok(Fanout { bus, publisher: format!("{:016x}", fastrand::u64(..)) })
     }
 }
 
 /// The bus of one broadcast output.
-pub enum Fanout {
+pub struct Fanout {
+    bus: Bus,
+    /// Names this process on the bus: random per start.
+    publisher: String,
+}
+
+enum Bus {
     Redis(Box<redis::RedisBus>),
     Nats(Box<nats::NatsBus>),
 }
@@ -54,9 +62,9 @@ pub enum Fanout {
 impl Fanout {
     /// The epoch every instance on this bus shares: named after the bus's stream.
     pub fn epoch(&self) -> String {
-        let name = match self {
-            Fanout::Redis(bus) => bus.name(),
-            Fanout::Nats(bus) => bus.name(),
+        let name = match &self.bus {
+            Bus::Redis(bus) => bus.name(),
+            Bus::Nats(bus) => bus.name(),
         };
         // FNV-1a: short, and stable across processes and versions.
         let hash = name.bytes().fold(0xcbf2_9ce4_8422_2325_u64, |h, b| (h ^ b as u64).wrapping_mul(0x100_0000_01b3));
@@ -64,30 +72,69 @@ impl Fanout {
     }
 
     pub async fn connect(&self) -> Result<(), PluginError> {
-        match self {
-            Fanout::Redis(bus) => bus.connect().await,
-            Fanout::Nats(bus) => bus.connect().await,
+        match &self.bus {
+            Bus::Redis(bus) => bus.connect().await,
+            Bus::Nats(bus) => bus.connect().await,
         }
     }
 
-    /// Appends the events to the bus, in order; returns once the bus holds them all.
+    /// Appends the events to the bus, in order, once however often a write
+    /// is retried; returns once the bus holds them all.
     pub async fn publish(&self, routed: &[(&Event, Routed)]) -> Result<(), PluginError> {
         if routed.is_empty() {
             return Ok(());
         }
-        match self {
-            Fanout::Redis(bus) => bus.publish(routed).await,
-            Fanout::Nats(bus) => bus.publish(routed).await,
+        let batch = Outgoing::new(&self.publisher, routed);
+        match &self.bus {
+            Bus::Redis(bus) => bus.publish(&batch).await,
+            Bus::Nats(bus) => bus.publish(&batch).await,
         }
     }
 
     /// Reads the bus into `hub` until `stop`.
     pub async fn follow(self: Arc<Self>, hub: Arc<Hub>, stop: CancellationToken) {
         let mut follower = Follower { epoch: hub.epoch().to_string(), hub, first: true, failures: 0 };
-        match &*self {
-            Fanout::Redis(bus) => bus.follow(&mut follower, &stop).await,
-            Fanout::Nats(bus) => bus.follow(&mut follower, &stop).await,
+        match &self.bus {
+            Bus::Redis(bus) => bus.follow(&mut follower, &stop).await,
+            Bus::Nats(bus) => bus.follow(&mut follower, &stop).await,
         }
+    }
+}
+
+/// One write batch as the bus gets it: each event's JSON, and a name for
+/// the batch that is the same on every retry of it. A write whose reply was
+/// lost (the bus went away, or answered late) is retried by the engine; the
+/// bus refuses what it already holds under that name (the Redis script's
+/// list of recent batches, JetStream's `Nats-Msg-Id`), so it lands once.
+/// The name hashes the publisher with each event's channel, type, key, data
+/// and arrival time: two batches with equal payloads still differ.
+pub struct Outgoing<'a> {
+    pub publisher: &'a str,
+    pub token: String,
+    pub events: Vec<(&'a Routed, bytes::Bytes)>,
+}
+
+impl<'a> Outgoing<'a> {
+    fn new(publisher: &'a str, routed: &'a [(&Event, Routed)]) -> Outgoing<'a> {
+        use std::hash::Hasher;
+        // SipHash with fixed keys: the same batch hashes alike within this
+        // process, which is the only one that names batches `publisher`.
+        let mut hash = std::hash::DefaultHasher::new();
+        let events = routed
+            .iter()
+            .map(|(event, r)| {
+                let mut json = Vec::with_capacity(event.data.json_len());
+                event.data.write_json(&mut json);
+                for part in [r.channel.as_bytes(), r.kind.as_bytes(), r.key.as_deref().unwrap_or("").as_bytes(), &json]
+                {
+                    hash.write_usize(part.len());
+                    hash.write(part);
+                }
+                hash.write_i64(event.ingest_time.0);
+                (r, bytes::Bytes::from(json))
+            })
+            .collect();
+        Outgoing { publisher, token: format!("{:016x}", hash.finish()), events }
     }
 }
 

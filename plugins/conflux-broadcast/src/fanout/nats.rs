@@ -6,15 +6,14 @@
 use async_nats::jetstream::consumer::{pull, DeliverPolicy};
 use async_nats::jetstream::context::PublishAckFuture;
 use async_nats::jetstream::stream::{Config as StreamConfig, Stream};
-use conflux_api::{BuildContext, BuildError, Event, PluginError};
+use conflux_api::{BuildContext, BuildError, PluginError};
 use futures_util::StreamExt;
 use schemars::JsonSchema;
 use serde::Deserialize;
 use tokio::sync::Mutex;
 use tokio_util::sync::CancellationToken;
 
-use super::{BusEntry, Follower};
-use crate::output::Routed;
+use super::{BusEntry, Follower, Outgoing};
 
 /// A JetStream stream as the fan-out bus.
 #[derive(Debug, Clone, Deserialize, JsonSchema)]
@@ -119,19 +118,19 @@ impl NatsBus {
         self.open().await.map(|_| ())
     }
 
-    pub async fn publish(&self, routed: &[(&Event, Routed)]) -> Result<(), PluginError> {
+    pub async fn publish(&self, batch: &Outgoing<'_>) -> Result<(), PluginError> {
         let (js, _) = self.open().await?;
-        let mut pending: Vec<PublishAckFuture> = Vec::with_capacity(routed.len());
-        for (event, r) in routed {
-            let mut json = Vec::with_capacity(event.data.json_len());
-            event.data.write_json(&mut json);
+        let mut pending: Vec<PublishAckFuture> = Vec::with_capacity(batch.events.len());
+        for (index, (r, json)) in batch.events.iter().enumerate() {
             let mut headers = async_nats::HeaderMap::new();
+            // JetStream drops a message whose id it saw within its duplicate window (2 minutes).
+            headers.insert("Nats-Msg-Id", format!("{}-{}-{index}", batch.publisher, batch.token).as_str());
             headers.insert(CHANNEL, r.channel.as_str());
             headers.insert(KIND, r.kind.as_str());
             if let Some(key) = &r.key {
                 headers.insert(KEY, key.as_str());
             }
-            let sent = js.publish_with_headers(self.subject.clone(), headers, json.into()).await;
+            let sent = js.publish_with_headers(self.subject.clone(), headers, json.clone()).await;
             pending.push(sent.map_err(|e| self.fail("publish failed", e))?);
         }
         for ack in pending {

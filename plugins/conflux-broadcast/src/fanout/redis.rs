@@ -1,11 +1,12 @@
-//! The Redis stream bus: one `XADD` pipeline per batch (`MAXLEN ~`), and
+//! The Redis stream bus: one script per batch that `XADD`s its entries
+//! (`MAXLEN ~`) unless the batch is there already, and
 //! `XREAD BLOCK` from the last id seen. The entry id (milliseconds and a
 //! counter, as a position) is the sequence; a Redis that restarted empty
 //! gives later ids (they are times), so cursors stay ordered.
 
 use std::time::Duration as StdDuration;
 
-use conflux_api::{BuildContext, BuildError, Event, PluginError};
+use conflux_api::{BuildContext, BuildError, PluginError};
 use conflux_redis::streams::{offset, read_reply};
 use conflux_redis::RedisConn;
 use schemars::JsonSchema;
@@ -13,8 +14,7 @@ use serde::Deserialize;
 use tokio::sync::Mutex;
 use tokio_util::sync::CancellationToken;
 
-use super::{BusEntry, Follower};
-use crate::output::Routed;
+use super::{BusEntry, Follower, Outgoing};
 
 /// A Redis stream as the fan-out bus.
 #[derive(Debug, Clone, Deserialize, JsonSchema)]
@@ -40,6 +40,27 @@ fn default_max_len() -> usize {
     100_000
 }
 
+/// Appends a batch unless this publisher appended it before: `KEYS[1]`
+/// the stream, `KEYS[2]` the publisher's list of its last batches;
+/// `ARGV[1]` the batch's name, `ARGV[2]` the `MAXLEN ~`, then per entry its
+/// field count and fields. A script runs whole or not at all (and lands so
+/// in the append-only file), so a batch is never half written.
+const APPEND: &str = r#"
+for _, seen in ipairs(redis.call('LRANGE', KEYS[2], 0, 63)) do
+  if seen == ARGV[1] then return 0 end
+end
+local i = 3
+while i <= #ARGV do
+  local fields = tonumber(ARGV[i])
+  redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[2], '*', unpack(ARGV, i + 1, i + fields))
+  i = i + 1 + fields
+end
+redis.call('LPUSH', KEYS[2], ARGV[1])
+redis.call('LTRIM', KEYS[2], 0, 63)
+redis.call('EXPIRE', KEYS[2], 86400)
+return 1
+"#;
+
 /// Fields of a bus entry.
 const CHANNEL: &str = "c";
 const KEY: &str = "k";
@@ -47,6 +68,7 @@ const KIND: &str = "t";
 const DATA: &str = "d";
 
 pub struct RedisBus {
+    append: redis::Script,
     publisher: Mutex<RedisConn>,
     follower: Mutex<RedisConn>,
     stream: String,
@@ -58,6 +80,7 @@ impl RedisBus {
         let open =
             || RedisConn::open(&config.url).map_err(|e| BuildError::at(["fanout", "redis", "url"], e.to_string()));
         Ok(RedisBus {
+            append: redis::Script::new(APPEND),
             publisher: Mutex::new(open()?),
             follower: Mutex::new(open()?),
             max_len: config.max_len.max(1),
@@ -75,22 +98,31 @@ impl RedisBus {
         opened.map_err(|e| PluginError::retryable(format!("fan-out bus {}: cannot connect: {e}", conn.url())))
     }
 
-    pub async fn publish(&self, routed: &[(&Event, Routed)]) -> Result<(), PluginError> {
-        let mut pipe = redis::pipe();
-        let mut json = Vec::new();
-        for (event, r) in routed {
-            json.clear();
-            event.data.write_json(&mut json);
-            let cmd = pipe.cmd("XADD").arg(&self.stream).arg("MAXLEN").arg("~").arg(self.max_len).arg("*");
-            cmd.arg(CHANNEL).arg(&r.channel).arg(KIND).arg(&r.kind);
-            if let Some(key) = &r.key {
-                cmd.arg(KEY).arg(key);
-            }
-            cmd.arg(DATA).arg(&json[..]);
+    pub async fn publish(&self, batch: &Outgoing<'_>) -> Result<(), PluginError> {
+        let recent = format!("{}:published:{}", self.stream, batch.publisher);
+        let mut call = self.append.key(&self.stream);
+        call.key(recent).arg(&batch.token).arg(self.max_len);
+        for (r, json) in &batch.events {
+            match &r.key {
+                Some(key) => call.arg(8).arg(CHANNEL).arg(&r.channel).arg(KIND).arg(&r.kind).arg(KEY).arg(key),
+                None => call.arg(6).arg(CHANNEL).arg(&r.channel).arg(KIND).arg(&r.kind),
+            };
+            call.arg(DATA).arg(&json[..]);
         }
         let mut conn = self.publisher.lock().await;
-        let written = conn.query_pipe::<()>(&pipe).await;
-        written.map_err(|e| PluginError::retryable(format!("fan-out bus {}: {e}", conn.url())))
+        let written = match conn.connection().await {
+            Ok(c) => {
+                // fsync per write and a loaded server answer late; a late
+                // answer is retried (harmlessly), but needlessly.
+                c.set_response_timeout(StdDuration::from_secs(5));
+                call.invoke_async::<i64>(c).await
+            }
+            Err(e) => Err(e),
+        };
+        if written.is_err() {
+            conn.reset();
+        }
+        written.map(|_| ()).map_err(|e| PluginError::retryable(format!("fan-out bus {}: {e}", conn.url())))
     }
 
     pub async fn follow(&self, follower: &mut Follower, stop: &CancellationToken) {
