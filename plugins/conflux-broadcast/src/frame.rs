@@ -9,7 +9,7 @@
 //! share), so a cursor from another epoch starts the client over from the
 //! whole state rather than from the wrong place.
 
-use bytes::{BufMut, Bytes, BytesMut};
+use bytes::{BufMut, Bytes};
 use conflux_api::Payload;
 
 use crate::channel::Entry;
@@ -37,13 +37,14 @@ impl Cursor {
     }
 }
 
-fn push_str(out: &mut BytesMut, text: &str) {
+fn push_str(out: &mut Vec<u8>, text: &str) {
     // A &str always serializes; the writer cannot fail.
     let _ = serde_json::to_writer((&mut *out).writer(), text);
 }
 
-fn open(epoch: &str, seq: u64, capacity: usize) -> BytesMut {
-    let mut out = BytesMut::with_capacity(capacity + 96);
+fn open(epoch: &str, seq: u64, capacity: usize) -> Vec<u8> {
+    // A Vec becomes `Bytes` without a copy.
+    let mut out = Vec::with_capacity(capacity + 96);
     out.put_slice(b"id: ");
     out.put_slice(epoch.as_bytes());
     out.put_u8(b'-');
@@ -52,7 +53,7 @@ fn open(epoch: &str, seq: u64, capacity: usize) -> BytesMut {
     out
 }
 
-fn head(out: &mut BytesMut, kind: &str, channel: &str, epoch: &str, seq: u64) {
+fn head(out: &mut Vec<u8>, kind: &str, channel: &str, epoch: &str, seq: u64) {
     out.put_slice(b"{\"type\":");
     push_str(out, kind);
     out.put_slice(b",\"channel\":");
@@ -75,17 +76,17 @@ pub fn update(epoch: &str, seq: u64, kind: &str, channel: &str, key: Option<&str
         push_str(&mut out, key);
     }
     out.put_slice(b",\"data\":");
-    let mut json = Vec::with_capacity(data.json_len());
-    data.write_json(&mut json);
-    if json.iter().any(|&b| b == b'\n' || b == b'\r') {
+    let start = out.len();
+    data.write_json(&mut out);
+    if out[start..].iter().any(|&b| b == b'\n' || b == b'\r') {
         // JSON text as it came (pretty-printed): a line break can only be
         // whitespace between tokens (inside a string it is escaped), and an
         // SSE `data:` line must not hold one.
-        json.retain(|&b| b != b'\n' && b != b'\r');
+        let json: Vec<u8> = out.drain(start..).filter(|&b| b != b'\n' && b != b'\r').collect();
+        out.extend_from_slice(&json);
     }
-    out.put_slice(&json);
     out.put_slice(b"}\n\n");
-    out.freeze()
+    Bytes::from(out)
 }
 
 /// A channel's whole state as of `seq`: `{"type": "initial_state", …, "entries": [update, …]}`.
@@ -101,15 +102,15 @@ pub fn initial_state(epoch: &str, channel: &str, seq: u64, entries: &[Entry]) ->
         out.put_slice(&json_of(&entry.frame));
     }
     out.put_slice(b"]}\n\n");
-    out.freeze()
+    Bytes::from(out)
 }
 
 /// A reply to the client itself (subscribed, unsubscribed, error): no cursor.
 pub fn reply(json: &serde_json::Value) -> Bytes {
-    let mut out = BytesMut::from(&b"data: "[..]);
+    let mut out = b"data: ".to_vec();
     let _ = serde_json::to_writer((&mut out).writer(), json);
     out.put_slice(b"\n\n");
-    out.freeze()
+    Bytes::from(out)
 }
 
 /// The JSON inside a frame, for a WebSocket: a slice of the same buffer.

@@ -214,7 +214,7 @@ impl Hub {
             .channels
             .entry(channel.to_string())
             .or_insert_with(|| Slot { channel: Channel::watched_after(self.limits, floor), subscribers: Vec::new() });
-        let conflate_key = key.as_ref().map(|k| format!("{channel}\u{1f}{k}"));
+        let conflate_key: Option<Arc<str>> = key.as_ref().map(|k| format!("{channel}\u{1f}{k}").into());
         let Some(entry) = slot.channel.publish_at(seq, key, encode(seq), Instant::now()) else { return };
         slot.subscribers.retain(|s| !s.is_closed());
         for subscriber in &slot.subscribers {

@@ -205,7 +205,8 @@ impl OutputConfig for BroadcastConfig {
             token_cookie: self.token_cookie,
             auth_timeout: self.auth_timeout.0,
         };
-        let served = server::build(front, hub.clone(), settings, cx);
+        let stop = CancellationToken::new();
+        let served = server::build(front, hub.clone(), settings, stop.clone(), cx);
         let fields = TemplateFields::new([&channel, &kind].into_iter().chain(key.as_ref()));
         Ok(Box::new(BroadcastOutput {
             hub,
@@ -215,7 +216,7 @@ impl OutputConfig for BroadcastConfig {
             fields,
             served,
             fanout: fanout.map(Arc::new),
-            stop: CancellationToken::new(),
+            stop,
             tasks: Vec::new(),
             published: cx.metrics.counter("broadcast_events_published", "Events appended to a channel's history."),
         }))
@@ -286,7 +287,7 @@ impl Output for BroadcastOutput {
             bus.connect().await?;
             self.tasks.push(tokio::spawn(bus.clone().follow(self.hub.clone(), self.stop.clone())));
         }
-        let task = self.served.start(self.stop.clone()).await?;
+        let task = self.served.start().await?;
         self.tasks.push(task);
         Ok(())
     }

@@ -6,6 +6,7 @@
 //! slows the others or the pipeline.
 
 use std::collections::VecDeque;
+use std::sync::Arc;
 
 use bytes::Bytes;
 
@@ -26,7 +27,7 @@ pub enum SlowClient {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Queued {
     /// `channel` + state key; `None`: never conflated.
-    pub conflate_key: Option<String>,
+    pub conflate_key: Option<Arc<str>>,
     pub frame: Bytes,
 }
 
@@ -151,7 +152,7 @@ mod tests {
     use super::*;
 
     fn item(key: Option<&str>, text: &str) -> Queued {
-        Queued { conflate_key: key.map(str::to_string), frame: Bytes::copy_from_slice(text.as_bytes()) }
+        Queued { conflate_key: key.map(Arc::from), frame: Bytes::copy_from_slice(text.as_bytes()) }
     }
 
     fn drain(queue: &mut ClientQueue) -> Vec<String> {

@@ -79,21 +79,19 @@ pub struct Served {
 }
 
 impl Served {
-    /// Listens until `stop` (or the output closes).
-    pub async fn start(&self, stop: CancellationToken) -> Result<JoinHandle<()>, PluginError> {
-        let own = self.stop.clone();
-        tokio::spawn({
-            let stop = stop.clone();
-            async move {
-                stop.cancelled().await;
-                own.cancel();
-            }
-        });
-        self.listen.start(self.app.clone(), stop, "broadcast").await
+    /// Listens until the `stop` it was built with; open connections close then too.
+    pub async fn start(&self) -> Result<JoinHandle<()>, PluginError> {
+        self.listen.start(self.app.clone(), self.stop.clone(), "broadcast").await
     }
 }
 
-pub fn build(front: FrontDoor, hub: Arc<Hub>, settings: ServerSettings, cx: &BuildContext) -> Served {
+pub fn build(
+    front: FrontDoor,
+    hub: Arc<Hub>,
+    settings: ServerSettings,
+    stop: CancellationToken,
+    cx: &BuildContext,
+) -> Served {
     let stats = Stats {
         connections: cx.metrics.gauge("broadcast_connections", "Open WebSocket and SSE connections."),
         subscriptions: cx.metrics.gauge("broadcast_subscriptions", "Channel subscriptions of open connections."),
@@ -103,7 +101,6 @@ pub fn build(front: FrontDoor, hub: Arc<Hub>, settings: ServerSettings, cx: &Bui
             "Subscriptions refused: channel not permitted, bad name or too many.",
         ),
     };
-    let stop = CancellationToken::new();
     let shared = Arc::new(Shared { hub, gate: front.gate.clone(), settings, stats, stop: stop.clone() });
     let (app, listen) = front.into_server(
         |app, path| {
@@ -256,12 +253,6 @@ fn cookie_value(headers: &HeaderMap, name: &str) -> Option<String> {
     })
 }
 
-fn has_credentials(headers: &HeaderMap, token: Option<&str>) -> bool {
-    token.is_some()
-        || headers.contains_key(header::AUTHORIZATION)
-        || headers.keys().any(|k| k.as_str().contains("api-key"))
-}
-
 async fn connect(State(shared): State<Arc<Shared>>, request: Request) -> Response {
     let (mut parts, _) = request.into_parts();
     let peer = parts.extensions.get::<ConnectInfo<SocketAddr>>().map(|c| c.0);
@@ -279,8 +270,10 @@ async fn connect(State(shared): State<Arc<Shared>>, request: Request) -> Respons
         .and_then(|v| v.to_str().ok())
         .is_some_and(|v| v.eq_ignore_ascii_case("websocket"));
     // A browser's WebSocket cannot send headers: it may authenticate with its first message instead.
-    let deferred =
-        wants_websocket && shared.gate.requires_auth() && !has_credentials(&parts.headers, ask.token.as_deref());
+    let deferred = wants_websocket
+        && shared.gate.requires_auth()
+        && ask.token.is_none()
+        && !shared.gate.brings_credentials(&parts.headers);
     let identity = if deferred {
         None
     } else {

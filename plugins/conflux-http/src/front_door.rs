@@ -235,6 +235,15 @@ impl Gate {
         self.auth.is_some()
     }
 
+    /// Whether the request headers carry credentials (the configured API
+    /// key header, or a bearer token), right or wrong.
+    pub fn brings_credentials(&self, headers: &HeaderMap) -> bool {
+        self.auth.as_ref().is_some_and(|auth| {
+            let credentials = auth.credentials(headers);
+            credentials.api_key.is_some() || credentials.bearer.is_some()
+        })
+    }
+
     /// Checks a token that came in a message rather than with the request
     /// (a WebSocket's first message): a JWT, or else an API key. A failure
     /// is charged to the caller's address like any other.

@@ -29,11 +29,7 @@ struct Live {
 /// Starts the binary with the broadcast output's options `options` (YAML
 /// lines indented by 4) after the common ones.
 async fn start(options: &str) -> Live {
-    start_with(options, free_addr()).await
-}
-
-async fn start_with(options: &str, out: SocketAddr) -> Live {
-    let (admin, intake) = (free_addr(), free_addr());
+    let (admin, intake, out) = (free_addr(), free_addr(), free_addr());
     let dir = tempfile::tempdir().unwrap();
     let pipeline = dir.path().join("live.yaml");
     std::fs::write(
@@ -58,11 +54,7 @@ outputs:
     .unwrap();
     let run = crate::start_conflux(&pipeline);
     let live = Live { run, admin, intake, out, _dir: dir };
-    let started = Instant::now();
-    while crate::http_get_maybe(admin, "/ready").await != Some(200) {
-        assert!(started.elapsed() < Duration::from_secs(20), "the pipeline never became ready");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    crate::wait_ready(admin, 200, Duration::from_secs(20)).await;
     crate::wait_listening(out).await;
     live
 }

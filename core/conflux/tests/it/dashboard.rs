@@ -6,7 +6,7 @@
 //! folder, for a person to look at).
 
 use std::path::PathBuf;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 fn browser_dir() -> PathBuf {
     let dir = std::env::var("CONFLUX_BROWSER_DIR").unwrap_or_else(|_| "/tmp/conflux-services/browser".into());
@@ -35,11 +35,7 @@ async fn the_quickstart_dashboard_shows_live_figures_in_a_browser() {
         .spawn()
         .unwrap();
     let _run = crate::Conflux(child);
-    let started = Instant::now();
-    while crate::http_get_maybe(admin, "/ready").await != Some(200) {
-        assert!(started.elapsed() < Duration::from_secs(20), "the quickstart never became ready");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    crate::wait_ready(admin, 200, Duration::from_secs(20)).await;
 
     // What the page is told names components and the feed's port, never an option's value.
     let (status, overview) = crate::http_get(admin, "/api/overview").await;

@@ -68,10 +68,23 @@ pub fn rss_kib(pid: u32) -> u64 {
         .unwrap_or(0)
 }
 
-/// [`http_get`]'s status, or `None` while nothing listens at `addr`.
-pub async fn http_get_maybe(addr: std::net::SocketAddr, path: &str) -> Option<u16> {
+/// [`http_get`]'s answer, or `None` while nothing listens at `addr`.
+pub async fn http_get_maybe(addr: std::net::SocketAddr, path: &str) -> Option<(u16, String)> {
     tokio::net::TcpStream::connect(addr).await.ok()?;
-    Some(http_get(addr, path).await.0)
+    Some(http_get(addr, path).await)
+}
+
+/// Waits until an admin server (perhaps still starting) answers `/ready`
+/// with `status`; its body. Fails the test after `within`.
+pub async fn wait_ready(admin: std::net::SocketAddr, status: u16, within: std::time::Duration) -> String {
+    let started = std::time::Instant::now();
+    loop {
+        match http_get_maybe(admin, "/ready").await {
+            Some((got, body)) if got == status => return body,
+            other => assert!(started.elapsed() < within, "/ready was {other:?} (wanted {status}) for {within:?}"),
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
 }
 
 /// The admin server (`/health`, `/ready`, `/metrics`) of a run context, on a free port.

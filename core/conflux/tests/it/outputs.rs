@@ -10,7 +10,7 @@ use conflux_api::AckStatus;
 use conflux_engine::runtime::RunContext;
 use conflux_testkit::{acks, batches, delivered, most_concurrent_writes, run_yaml, FaultProxy};
 
-use crate::{http_get, key, setup, AdminServer};
+use crate::{key, setup, AdminServer};
 
 fn ns(values: &[serde_json::Value]) -> BTreeSet<u64> {
     values.iter().map(|v| v["n"].as_u64().unwrap()).collect()
@@ -207,18 +207,6 @@ fn a_finite_run_that_lost_events_says_so_and_exits_1() {
     assert!(run.stderr.is_empty(), "{}", String::from_utf8_lossy(&run.stderr));
 }
 
-async fn wait_ready(addr: std::net::SocketAddr, status: u16, within: Duration) -> String {
-    let started = std::time::Instant::now();
-    loop {
-        let (got, body) = http_get(addr, "/ready").await;
-        if got == status {
-            return body;
-        }
-        assert!(started.elapsed() < within, "/ready stayed {got} (wanted {status}) for {within:?}: {body}");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-}
-
 #[tokio::test]
 async fn ready_turns_red_while_nats_is_away_and_green_once_it_is_back_with_nothing_lost() {
     setup();
@@ -260,9 +248,9 @@ outputs:
         async move { run_yaml(&yaml, cx).await }
     });
 
-    wait_ready(admin, 200, Duration::from_secs(10)).await;
+    crate::wait_ready(admin, 200, Duration::from_secs(10)).await;
     proxy.cut();
-    let body = wait_ready(admin, 503, Duration::from_secs(30)).await;
+    let body = crate::wait_ready(admin, 503, Duration::from_secs(30)).await;
     let answer: serde_json::Value = serde_json::from_str(&body).unwrap();
     assert_eq!(answer["status"], "down", "{answer}");
     let down = answer["down"].as_array().unwrap();
@@ -277,7 +265,7 @@ outputs:
     );
 
     proxy.restore();
-    wait_ready(admin, 200, Duration::from_secs(60)).await;
+    crate::wait_ready(admin, 200, Duration::from_secs(60)).await;
     let metrics = cx.metrics.encode();
     assert!(
         metrics.contains(concat!("\n", r#"conflux_component_up{pipeline="health",component="out"} 1"#)),
