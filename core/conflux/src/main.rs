@@ -175,7 +175,13 @@ fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
 fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
     match command {
         Command::Run { files, admin } => runtime()?.block_on(run_files(files, admin)),
-        Command::Lint { files } => lint(&files),
+        Command::Lint { files } => {
+            // Building a component may set up what only runs later, inside a
+            // runtime (sqlx's lazy pool starts its upkeep task): give it one.
+            let runtime = runtime()?;
+            let _inside = runtime.enter();
+            lint(&files)
+        }
         Command::Test { files } => runtime()?.block_on(test(&files)),
         Command::Graph { file, format } => {
             let Some(pipelines) = load_all(std::slice::from_ref(&file)) else { return Ok(ExitCode::FAILURE) };
