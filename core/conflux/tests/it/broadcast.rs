@@ -13,7 +13,7 @@ use futures_util::{SinkExt, StreamExt};
 use serde_json::{json, Value};
 use tokio_tungstenite::tungstenite::Message;
 
-type Ws = tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
+pub(crate) type Ws = tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
 
 const SECRET: &str = "broadcast-test-secret";
 
@@ -88,7 +88,7 @@ fn booking(restaurant: &str, id: u64) -> Value {
 }
 
 /// The next JSON text frame, within `wait`.
-async fn next_json(ws: &mut Ws, wait: Duration) -> Option<Value> {
+pub(crate) async fn next_json(ws: &mut Ws, wait: Duration) -> Option<Value> {
     let deadline = tokio::time::Instant::now() + wait;
     loop {
         match tokio::time::timeout_at(deadline, ws.next()).await {

@@ -17,6 +17,7 @@ mod outputs;
 mod postgres_output;
 mod redis_input;
 mod redis_output;
+mod scenarios;
 mod timescale;
 mod validation;
 mod wasm;

@@ -12,8 +12,13 @@ pub fn database_url() -> String {
 
 /// Runs SQL through `psql`; its unaligned output, one row per line, `|` between fields.
 pub fn psql(sql: &str) -> String {
+    psql_in(&database_url(), sql)
+}
+
+/// [`psql`] against the database at `url`.
+pub fn psql_in(url: &str, sql: &str) -> String {
     let out = std::process::Command::new("psql")
-        .arg(database_url())
+        .arg(url)
         .env("PGTZ", "UTC")
         .args(["-v", "ON_ERROR_STOP=1", "-Atq", "-c", sql])
         .output()
