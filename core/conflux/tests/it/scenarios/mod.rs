@@ -5,6 +5,7 @@
 //! Every expectation is computed in the test from the events it sent.
 
 mod bookings;
+mod ecommerce;
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
