@@ -4,7 +4,8 @@
 # Scenarios: generate_drop file_drop file_drop_batched rhai wasm_identity wasm_mask wasm_filter aggregate idle slow_output
 # http_single http_ndjson kafka_drop jetstream_drop redis_hset pg_copy (default: all but the last six,
 # which need wrk, tansu / NATS via scripts/services.sh, Redis with redis-benchmark, PostgreSQL with psql),
-# broadcast_hold broadcast_fanout broadcast_latency (the broadcast output with its Rust load client).
+# broadcast_hold broadcast_fanout broadcast_latency (the broadcast output with its Rust load client),
+# ecommerce (configs/ecommerce.yaml on tansu, Redis and PostgreSQL, with its Rust load client).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 RUNS=${RUNS:-3}
@@ -633,6 +634,40 @@ broadcast_latency() {
   out=$("$LOAD" latency "ws://127.0.0.1:18091/live?channels=all" "http://127.0.0.1:18090/events" "$rate" "${LATENCY_SECONDS:-10}")
   kill -TERM "$pid"; wait "$pid" || true
   printf '%-28s %s\n' "broadcast: end to end" "$out"
+}
+
+# configs/ecommerce.yaml as shipped, on tansu Kafka, Redis (db 13) and a fresh PostgreSQL
+# database: how fast it drains a topic of EVENTS_SHOP events (every event to PostgreSQL
+# exactly once, aggregates to Redis), then Kafka → order ticker latency at 10,000 events/s.
+SHOP=${CARGO_TARGET_DIR:-$PWD/target}/release/examples/shop_load
+ecommerce() {
+  local brokers=${KAFKA_BROKERS:-127.0.0.1:9092} n=${EVENTS_SHOP:-200000} run db url pid start end rows out
+  [ -x "$SHOP" ] && [ -z "${REBUILD_LOAD:-}" ] || cargo build --release -q -p conflux --example shop_load
+  for run in $(seq "$RUNS"); do
+    db=bench_shop_$$_$run url=${DATABASE_URL:-postgres://postgres@127.0.0.1:5432/postgres}
+    psql "$url" -qc "CREATE DATABASE $db" && url=${url%/*}/$db
+    redis-cli -n 13 FLUSHDB >/dev/null
+    "$SHOP" produce "$brokers" "bench-shop-$$-$run" "$n" >/dev/null
+    start=$(date +%s.%N)
+    KAFKA_BROKERS=$brokers ECOMMERCE_TOPIC=bench-shop-$$-$run ECOMMERCE_GROUP=bench-shop-$$-$run \
+      REDIS_URL=redis://127.0.0.1:6379/13 POSTGRES_URL=$url DATA_DIR=$WORK ECOMMERCE_LIVE=127.0.0.1:18092 \
+      CONFLUX_ADMIN=127.0.0.1:18093 "$BIN" run configs/ecommerce.yaml & pid=$!
+    rows=0
+    until [ "$rows" -ge "$n" ]; do sleep 0.2; rows=$(psql "$url" -Atqc "SELECT count(*) FROM shop_events" 2>/dev/null || echo 0); done
+    end=$(date +%s.%N)
+    kill -TERM "$pid"; wait "$pid" || true
+    awk -v n="$n" -v a="$end" -v b="$start" 'BEGIN {printf "%.0f\n", n / (a - b)}'
+  done | median | xargs printf '%-28s %s events/s (topic drained into PostgreSQL, start included)\n' "ecommerce: drain $n"
+  psql "${DATABASE_URL:-postgres://postgres@127.0.0.1:5432/postgres}" -qc "CREATE DATABASE bench_shop_$$_latency"
+  url=${DATABASE_URL:-postgres://postgres@127.0.0.1:5432/postgres}; url=${url%/*}/bench_shop_$$_latency
+  KAFKA_BROKERS=$brokers ECOMMERCE_TOPIC=bench-shop-$$-latency ECOMMERCE_GROUP=bench-shop-$$-latency \
+    REDIS_URL=redis://127.0.0.1:6379/13 POSTGRES_URL=$url DATA_DIR=$WORK ECOMMERCE_LIVE=127.0.0.1:18092 \
+    CONFLUX_ADMIN=127.0.0.1:18093 "$BIN" run configs/ecommerce.yaml & pid=$!
+  wait_port 18092
+  out=$("$SHOP" latency "ws://127.0.0.1:18092/live?channels=shop:orders" "$brokers" "bench-shop-$$-latency" \
+    "${SHOP_RATE:-10000}" "${SHOP_SECONDS:-20}")
+  kill -TERM "$pid"; wait "$pid" || true
+  printf '%-28s %s\n' "ecommerce: Kafka → ticker" "$out"
 }
 
 # Deletes a stream through the JetStream API over the NATS protocol (no CLI needed): runs

@@ -39,7 +39,16 @@ pub async fn run_tests(spec: &PipelineSpec) -> Result<Vec<TestOutcome>, Vec<Diag
     compile(spec.clone())?;
     let mut outcomes = Vec::new();
     for test in &spec.tests {
-        let pipeline = compile(spec.clone())?;
+        // Each test keeps its state (checkpoints) in a folder of its own,
+        // never in the pipeline's: a test must not read or overwrite what a
+        // running pipeline saved, nor what an earlier test left.
+        let state = tempfile::tempdir().map_err(|e| {
+            // Line 0: about the run, not a place in the file.
+            vec![spec.diag(Default::default(), format!("cannot create a folder for the test's state: {e}"))]
+        })?;
+        let mut isolated = spec.clone();
+        isolated.runtime.data_dir = state.path().display().to_string();
+        let pipeline = compile(isolated)?;
         let failures = match run_one(pipeline, test).await {
             Ok(failures) => failures,
             Err(message) => vec![message],

@@ -198,6 +198,39 @@ fn conflux_test_runs_the_analytics_scenarios() {
 }
 
 #[test]
+fn conflux_test_keeps_checkpoints_away_from_the_pipelines_state() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = write(
+        &dir,
+        "p.yaml",
+        "name: counted
+runtime: { data_dir: state }
+inputs:
+  gen: { type: generate, profile: counter, count: 1 }
+stages:
+  per_second:
+    type: aggregate
+    from: gen
+    window: { tumbling: 1s }
+    checkpoint: { interval: 100ms }
+    metrics: { events: { count: {} } }
+outputs:
+  out: { type: drop, from: per_second }
+tests:
+  - name: one event
+    input: [{ at: gen, events: [{ n: 1 }] }]
+    expect: [{ at: out, count: 1 }]
+",
+    );
+    for _ in 0..2 {
+        let output = conflux().arg("test").arg(&file).output().unwrap();
+        assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stdout));
+    }
+    // A running pipeline's snapshots live there: a test must neither read nor write them.
+    assert!(!dir.path().join("state").exists(), "conflux test wrote into the pipeline's data_dir");
+}
+
+#[test]
 fn lint_points_inside_scripts() {
     let dir = tempfile::tempdir().unwrap();
     let file = write(
