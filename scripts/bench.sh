@@ -648,9 +648,10 @@ ecommerce() {
     psql "$url" -qc "CREATE DATABASE $db" && url=${url%/*}/$db
     redis-cli -n 13 FLUSHDB >/dev/null
     "$SHOP" produce "$brokers" "bench-shop-$$-$run" "$n" >/dev/null
+    rm -rf "$WORK/shop"
     start=$(date +%s.%N)
     KAFKA_BROKERS=$brokers ECOMMERCE_TOPIC=bench-shop-$$-$run ECOMMERCE_GROUP=bench-shop-$$-$run \
-      REDIS_URL=redis://127.0.0.1:6379/13 POSTGRES_URL=$url DATA_DIR=$WORK ECOMMERCE_LIVE=127.0.0.1:18092 \
+      REDIS_URL=redis://127.0.0.1:6379/13 POSTGRES_URL=$url DATA_DIR=$WORK/shop ECOMMERCE_LIVE=127.0.0.1:18092 \
       CONFLUX_ADMIN=127.0.0.1:18093 "$BIN" run configs/ecommerce.yaml & pid=$!
     rows=0
     until [ "$rows" -ge "$n" ]; do sleep 0.2; rows=$(psql "$url" -Atqc "SELECT count(*) FROM shop_events" 2>/dev/null || echo 0); done
@@ -660,8 +661,9 @@ ecommerce() {
   done | median | xargs printf '%-28s %s events/s (topic drained into PostgreSQL, start included)\n' "ecommerce: drain $n"
   psql "${DATABASE_URL:-postgres://postgres@127.0.0.1:5432/postgres}" -qc "CREATE DATABASE bench_shop_$$_latency"
   url=${DATABASE_URL:-postgres://postgres@127.0.0.1:5432/postgres}; url=${url%/*}/bench_shop_$$_latency
+  rm -rf "$WORK/shop"
   KAFKA_BROKERS=$brokers ECOMMERCE_TOPIC=bench-shop-$$-latency ECOMMERCE_GROUP=bench-shop-$$-latency \
-    REDIS_URL=redis://127.0.0.1:6379/13 POSTGRES_URL=$url DATA_DIR=$WORK ECOMMERCE_LIVE=127.0.0.1:18092 \
+    REDIS_URL=redis://127.0.0.1:6379/13 POSTGRES_URL=$url DATA_DIR=$WORK/shop ECOMMERCE_LIVE=127.0.0.1:18092 \
     CONFLUX_ADMIN=127.0.0.1:18093 "$BIN" run configs/ecommerce.yaml & pid=$!
   wait_port 18092
   out=$("$SHOP" latency "ws://127.0.0.1:18092/live?channels=shop:orders" "$brokers" "bench-shop-$$-latency" \
