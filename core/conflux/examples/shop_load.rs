@@ -6,7 +6,8 @@
 //! - `latency <ws-url> <brokers> <topic> <rate> <seconds>`: produces at
 //!   `rate` events per second, each stamped (`sentAt`, epoch µs), while a
 //!   client of the order ticker (`shop:orders`) takes the time each purchase
-//!   reached it; prints the Kafka → pipeline → WebSocket latency.
+//!   reached it; prints the Kafka → pipeline → WebSocket latency. A first
+//!   purchase, awaited before the timed run, lets the consumer join its group.
 //!
 //! Output: one line of `key=value` pairs, for the script to read.
 
@@ -125,6 +126,22 @@ async fn main() {
             let seconds: u64 = args[6].parse().expect(usage);
             create_topic(brokers, topic).await;
             let (mut ws, _) = tokio_tungstenite::connect_async(url.as_str()).await.expect("the ticker");
+            // One purchase first, until it shows: the consumer has joined its group
+            // (tansu takes seconds) and the timed run measures the pipeline, not that.
+            let warm_up = 1_000_000_006;
+            send(&producer(brokers), topic, warm_up, 1, 0).await;
+            let joined = Instant::now() + Duration::from_secs(120);
+            loop {
+                assert!(Instant::now() < joined, "the warm-up purchase never reached the ticker");
+                let Ok(Some(Ok(Message::Text(text)))) = tokio::time::timeout(Duration::from_secs(5), ws.next()).await
+                else {
+                    continue;
+                };
+                let frame: serde_json::Value = serde_json::from_str(&text).unwrap_or_default();
+                if frame["data"]["id"] == format!("e-{warm_up}").as_str() {
+                    break;
+                }
+            }
             let count = rate * seconds;
             let producing = {
                 let (brokers, topic) = (brokers.clone(), topic.clone());

@@ -1,18 +1,16 @@
-//! `file` input (NDJSON or lines, optionally followed) and `file` output (JSON lines).
+//! `file` input (NDJSON or lines, optionally followed).
 
 use std::path::PathBuf;
 use std::time::Duration;
 
+use crate::codec::{Codec, LineReader};
 use conflux_api::config::Duration as ConfigDuration;
 use conflux_api::{
-    async_trait, inventory, Batch, BuildContext, BuildError, BuiltInput, Emitter, Input, InputConfig, Output,
-    OutputConfig, PluginError, Registration,
+    async_trait, inventory, BuildContext, BuildError, BuiltInput, Emitter, Input, InputConfig, PluginError,
+    Registration,
 };
 use schemars::JsonSchema;
 use serde::Deserialize;
-use tokio::io::AsyncWriteExt;
-
-use crate::codec::{write_json_line, Codec, LineReader};
 
 fn default_batch_size() -> usize {
     1024
@@ -172,90 +170,6 @@ impl Input for FileInput {
                 reader.resume();
             }
         }
-    }
-}
-
-/// Appends events to a file as JSON lines, one payload per line.
-#[derive(Debug, Deserialize, JsonSchema)]
-#[serde(deny_unknown_fields)]
-pub struct FileOutputConfig {
-    /// File to write, relative to the pipeline file; created with its folders if missing.
-    pub path: String,
-    /// Append to an existing file (default) or truncate it at start.
-    #[serde(default = "yes")]
-    pub append: bool,
-    /// fsync after every batch: slower, but an acknowledged event survives a power cut.
-    #[serde(default)]
-    pub sync: bool,
-}
-
-fn yes() -> bool {
-    true
-}
-
-impl OutputConfig for FileOutputConfig {
-    const TYPE: &'static str = "file";
-    fn build(self, cx: &BuildContext) -> Result<Box<dyn Output>, BuildError> {
-        Ok(Box::new(FileOutput { path: cx.resolve(&self.path), config: self, file: tokio::sync::Mutex::new(None) }))
-    }
-}
-
-inventory::submit!(Registration::output::<FileOutputConfig>());
-
-struct FileOutput {
-    path: PathBuf,
-    config: FileOutputConfig,
-    /// Held across a write: lines of concurrent writes never interleave.
-    file: tokio::sync::Mutex<Option<tokio::fs::File>>,
-}
-
-#[async_trait]
-impl Output for FileOutput {
-    async fn connect(&mut self) -> Result<(), PluginError> {
-        if let Some(parent) = self.path.parent().filter(|p| !p.as_os_str().is_empty()) {
-            tokio::fs::create_dir_all(parent)
-                .await
-                .map_err(|e| PluginError::retryable_from(format!("cannot create {}", parent.display()), e))?;
-        }
-        let mut options = tokio::fs::OpenOptions::new();
-        options.create(true).write(true);
-        if self.config.append {
-            options.append(true);
-        } else {
-            options.truncate(true);
-        }
-        let file = options
-            .open(&self.path)
-            .await
-            .map_err(|e| PluginError::retryable_from(format!("cannot open {}", self.path.display()), e))?;
-        *self.file.get_mut() = Some(file);
-        Ok(())
-    }
-
-    async fn write(&self, batch: &Batch) -> Result<(), PluginError> {
-        let mut buf = Vec::new();
-        for event in batch {
-            write_json_line(&mut buf, &event.data);
-        }
-        let mut file = self.file.lock().await;
-        let file = file.as_mut().ok_or_else(|| PluginError::not_connected("file not open"))?;
-        let failed = |e: std::io::Error| PluginError::NotConnected {
-            message: format!("cannot write {}", self.path.display()),
-            source: Some(Box::new(e)),
-        };
-        file.write_all(&buf).await.map_err(failed)?;
-        file.flush().await.map_err(failed)?;
-        if self.config.sync {
-            file.sync_data().await.map_err(failed)?;
-        }
-        Ok(())
-    }
-
-    async fn close(&mut self) -> Result<(), PluginError> {
-        if let Some(file) = self.file.get_mut().as_mut() {
-            file.flush().await.map_err(|e| PluginError::fatal_from("flush failed", e))?;
-        }
-        Ok(())
     }
 }
 

@@ -5,6 +5,7 @@
 mod codec;
 mod drop_output;
 mod file;
+mod file_output;
 mod generate;
 mod stdio;
 

@@ -6,6 +6,7 @@ mod cli;
 mod conformance;
 mod crash;
 mod dashboard;
+mod deploy;
 mod engine;
 mod generated;
 mod hostile;

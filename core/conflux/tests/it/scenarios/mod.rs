@@ -5,7 +5,10 @@
 //! Every expectation is computed in the test from the events it sent.
 
 mod bookings;
+mod clickstream;
 mod ecommerce;
+mod multichannel;
+mod platform;
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
