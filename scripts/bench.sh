@@ -662,6 +662,7 @@ ecommerce() {
   psql "${DATABASE_URL:-postgres://postgres@127.0.0.1:5432/postgres}" -qc "CREATE DATABASE bench_shop_$$_latency"
   url=${DATABASE_URL:-postgres://postgres@127.0.0.1:5432/postgres}; url=${url%/*}/bench_shop_$$_latency
   rm -rf "$WORK/shop"
+  "$SHOP" produce "$brokers" "bench-shop-$$-latency" 0 >/dev/null   # the topic exists before the consumer subscribes
   KAFKA_BROKERS=$brokers ECOMMERCE_TOPIC=bench-shop-$$-latency ECOMMERCE_GROUP=bench-shop-$$-latency \
     REDIS_URL=redis://127.0.0.1:6379/13 POSTGRES_URL=$url DATA_DIR=$WORK/shop ECOMMERCE_LIVE=127.0.0.1:18092 \
     CONFLUX_ADMIN=127.0.0.1:18093 "$BIN" run configs/ecommerce.yaml & pid=$!
