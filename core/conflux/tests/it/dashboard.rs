@@ -8,7 +8,7 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
-fn browser_dir() -> PathBuf {
+pub(crate) fn browser_dir() -> PathBuf {
     let dir = std::env::var("CONFLUX_BROWSER_DIR").unwrap_or_else(|_| "/tmp/conflux-services/browser".into());
     let dir = PathBuf::from(dir);
     assert!(

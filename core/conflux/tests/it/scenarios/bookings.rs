@@ -3,7 +3,7 @@
 //! past its rate limit), read back from Redis, PostgreSQL, the rejects file
 //! and broadcast clients of an owner and an admin.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::time::{Duration, Instant};
 
 use chrono::{DateTime, Utc};
@@ -157,6 +157,7 @@ async fn bookings_from_http_and_websocket_reach_redis_postgres_and_owners_exactl
         ("BOOKINGS_LIVE", live.to_string()),
         ("BOOKINGS_CAPACITY", CAPACITY.to_string()),
         ("BOOKINGS_TZ", "UTC".to_string()),
+        ("NO_SHOW_AFTER", "2s".to_string()),
     ];
     let _run = run(&[super::config("bookings.yaml")], &env, admin).await;
     crate::wait_listening(live).await;
@@ -324,6 +325,31 @@ async fn bookings_from_http_and_websocket_reach_redis_postgres_and_owners_exactl
     let alert = |f: &Value, name: &str| f["type"] == "alert" && f["data"]["alert"] == name;
     // 5 of 20 cancelled: 25%, over the 20% threshold once 10 bookings were made.
     assert!(frames_until(&mut owner_ws, &mut owner_frames, |f| alert(f, "high_cancellation")).await);
+    // Bookings confirmed and neither completed nor cancelled within NO_SHOW_AFTER (i % 4 == 2).
+    let no_shows: BTreeSet<String> = sent
+        .iter()
+        .filter(|e| e["data"]["restaurantId"] == "r-1" && e["type"] == "booking_confirmed")
+        .filter(|c| {
+            !sent.iter().any(|e| e["data"]["bookingId"] == c["data"]["bookingId"] && e["type"] == "booking_completed")
+        })
+        .map(|c| c["data"]["bookingId"].as_str().unwrap().to_string())
+        .collect();
+    let firing =
+        |frames: &[Value]| frames.iter().filter(|f| alert(f, "no_show") && f["data"]["state"] == "firing").count();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while firing(&owner_frames) < no_shows.len() && Instant::now() < deadline {
+        if let Some(frame) = next_json(&mut owner_ws, Duration::from_secs(1)).await {
+            owner_frames.push(frame);
+        }
+    }
+    // Two seconds more: nothing beyond them fires.
+    let settle = Instant::now() + Duration::from_secs(2);
+    while Instant::now() < settle {
+        if let Some(frame) = next_json(&mut owner_ws, Duration::from_millis(200)).await {
+            owner_frames.push(frame);
+        }
+    }
+    assert_eq!(firing(&owner_frames), no_shows.len(), "one no_show per open confirmed booking of r-1: {no_shows:?}");
     // The admin's: r-2 and r-3 figures.
     for restaurant in ["r-2", "r-3"] {
         let expected = figures(sent.iter().filter(|e| e["data"]["restaurantId"] == restaurant));
@@ -340,4 +366,6 @@ async fn bookings_from_http_and_websocket_reach_redis_postgres_and_owners_exactl
     let almost_full = |f: &Value| f["type"] == "alert" && f["data"]["alert"] == "almost_full";
     let fired = frames_until(&mut admin_ws, &mut admin_frames, almost_full).await;
     assert!(fired, "almost_full for r-9 at {} guests", r9.occupancy);
+    // What an admin's dashboard shows.
+    super::screenshot(format!("http://{admin}/?token={admin_token}"), "bookings-dashboard").await;
 }

@@ -138,4 +138,5 @@ async fn beacons_reach_redis_postgres_and_the_dashboard_per_window() {
             seen.insert(start, frame["data"]["events"].as_u64().unwrap());
         }
     }
+    super::screenshot(format!("http://{admin}/"), "clickstream-dashboard").await;
 }

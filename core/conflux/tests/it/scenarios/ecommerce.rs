@@ -219,4 +219,5 @@ async fn shop_sessions_from_kafka_reach_redis_postgres_and_the_dashboard_exactly
     }
     assert_eq!(orders.keys().cloned().collect::<BTreeSet<_>>(), purchases);
     assert!(orders.values().all(|n| *n == 1), "each order once on the ticker");
+    super::screenshot(format!("http://{admin}/"), "ecommerce-dashboard").await;
 }

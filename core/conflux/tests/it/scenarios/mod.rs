@@ -98,3 +98,26 @@ pub fn token(secret: &str, claims: serde_json::Value) -> String {
     use jsonwebtoken::{encode, EncodingKey, Header};
     encode(&Header::default(), &claims, &EncodingKey::from_secret(secret.as_bytes())).unwrap()
 }
+
+/// Opens the dashboard page at `url` in headless Chromium, waits until its
+/// feed is live and every widget drew, and saves what a user sees as
+/// `target/tmp/<name>.png` (docs/images/ holds copies for the recipes).
+pub async fn screenshot(url: String, name: &str) -> PathBuf {
+    let browser = crate::dashboard::browser_dir();
+    let shot = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(format!("{name}.png"));
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/it/browser/screenshot.mjs");
+    let path = shot.clone();
+    let output = tokio::task::spawn_blocking(move || {
+        std::process::Command::new("node").arg(script).arg(&url).arg(&path).env("PLAYWRIGHT_DIR", &browser).output()
+    })
+    .await
+    .unwrap()
+    .expect("node must be installed for the dashboard screenshots");
+    assert!(
+        output.status.success(),
+        "the {name} dashboard: {}{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    shot
+}

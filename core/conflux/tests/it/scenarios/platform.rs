@@ -187,4 +187,5 @@ async fn tracking_calls_become_live_figures_and_bad_ones_are_quarantined_on_nats
         "o-1 {organizer:?}, got {:?}",
         latest.get("organizer:o-1")
     );
+    super::screenshot(format!("http://{admin}/"), "platform-dashboard").await;
 }
