@@ -2,22 +2,11 @@
 // until its feed is live and every widget drew a figure, and saves what a user
 // sees. Usage: node screenshot.mjs <page url> <screenshot.png>
 // Prints one JSON line ({widgets, drawn}); exits non-zero on any failure.
-import { createRequire } from "node:module";
+import { openPage } from "./page.mjs";
 
 const [url, screenshot] = process.argv.slice(2);
-const require = createRequire(process.env.PLAYWRIGHT_DIR + "/");
-const { chromium } = require("playwright-core");
-
-const browser = await chromium.launch({
-  executablePath: process.env.CHROMIUM || "/usr/bin/chromium",
-  args: ["--headless", "--no-sandbox", "--disable-gpu"],
-});
+const { browser, page, problems } = await openPage(url);
 try {
-  const page = await browser.newPage({ viewport: { width: 1280, height: 1000 } });
-  const problems = [];
-  page.on("pageerror", (e) => problems.push(String(e)));
-  page.on("console", (m) => { if (m.type() === "error") problems.push(m.text()); });
-  await page.goto(url);
   await page.waitForSelector('#live-state:text("live")', { timeout: 20000 });
   const count = () => page.evaluate(() => {
     const widgets = [...document.querySelectorAll("[data-widget]")];

@@ -87,28 +87,26 @@ fn figures<'a>(events: impl IntoIterator<Item = &'a Value>) -> Figures {
     f
 }
 
-fn from_hash(hash: &HashMap<String, String>) -> Figures {
-    let number = |name: &str| hash.get(name).and_then(|v| v.parse::<f64>().ok()).unwrap_or(-1.0) as i64;
-    Figures {
-        bookings: number("bookings"),
-        confirmed: number("confirmed"),
-        cancelled: number("cancelled"),
-        completed: number("completed"),
-        guests: number("guests"),
-        occupancy: number("occupancy"),
+impl Figures {
+    /// The six figures, each read by name.
+    fn read(number: impl Fn(&str) -> i64) -> Figures {
+        Figures {
+            bookings: number("bookings"),
+            confirmed: number("confirmed"),
+            cancelled: number("cancelled"),
+            completed: number("completed"),
+            guests: number("guests"),
+            occupancy: number("occupancy"),
+        }
     }
 }
 
+fn from_hash(hash: &HashMap<String, String>) -> Figures {
+    Figures::read(|name| hash.get(name).and_then(|v| v.parse::<f64>().ok()).unwrap_or(-1.0) as i64)
+}
+
 fn from_frame(frame: &Value) -> Figures {
-    let number = |name: &str| frame["data"][name].as_f64().unwrap_or(-1.0) as i64;
-    Figures {
-        bookings: number("bookings"),
-        confirmed: number("confirmed"),
-        cancelled: number("cancelled"),
-        completed: number("completed"),
-        guests: number("guests"),
-        occupancy: number("occupancy"),
-    }
+    Figures::read(|name| frame["data"][name].as_f64().unwrap_or(-1.0) as i64)
 }
 
 async fn post(url: &str, bearer: &str, events: &[Value]) -> u16 {

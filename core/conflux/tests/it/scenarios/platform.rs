@@ -119,6 +119,9 @@ async fn tracking_calls_become_live_figures_and_bad_ones_are_quarantined_on_nats
         ("PLATFORM_ADDRESS", intake.to_string()),
         ("PLATFORM_LIVE", live.to_string()),
         ("DATA_DIR", data_dir.path().display().to_string()),
+        // A fan-out stream of this run's own: the bus outlives runs.
+        ("PLATFORM_LIVE_STREAM", crate::key("PLATFORM_LIVE").replace('-', "_")),
+        ("PLATFORM_LIVE_SUBJECT", crate::key("platform.live").replace('-', "_")),
     ];
     let _run = run(&[super::config("platform.yaml")], &env, admin).await;
     crate::wait_listening(live).await;
