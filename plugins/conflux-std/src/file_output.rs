@@ -119,24 +119,32 @@ struct FileOutput {
 impl FileOutput {
     /// Where each event goes: lines grouped per file in batch order, and the events that cannot go anywhere.
     fn route(&self, batch: &Batch) -> (Vec<(PathBuf, Vec<u8>)>, Vec<FailedEvent>) {
+        let (template, base) = match &self.target {
+            Target::Fixed(path) => {
+                // One file: every line into one buffer, nothing to look up per event.
+                let mut lines = Vec::new();
+                for event in batch {
+                    write_json_line(&mut lines, &event.data);
+                }
+                return (vec![(path.clone(), lines)], Vec::new());
+            }
+            Target::PerEvent { template, base } => (template, base),
+        };
         let mut groups: Vec<(PathBuf, Vec<u8>)> = Vec::new();
         let mut refused = Vec::new();
         for (index, event) in batch.iter().enumerate() {
-            let path = match &self.target {
-                Target::Fixed(path) => path.clone(),
-                Target::PerEvent { template, base } => match template.render(event) {
-                    Ok(rendered) => match checked(&rendered) {
-                        Ok(()) => base.join(rendered),
-                        Err(reason) => {
-                            refused.push(FailedEvent::new(index, reason));
-                            continue;
-                        }
-                    },
-                    Err(e) => {
-                        refused.push(FailedEvent::new(index, format!("path: {e}")));
+            let path = match template.render(event) {
+                Ok(rendered) => match checked(&rendered) {
+                    Ok(()) => base.join(rendered),
+                    Err(reason) => {
+                        refused.push(FailedEvent::new(index, reason));
                         continue;
                     }
                 },
+                Err(e) => {
+                    refused.push(FailedEvent::new(index, format!("path: {e}")));
+                    continue;
+                }
             };
             let at = match groups.iter().position(|(p, _)| *p == path) {
                 Some(at) => at,
